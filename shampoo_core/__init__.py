@@ -1,0 +1,39 @@
+"""shampoo-core: Distributed Shampoo (arXiv 2002.09018) on the Python array API.
+
+Functional API::
+
+    tx = shampoo_core.shampoo(learning_rate=1e-3, block_size=128)
+    state = tx.init(params)
+    updates, state = tx.update(state, grads, params)
+    params = shampoo_core.apply_updates(params, updates)
+"""
+
+from .base import GradientTransformation, apply_updates
+from .first_order import FirstOrderState, adagrad, adam, sgd
+from .full_matrix import FullMatrixState, full_matrix_adagrad
+from .options import GraftGranularity, GraftType, RootMethod
+from .roots import RootResult, inverse_pth_root
+from .shampoo import BlockState, ParamState, ShampooConfig, ShampooState, shampoo
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GradientTransformation",
+    "apply_updates",
+    "shampoo",
+    "ShampooConfig",
+    "ShampooState",
+    "ParamState",
+    "BlockState",
+    "sgd",
+    "adagrad",
+    "adam",
+    "FirstOrderState",
+    "full_matrix_adagrad",
+    "FullMatrixState",
+    "inverse_pth_root",
+    "RootResult",
+    "GraftType",
+    "GraftGranularity",
+    "RootMethod",
+]

@@ -1,0 +1,66 @@
+"""The functional optimizer interface, modelled on optax's ``GradientTransformation``."""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+from . import _xp, tree
+
+__all__ = ["GradientTransformation", "apply_updates", "learning_rate_at", "check_leaves"]
+
+
+class GradientTransformation(NamedTuple):
+    """A pure optimizer: ``state = init(params)``; ``updates, state = update(state, grads, params)``.
+
+    ``updates`` already carry the minus sign and the learning rate: apply them with
+    :func:`apply_updates`. Neither function mutates its inputs.
+    """
+
+    init: Callable
+    update: Callable
+
+
+def apply_updates(params, updates):
+    """``params + updates`` leaf by leaf, keeping each parameter's dtype.
+
+    Raises:
+        ValueError: ``updates`` does not have the structure of ``params``.
+    """
+    p_leaves, spec = tree.flatten(params)
+    u_leaves = tree.check_same_structure("updates", updates, spec)
+    out = []
+    for p, u in zip(p_leaves, u_leaves):
+        xp = _xp.namespace(p, u)
+        out.append(p + xp.astype(u, p.dtype))
+    return tree.unflatten(spec, out)
+
+
+def learning_rate_at(learning_rate, count: int) -> float:
+    """Evaluate a constant or a schedule; a schedule gets the number of previous updates (optax)."""
+    if callable(learning_rate):
+        return float(learning_rate(count))
+    return float(learning_rate)
+
+
+def check_leaves(name: str, leaves, paths, reference=None) -> None:
+    """Check every leaf is a real floating array, matching ``reference`` in shape and dtype.
+
+    Raises:
+        TypeError: a leaf is not a real floating array (integer, bool or complex).
+        ValueError: a leaf's shape or dtype differs from the reference leaf at the same path.
+    """
+    for i, (leaf, path) in enumerate(zip(leaves, paths)):
+        try:
+            xp = _xp.namespace(leaf)
+        except TypeError as err:
+            raise TypeError(f"{name}{path} is not an array: {type(leaf).__name__}") from err
+        if not _xp.is_real_floating(xp, leaf):
+            raise TypeError(f"{name}{path} must have a real floating dtype; got {leaf.dtype}")
+        if reference is not None:
+            ref = reference[i]
+            if tuple(leaf.shape) != tuple(ref.shape):
+                raise ValueError(
+                    f"{name}{path} has shape {tuple(leaf.shape)}; expected {tuple(ref.shape)}"
+                )
+            if leaf.dtype != ref.dtype:
+                raise ValueError(f"{name}{path} has dtype {leaf.dtype}; expected {ref.dtype}")

@@ -1,0 +1,124 @@
+"""The grafting optimizers on their own: SGD (heavy-ball), AdaGrad and Adam.
+
+They share the grafting and first-moment kernels with :func:`shampoo_core.shampoo`, so Shampoo
+before ``start_preconditioning_step`` is exactly the matching optimizer here. Semantics follow
+``torch.optim`` (SGD: buf = μ buf + g; AdaGrad: ε outside the root; Adam: ε outside the root,
+bias-corrected moments; L2 weight decay added to the gradient, or AdamW-style when decoupled).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from . import _xp, grafting, momentum, tree
+from .base import GradientTransformation, check_leaves, learning_rate_at
+from .options import GraftType, check_bool, check_learning_rate, check_real
+
+__all__ = ["sgd", "adagrad", "adam", "FirstOrderState"]
+
+
+class FirstOrderState(NamedTuple):
+    """``count``: 0-d int32 updates done; ``momentum`` and ``graft``: one entry per leaf."""
+
+    count: object
+    momentum: tuple
+    graft: tuple
+
+
+def _transform(learning_rate, graft_type, *, beta1, beta2, epsilon, weight_decay, decoupled, nesterov, heavy_ball, initial_accumulator_value=0.0):
+    learning_rate = check_learning_rate(learning_rate)
+
+    def init(params):
+        leaves, _ = tree.flatten(params)
+        check_leaves("params", leaves, tree.leaf_paths(params))
+        moms = tuple(_xp.namespace(p).zeros_like(p) if beta1 > 0.0 else None for p in leaves)
+        grafts = tuple(
+            grafting.init_graft(_xp.namespace(p), graft_type, p, initial_accumulator_value) for p in leaves
+        )
+        count = 0
+        if leaves:
+            xp = _xp.namespace(*leaves)
+            count = xp.asarray(0, dtype=xp.int32, device=_xp.device_of(leaves[0]))
+        return FirstOrderState(count, moms, grafts)
+
+    def update(state, grads, params=None):
+        g_leaves, spec = tree.flatten(grads)
+        paths = tree.leaf_paths(grads)
+        if len(g_leaves) != len(state.graft):
+            raise ValueError(f"grads has {len(g_leaves)} leaves; the state has {len(state.graft)}")
+        p_leaves = None
+        if params is not None:
+            p_leaves = tree.check_same_structure("params", params, spec)
+        elif weight_decay > 0.0:
+            raise ValueError("params are required when weight_decay > 0")
+        check_leaves("grads", g_leaves, paths, reference=p_leaves)
+        count = int(state.count)
+        step = count + 1
+        lr = learning_rate_at(learning_rate, count)
+        updates, moms, grafts = [], [], []
+        for i, g in enumerate(g_leaves):
+            xp = _xp.namespace(g)
+            p = None if p_leaves is None else p_leaves[i]
+            if weight_decay > 0.0 and not decoupled:
+                g = g + weight_decay * p
+            m = state.momentum[i]
+            graft = grafting.update_graft(graft_type, state.graft[i], g, beta2)
+            if heavy_ball:
+                d = g
+            else:
+                f = g
+                if m is not None:
+                    m = momentum.ema(m, g, beta1)
+                    f = momentum.filtered_gradient(m, g, beta1, step, nesterov)
+                d = grafting.graft_direction(xp, graft_type, graft, f, epsilon=epsilon, beta2=beta2, step=step)
+            if heavy_ball and m is not None:
+                m = beta1 * m + g if step > 1 else g
+                d = g + beta1 * m if nesterov else m
+            if weight_decay > 0.0 and decoupled:
+                d = d + weight_decay * p
+            updates.append((-lr) * d)
+            moms.append(m)
+            grafts.append(graft)
+        return tree.unflatten(spec, updates), FirstOrderState(state.count + 1, tuple(moms), tuple(grafts))
+
+    return GradientTransformation(init, update)
+
+
+def sgd(learning_rate=1e-2, *, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0):
+    """SGD with heavy-ball momentum (torch.optim.SGD semantics, dampening 0).
+
+    Raises:
+        ValueError: momentum outside [0, 1), negative weight_decay or learning_rate.
+    """
+    check_real("momentum", momentum, low=0.0, high=1.0, high_open=True)
+    check_bool("nesterov", nesterov)
+    return _transform(
+        learning_rate, GraftType.SGD, beta1=momentum, beta2=1.0, epsilon=0.0,
+        weight_decay=check_real("weight_decay", weight_decay, low=0.0), decoupled=False,
+        nesterov=nesterov, heavy_ball=True,
+    )
+
+
+def adagrad(learning_rate=1e-2, *, epsilon: float = 1e-10, initial_accumulator_value: float = 0.0, weight_decay: float = 0.0):
+    """Diagonal AdaGrad (Duchi, Hazan, Singer 2011): W ← W - lr g / (√Σg² + ε)."""
+    return _transform(
+        learning_rate, GraftType.ADAGRAD, beta1=0.0, beta2=1.0,
+        epsilon=check_real("epsilon", epsilon, low=0.0),
+        weight_decay=check_real("weight_decay", weight_decay, low=0.0), decoupled=False, nesterov=False,
+        heavy_ball=False,
+        initial_accumulator_value=check_real("initial_accumulator_value", initial_accumulator_value, low=0.0),
+    )
+
+
+def adam(learning_rate=1e-3, *, beta1: float = 0.9, beta2: float = 0.999, epsilon: float = 1e-8,
+         weight_decay: float = 0.0, decoupled_weight_decay: bool = False, nesterov: bool = False):
+    """Adam (Kingma & Ba 2015, Alg. 1); AdamW with ``decoupled_weight_decay=True``; NAdam with nesterov."""
+    return _transform(
+        learning_rate, GraftType.ADAM,
+        beta1=check_real("beta1", beta1, low=0.0, high=1.0, high_open=True),
+        beta2=check_real("beta2", beta2, low=0.0, high=1.0, high_open=True),
+        epsilon=check_real("epsilon", epsilon, low=0.0),
+        weight_decay=check_real("weight_decay", weight_decay, low=0.0),
+        decoupled=check_bool("decoupled_weight_decay", decoupled_weight_decay),
+        nesterov=check_bool("nesterov", nesterov), heavy_ball=False,
+    )

@@ -1,0 +1,110 @@
+"""Hyperparameter enums and validation.
+
+Every check raises ``ValueError`` (or ``TypeError`` for a wrong type) naming the argument, so a
+bad configuration fails at construction and never reaches the state.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import numbers
+
+__all__ = [
+    "GraftType",
+    "GraftGranularity",
+    "RootMethod",
+    "parse_enum",
+    "check_real",
+    "check_int",
+    "check_bool",
+    "check_learning_rate",
+]
+
+
+class GraftType(str, enum.Enum):
+    """Optimizer whose per-layer (or per-block) update norm Shampoo's direction is grafted onto.
+
+    Source: Agarwal et al., "Disentangling Adaptive Gradient Methods from Learning Rates";
+    arXiv 2002.09018, Sec. 3.
+    """
+
+    NONE = "none"
+    SGD = "sgd"
+    ADAGRAD = "adagrad"
+    RMSPROP = "rmsprop"
+    ADAM = "adam"
+    SQRT_N = "sqrt_n"
+
+
+class GraftGranularity(str, enum.Enum):
+    """Whether grafting norms are taken over a whole parameter ("layer") or each block."""
+
+    LAYER = "layer"
+    BLOCK = "block"
+
+
+class RootMethod(str, enum.Enum):
+    """Algorithm for the inverse p-th root of a statistic."""
+
+    EIGH = "eigh"
+    NEWTON = "newton"
+
+
+def parse_enum(name: str, value, enum_type):
+    """Convert ``value`` (an enum member or its string value) to ``enum_type``.
+
+    Raises:
+        ValueError: ``value`` is not one of the allowed names; the message names ``name``.
+    """
+    if isinstance(value, enum_type):
+        return value
+    allowed = ", ".join(repr(m.value) for m in enum_type)
+    if isinstance(value, str):
+        try:
+            return enum_type(value.lower())
+        except ValueError:
+            pass
+    raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
+
+
+def check_real(name, value, *, low=None, high=None, low_open=False, high_open=False) -> float:
+    """Validate a real scalar hyperparameter within ``[low, high]`` (ends optionally open)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {type(value).__name__} {value!r}")
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"{name} must not be NaN")
+    bad_low = low is not None and (value <= low if low_open else value < low)
+    bad_high = high is not None and (value >= high if high_open else value > high)
+    if bad_low or bad_high:
+        lo = "-inf" if low is None else repr(low)
+        hi = "inf" if high is None else repr(high)
+        interval = ("(" if low_open or low is None else "[") + f"{lo}, {hi}" + (
+            ")" if high_open or high is None else "]"
+        )
+        raise ValueError(f"{name} must be in {interval}; got {value!r}")
+    return value
+
+
+def check_int(name, value, *, low=None) -> int:
+    """Validate an integer hyperparameter ``>= low``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer; got {type(value).__name__} {value!r}")
+    value = int(value)
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}; got {value}")
+    return value
+
+
+def check_bool(name, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool; got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_learning_rate(value):
+    """A learning rate is a non-negative float or a callable ``count -> float`` (a schedule)."""
+    if callable(value):
+        return value
+    return check_real("learning_rate", value, low=0.0)

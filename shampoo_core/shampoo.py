@@ -1,0 +1,377 @@
+"""Distributed Shampoo as a pure gradient transformation (arXiv 2002.09018, Alg. 1 and Sec. 3-4).
+
+Per step t (counting from 1), for each parameter W with gradient G:
+
+1. Coupled weight decay: G ← G + λW (unless ``decoupled_weight_decay``).
+2. Filtered gradient F = m̂_t, Adam's bias-corrected first moment with ``beta1`` (F = G if 0).
+3. Kronecker statistics of each block, from G, every ``statistics_compute_steps`` steps:
+   H_i ← beta2 H_i + (1 - beta2) G_(i) G_(i)ᵀ (plain sums when beta2 = 1), so the update at step t
+   uses statistics that include G_t.
+4. Inverse p-th roots (p = 2k for k preconditioned dims, or ``exponent_override``) every
+   ``preconditioning_compute_steps`` steps from ``start_preconditioning_step`` on. A failed root
+   keeps the previous preconditioner (identity before the first success) and is counted.
+5. P = F ×₁ H₁^(-1/p) ×₂ ... per block; grafted to the norm of the grafting optimizer's
+   direction D per layer or per block: U = P ‖D‖ / max(‖P‖, 1e-16). Before
+   ``start_preconditioning_step`` (or with no preconditioned dim) U = D.
+6. Decoupled weight decay: U ← U + λW. The update is -learning_rate · U.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple
+
+from . import _xp, blocking, grafting, momentum, preconditioner, roots, statistics, tree
+from .base import GradientTransformation, check_leaves, learning_rate_at
+from .options import (
+    GraftGranularity,
+    GraftType,
+    RootMethod,
+    check_bool,
+    check_int,
+    check_learning_rate,
+    check_real,
+    parse_enum,
+)
+
+__all__ = ["shampoo", "ShampooConfig", "ShampooState", "ParamState", "BlockState"]
+
+
+class BlockState(NamedTuple):
+    """State of one block.
+
+    Attributes:
+        statistics: one ``(d_i, d_i)`` array per preconditioned dim, parameter dtype.
+        preconditioners: the matching inverse p-th roots, parameter dtype.
+        failures: 0-d int32, root computations rejected so far (summed over dims).
+        last_error: 0-d, parameter dtype, largest root error at the last computation.
+        lambda_max: 0-d, parameter dtype, largest λmax among the block's statistics at the last
+            computation.
+    """
+
+    statistics: tuple
+    preconditioners: tuple
+    failures: object
+    last_error: object
+    lambda_max: object
+
+
+class ParamState(NamedTuple):
+    """State of one parameter: first moment (``None`` if beta1 = 0), grafting state, blocks."""
+
+    momentum: object
+    graft: grafting.GraftState
+    blocks: tuple
+
+
+class ShampooState(NamedTuple):
+    """``count``: 0-d int32, updates done so far; ``params``: one :class:`ParamState` per leaf."""
+
+    count: object
+    params: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class ShampooConfig:
+    """Validated hyperparameters of :func:`shampoo` (see its docstring for meanings)."""
+
+    learning_rate: object
+    block_size: int
+    beta1: float
+    beta2: float
+    epsilon: float
+    relative_epsilon: bool
+    diagonal_epsilon: float
+    weight_decay: float
+    decoupled_weight_decay: bool
+    nesterov: bool
+    start_preconditioning_step: int
+    preconditioning_compute_steps: int
+    statistics_compute_steps: int
+    graft_type: GraftType
+    graft_beta2: float
+    graft_granularity: GraftGranularity
+    exponent_override: int | None
+    merge_small_dims: bool
+    skip_preconditioning_dim_size_gt: int | None
+    root_method: RootMethod
+    root_dtype: str | None
+    inverse_failure_threshold: float
+
+    @functools.lru_cache(maxsize=None)
+    def plan(self, shape: tuple[int, ...]) -> blocking.BlockPlan:
+        return blocking.make_plan(
+            shape,
+            self.block_size,
+            merge_small_dims_=self.merge_small_dims,
+            skip_preconditioning_dim_size_gt=self.skip_preconditioning_dim_size_gt,
+        )
+
+    def exponent(self, plan: blocking.BlockPlan) -> int:
+        return self.exponent_override or 2 * plan.num_preconditioned
+
+
+def shampoo(
+    learning_rate=1e-3,
+    *,
+    block_size: int = 128,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    epsilon: float = 1e-6,
+    relative_epsilon: bool = True,
+    diagonal_epsilon: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = True,
+    nesterov: bool = False,
+    start_preconditioning_step: int = 10,
+    preconditioning_compute_steps: int = 10,
+    statistics_compute_steps: int = 1,
+    graft_type="adagrad",
+    graft_beta2: float | None = None,
+    graft_granularity="layer",
+    exponent_override: int | None = None,
+    merge_small_dims: bool = True,
+    skip_preconditioning_dim_size_gt: int | None = 4096,
+    root_method="eigh",
+    root_dtype: str | None = "float64",
+    inverse_failure_threshold: float = 0.1,
+) -> GradientTransformation:
+    """Distributed Shampoo (Anil et al., arXiv 2002.09018) as ``(init, update)``.
+
+    Args:
+        learning_rate: float >= 0, or a schedule ``count -> float`` called with the number of
+            previous updates (as optax does).
+        block_size: largest statistic dimension; larger dims are split into blocks (Sec. 4).
+        beta1: first-moment decay in [0, 1); the preconditioners act on Adam's m̂.
+        beta2: statistics decay in (0, 1]; 1.0 sums as in AdaGrad.
+        epsilon: ridge (>= 0) added to each statistic before its root.
+        relative_epsilon: scale the ridge by the statistic's λmax.
+        diagonal_epsilon: ε (>= 0) of the diagonal grafting optimizers.
+        weight_decay: λ >= 0. decoupled_weight_decay: AdamW-style (added after preconditioning,
+            multiplied by the learning rate once) instead of added to the gradient.
+        nesterov: Nesterov form of the first moment (NAdam).
+        start_preconditioning_step: first step (1-based) that uses Shampoo's direction; before it
+            the grafting optimizer runs alone.
+        preconditioning_compute_steps: roots are recomputed every this many steps.
+        statistics_compute_steps: statistics are updated every this many steps.
+        graft_type: "none", "sgd", "adagrad", "rmsprop", "adam", "sqrt_n" (or :class:`GraftType`).
+        graft_beta2: second-moment decay of rmsprop/adam grafting in (0, 1); default ``beta2``.
+        graft_granularity: "layer" (paper) or "block": the unit whose norm is grafted.
+        exponent_override: root order p to use instead of 2k.
+        merge_small_dims: merge adjacent dims while the product stays <= block_size.
+        skip_preconditioning_dim_size_gt: dims larger than this get no statistic (one-sided).
+        root_method: "eigh" or "newton" (or :class:`RootMethod`).
+        root_dtype: dtype name roots are computed in ("float64" default; ``None`` = parameter
+            dtype). Falls back to the parameter dtype on devices without float64.
+        inverse_failure_threshold: a root whose error exceeds this (or is non-finite) is rejected.
+
+    Returns:
+        :class:`GradientTransformation` over an array or a dict/list/tuple tree of arrays.
+
+    Raises:
+        ValueError / TypeError: a hyperparameter out of range or of the wrong type, naming it.
+    """
+    graft_type = parse_enum("graft_type", graft_type, GraftType)
+    if graft_beta2 is None:
+        graft_beta2 = beta2
+    if graft_type in (GraftType.RMSPROP, GraftType.ADAM):
+        check_real("graft_beta2", graft_beta2, low=0.0, high=1.0, high_open=True)
+    if root_dtype is not None and root_dtype not in ("float32", "float64"):
+        raise ValueError(f"root_dtype must be 'float32', 'float64' or None; got {root_dtype!r}")
+    if exponent_override is not None:
+        check_int("exponent_override", exponent_override, low=1)
+    if skip_preconditioning_dim_size_gt is not None:
+        check_int("skip_preconditioning_dim_size_gt", skip_preconditioning_dim_size_gt, low=0)
+    config = ShampooConfig(
+        learning_rate=check_learning_rate(learning_rate),
+        block_size=check_int("block_size", block_size, low=1),
+        beta1=check_real("beta1", beta1, low=0.0, high=1.0, high_open=True),
+        beta2=check_real("beta2", beta2, low=0.0, high=1.0, low_open=True),
+        epsilon=check_real("epsilon", epsilon, low=0.0),
+        relative_epsilon=check_bool("relative_epsilon", relative_epsilon),
+        diagonal_epsilon=check_real("diagonal_epsilon", diagonal_epsilon, low=0.0),
+        weight_decay=check_real("weight_decay", weight_decay, low=0.0),
+        decoupled_weight_decay=check_bool("decoupled_weight_decay", decoupled_weight_decay),
+        nesterov=check_bool("nesterov", nesterov),
+        start_preconditioning_step=check_int("start_preconditioning_step", start_preconditioning_step, low=1),
+        preconditioning_compute_steps=check_int(
+            "preconditioning_compute_steps", preconditioning_compute_steps, low=1
+        ),
+        statistics_compute_steps=check_int("statistics_compute_steps", statistics_compute_steps, low=1),
+        graft_type=graft_type,
+        graft_beta2=float(graft_beta2),
+        graft_granularity=parse_enum("graft_granularity", graft_granularity, GraftGranularity),
+        exponent_override=exponent_override,
+        merge_small_dims=check_bool("merge_small_dims", merge_small_dims),
+        skip_preconditioning_dim_size_gt=skip_preconditioning_dim_size_gt,
+        root_method=parse_enum("root_method", root_method, RootMethod),
+        root_dtype=root_dtype,
+        inverse_failure_threshold=check_real("inverse_failure_threshold", inverse_failure_threshold, low=0.0),
+    )
+
+    def init(params) -> ShampooState:
+        leaves, _ = tree.flatten(params)
+        check_leaves("params", leaves, tree.leaf_paths(params))
+        states = tuple(_init_param(config, p) for p in leaves)
+        xp = _xp.namespace(*leaves) if leaves else None
+        count = 0 if xp is None else xp.asarray(0, dtype=xp.int32, device=_xp.device_of(leaves[0]))
+        return ShampooState(count, states)
+
+    def update(state: ShampooState, grads, params=None):
+        g_leaves, spec = tree.flatten(grads)
+        paths = tree.leaf_paths(grads)
+        if len(g_leaves) != len(state.params):
+            raise ValueError(
+                f"grads has {len(g_leaves)} leaves but the optimizer state was built for "
+                f"{len(state.params)} parameters"
+            )
+        p_leaves = None
+        if params is not None:
+            p_leaves = tree.check_same_structure("params", params, spec)
+            check_leaves("params", p_leaves, paths)
+        elif config.weight_decay > 0.0:
+            raise ValueError("params are required when weight_decay > 0")
+        check_leaves("grads", g_leaves, paths, reference=p_leaves)
+        for g, s, path in zip(g_leaves, state.params, paths):
+            _check_against_state(g, s, path)
+
+        count = int(state.count)
+        step = count + 1
+        lr = learning_rate_at(config.learning_rate, count)
+        updates, new_states = [], []
+        for i, (g, s) in enumerate(zip(g_leaves, state.params)):
+            p = None if p_leaves is None else p_leaves[i]
+            u, ns = _update_param(config, s, g, p, step, lr)
+            updates.append(u)
+            new_states.append(ns)
+        return tree.unflatten(spec, updates), ShampooState(state.count + 1, tuple(new_states))
+
+    return GradientTransformation(init, update)
+
+
+def _check_against_state(g, s: ParamState, path: str) -> None:
+    ref = s.momentum if s.momentum is not None else s.graft.accumulator
+    if ref is not None and tuple(ref.shape) != tuple(g.shape):
+        raise ValueError(f"grads{path} has shape {tuple(g.shape)}; the state holds {tuple(ref.shape)}")
+
+
+def _init_param(config: ShampooConfig, p) -> ParamState:
+    xp = _xp.namespace(p)
+    plan = config.plan(tuple(p.shape))
+    dev = _xp.device_of(p)
+    blocks = []
+    if plan.num_preconditioned:
+        for shape in plan.block_shapes:
+            dims = [d for d, pre in zip(shape, plan.preconditioned) if pre]
+            blocks.append(
+                BlockState(
+                    statistics=tuple(xp.zeros((d, d), dtype=p.dtype, device=dev) for d in dims),
+                    preconditioners=tuple(xp.eye(d, dtype=p.dtype, device=dev) for d in dims),
+                    failures=xp.asarray(0, dtype=xp.int32, device=dev),
+                    last_error=xp.asarray(0.0, dtype=p.dtype, device=dev),
+                    lambda_max=xp.asarray(0.0, dtype=p.dtype, device=dev),
+                )
+            )
+    return ParamState(
+        momentum=xp.zeros_like(p) if config.beta1 > 0.0 else None,
+        graft=grafting.init_graft(xp, config.graft_type, p),
+        blocks=tuple(blocks),
+    )
+
+
+def _root_dtype(config: ShampooConfig, xp, like):
+    if config.root_dtype is None:
+        return like.dtype
+    if config.root_dtype == "float64" and not _xp.supports_float64(xp, _xp.device_of(like)):
+        return like.dtype
+    return getattr(xp, config.root_dtype)
+
+
+def _update_block(config, xp, block: BlockState, g, plan, step: int) -> BlockState:
+    stats = block.statistics
+    if (step - 1) % config.statistics_compute_steps == 0:
+        factors = statistics.kronecker_factors(xp, g, plan.preconditioned)
+        stats = tuple(statistics.accumulate(h, f, config.beta2) for h, f in zip(stats, factors))
+    start = config.start_preconditioning_step
+    if step < start or (step - start) % config.preconditioning_compute_steps:
+        return block._replace(statistics=stats)
+
+    exponent = config.exponent(plan)
+    dtype = _root_dtype(config, xp, g)
+    new_preconditioners, failures, worst, lam = [], 0, 0.0, 0.0
+    for h, old in zip(stats, block.preconditioners):
+        result = roots.inverse_pth_root(
+            h,
+            exponent,
+            epsilon=config.epsilon,
+            relative_epsilon=config.relative_epsilon,
+            method=config.root_method.value,
+            dtype=dtype,
+        )
+        ok = math.isfinite(result.error) and result.error <= config.inverse_failure_threshold
+        new_preconditioners.append(result.root if ok else old)
+        failures += not ok
+        worst = max(worst, result.error)
+        lam = max(lam, result.lambda_max) if math.isfinite(result.lambda_max) else lam
+    return BlockState(
+        statistics=stats,
+        preconditioners=tuple(new_preconditioners),
+        failures=block.failures + failures,
+        last_error=xp.full_like(block.last_error, worst),
+        lambda_max=xp.full_like(block.lambda_max, lam),
+    )
+
+
+def _update_param(config: ShampooConfig, s: ParamState, g, p, step: int, lr: float):
+    xp = _xp.namespace(g)
+    if config.weight_decay > 0.0 and not config.decoupled_weight_decay:
+        g = g + config.weight_decay * p
+
+    new_m = None
+    if s.momentum is not None:
+        new_m = momentum.ema(s.momentum, g, config.beta1)
+        f = momentum.filtered_gradient(new_m, g, config.beta1, step, config.nesterov)
+    else:
+        f = g
+
+    new_graft = grafting.update_graft(config.graft_type, s.graft, g, config.graft_beta2)
+    direction = grafting.graft_direction(
+        xp, config.graft_type, new_graft, f, epsilon=config.diagonal_epsilon, beta2=config.graft_beta2, step=step
+    )
+
+    plan = config.plan(tuple(g.shape))
+    new_blocks = s.blocks
+    u = direction
+    if plan.num_preconditioned:
+        g_blocks = blocking.split_blocks(xp, g, plan)
+        new_blocks = tuple(_update_block(config, xp, b, gb, plan, step) for b, gb in zip(s.blocks, g_blocks))
+        if step >= config.start_preconditioning_step:
+            u = _preconditioned_update(config, xp, new_blocks, f, direction, plan)
+
+    if config.weight_decay > 0.0 and config.decoupled_weight_decay:
+        u = u + config.weight_decay * p
+    return (-lr) * u, ParamState(new_m, new_graft, new_blocks)
+
+
+def _preconditioned_update(config, xp, blocks, f, direction, plan):
+    f_blocks = blocking.split_blocks(xp, f, plan)
+    pre = [
+        preconditioner.precondition_block(xp, fb, b.preconditioners, plan.preconditioned)
+        for fb, b in zip(f_blocks, blocks)
+    ]
+    graft_type = config.graft_type
+    if graft_type is GraftType.NONE:
+        return blocking.merge_blocks(xp, pre, plan)
+    floor = grafting.NORM_FLOOR
+    if config.graft_granularity is GraftGranularity.BLOCK:
+        d_blocks = blocking.split_blocks(xp, direction, plan)
+        pre = [
+            pb * (grafting.graft_norm(xp, graft_type, db) / xp.clip(xp.linalg.vector_norm(pb), min=floor))
+            for pb, db in zip(pre, d_blocks)
+        ]
+        return blocking.merge_blocks(xp, pre, plan)
+    p_norm = xp.sqrt(sum(xp.sum(pb * pb) for pb in pre))
+    scale = grafting.graft_norm(xp, graft_type, direction) / xp.clip(p_norm, min=floor)
+    return blocking.merge_blocks(xp, pre, plan) * scale

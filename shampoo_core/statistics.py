@@ -1,0 +1,36 @@
+"""Kronecker-factored gradient statistics (arXiv 2002.09018, Sec. 3; Gupta et al. 2018, Alg. 2).
+
+For a block G of order k and each preconditioned dimension i, the statistic is the contraction of
+G with itself over every other dimension: for a matrix, L = G Gᵀ (i = 0) and R = Gᵀ G (i = 1).
+"""
+
+from __future__ import annotations
+
+__all__ = ["kronecker_factors", "accumulate"]
+
+
+def kronecker_factors(xp, g, preconditioned: tuple[bool, ...]) -> list:
+    """Per-dimension Gram matrices of block ``g``.
+
+    Args:
+        g: block of shape ``(d_0, ..., d_{k-1})``, real floating dtype.
+        preconditioned: which dims get a statistic.
+
+    Returns:
+        One ``(d_i, d_i)`` array per preconditioned dim, in the dtype of ``g``.
+    """
+    out = []
+    dims = list(range(g.ndim))
+    for i, pre in enumerate(preconditioned):
+        if not pre:
+            continue
+        others = [j for j in dims if j != i]
+        out.append(xp.tensordot(g, g, axes=(others, others)))
+    return out
+
+
+def accumulate(old, new, beta2: float):
+    """``old + new`` when ``beta2 == 1`` (AdaGrad sums), else ``beta2 * old + (1 - beta2) * new``."""
+    if beta2 == 1.0:
+        return old + new
+    return beta2 * old + (1.0 - beta2) * new
