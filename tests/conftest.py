@@ -1,0 +1,68 @@
+"""Shared fixtures: one ``xp`` fixture over every array backend that is installed.
+
+The fixture has module scope so hypothesis' ``@given`` can use it (a function-scoped
+parametrized fixture fails hypothesis' health check).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci", derandomize=True, deadline=None, max_examples=40,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors],
+)
+settings.register_profile("dev", deadline=None, max_examples=20)
+settings.register_profile("thorough", deadline=None, max_examples=500)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+def _numpy():
+    import array_api_compat.numpy as xp
+
+    return xp
+
+
+def _strict():
+    return importlib.import_module("array_api_strict")
+
+
+def _torch():
+    importlib.import_module("torch")
+    import array_api_compat.torch as xp
+
+    return xp
+
+
+def _jax():
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as xp
+
+    return xp
+
+
+def _cupy():
+    cupy = importlib.import_module("cupy")
+    if cupy.cuda.runtime.getDeviceCount() < 1:
+        raise ImportError("no CUDA device")
+    import array_api_compat.cupy as xp
+
+    return xp
+
+
+BACKENDS = {"numpy": _numpy, "array_api_strict": _strict, "torch": _torch, "jax": _jax, "cupy": _cupy}
+
+
+@pytest.fixture(scope="module", params=list(BACKENDS))
+def xp(request):
+    """The array-API namespace of one backend; skipped with the reason when unavailable."""
+    try:
+        return BACKENDS[request.param]()
+    except Exception as err:  # ImportError, or CUDA runtime errors with no GPU present
+        pytest.skip(f"{request.param} unavailable: {type(err).__name__}: {err}")

@@ -1,0 +1,44 @@
+"""Conversions between NumPy (where test data is made) and the backend under test."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def to_xp(xp, a, dtype=None):
+    """NumPy array (or tree of them) -> backend array with the same dtype."""
+    if isinstance(a, dict):
+        return {k: to_xp(xp, v, dtype) for k, v in a.items()}
+    if isinstance(a, (list, tuple)):
+        return type(a)(to_xp(xp, v, dtype) for v in a)
+    a = np.asarray(a) if dtype is None else np.asarray(a, dtype=dtype)
+    return xp.asarray(a, dtype=getattr(xp, a.dtype.name))
+
+
+def to_np(x):
+    """Backend array (or tree) -> NumPy, via DLPack where possible."""
+    if isinstance(x, dict):
+        return {k: to_np(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_np(v) for v in x)
+    if hasattr(x, "get") and type(x).__module__.startswith("cupy"):
+        return x.get()
+    if hasattr(x, "detach"):
+        return x.detach().cpu().numpy()
+    try:
+        return np.from_dlpack(x)
+    except (TypeError, AttributeError, BufferError, RuntimeError):
+        return np.asarray(x)
+
+
+def eps(dtype) -> float:
+    return float(np.finfo(np.dtype(dtype)).eps)
+
+
+def spd_with_spectrum(rng, n: int, kappa: float, dtype=np.float64, rank: int | None = None):
+    """Symmetric PSD matrix with eigenvalues log-spaced in [1/kappa, 1] (zeros past ``rank``)."""
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    lam = np.logspace(0.0, -np.log10(kappa), n)
+    if rank is not None:
+        lam[rank:] = 0.0
+    return ((q * lam) @ q.T).astype(dtype), lam

@@ -1,0 +1,143 @@
+"""Inverse p-th roots: accuracy scaled by condition number, agreement, and hard inputs."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import shampoo_core as sc
+from helpers import eps, spd_with_spectrum, to_np, to_xp
+
+METHODS = ["eigh", "newton"]
+
+
+def residual(x, a, p):
+    """max |Xᵖ A - I| computed in float64."""
+    x = to_np(x).astype(np.float64)
+    return np.abs(np.linalg.matrix_power(x, p) @ a - np.eye(a.shape[0])).max()
+
+
+@pytest.mark.parametrize("method", METHODS)
+@given(
+    n=st.integers(1, 48),
+    log_kappa=st.floats(0.0, 8.0),
+    p=st.sampled_from([2, 4, 6]),
+    seed=st.integers(0, 2**16),
+)
+def test_root_residual_bounded_by_condition(xp, method, n, log_kappa, p, seed):
+    rng = np.random.default_rng(seed)
+    kappa = 10.0**log_kappa
+    a, _ = spd_with_spectrum(rng, n, kappa)
+    out = sc.inverse_pth_root(to_xp(xp, a), p, epsilon=0.0, method=method, dtype=xp.float64)
+    assert out.root.dtype == xp.float64
+    # Backward-stable roots lose about log2(κ) bits: allow a few ulps per unit of κ and size.
+    tol = 100.0 * n * eps(np.float64) * kappa
+    assert residual(out.root, a, p) <= tol
+    assert math.isfinite(out.error) and out.error <= 1e-6
+
+
+@given(n=st.integers(2, 40), log_kappa=st.floats(0.0, 6.0), seed=st.integers(0, 2**16))
+def test_eigh_and_newton_agree(xp, n, log_kappa, seed):
+    rng = np.random.default_rng(seed)
+    kappa = 10.0**log_kappa
+    a, _ = spd_with_spectrum(rng, n, kappa)
+    r1 = to_np(sc.inverse_pth_root(to_xp(xp, a), 4, epsilon=0.0, method="eigh").root)
+    r2 = to_np(sc.inverse_pth_root(to_xp(xp, a), 4, epsilon=0.0, method="newton").root)
+    # The root's relative condition number is about κ/p.
+    tol = 100.0 * n * eps(np.float64) * kappa
+    assert np.abs(r1 - r2).max() <= tol * np.abs(r1).max()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_float32_input_computed_in_float64(xp, method):
+    rng = np.random.default_rng(0)
+    a, _ = spd_with_spectrum(rng, 32, 1e5, dtype=np.float32)
+    out = sc.inverse_pth_root(to_xp(xp, a), 4, epsilon=0.0, method=method, dtype=xp.float64)
+    assert out.root.dtype == xp.float32
+    # Only the final cast to float32 loses accuracy: a few float32 ulps scaled by κ^(1/4).
+    exact = spd_power(a.astype(np.float64), -0.25)
+    assert np.abs(to_np(out.root) - exact).max() <= 20 * eps(np.float32) * np.abs(exact).max()
+
+
+def spd_power(a, e):
+    w, q = np.linalg.eigh(a)
+    return (q * w**e) @ q.T
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_extreme_condition_number_is_finite(xp, method, dtype):
+    rng = np.random.default_rng(3)
+    a, _ = spd_with_spectrum(rng, 64, 1e12, dtype=np.dtype(dtype))
+    out = sc.inverse_pth_root(to_xp(xp, a), 4, epsilon=1e-12, method=method, dtype=getattr(xp, dtype))
+    assert np.all(np.isfinite(to_np(out.root)))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_by_one(xp, method):
+    out = sc.inverse_pth_root(to_xp(xp, np.array([[16.0]])), 4, epsilon=0.0, method=method)
+    assert abs(to_np(out.root)[0, 0] - 0.5) <= 1e3 * eps(np.float64)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_all_zero_statistic_uses_absolute_ridge(xp, method):
+    out = sc.inverse_pth_root(to_xp(xp, np.zeros((5, 5))), 4, epsilon=1e-4, method=method)
+    np.testing.assert_allclose(to_np(out.root), np.eye(5) * 1e-4**-0.25, rtol=1e-8)
+    assert out.lambda_max == 0.0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_rank_deficient(xp, method):
+    rng = np.random.default_rng(5)
+    a, lam = spd_with_spectrum(rng, 20, 1e3, rank=4)
+    eps_rel = 1e-3
+    out = sc.inverse_pth_root(to_xp(xp, a), 4, epsilon=eps_rel, method=method, dtype=xp.float64)
+    ridge = eps_rel * lam.max()
+    exact = spd_power(a + ridge * np.eye(20), -0.25)
+    # λmax comes from power iteration for Newton (relative tolerance 1e-6 on λmax).
+    assert np.abs(to_np(out.root) - exact).max() <= 1e-5 * np.abs(exact).max()
+    assert abs(out.lambda_max - lam.max()) <= 1e-5 * lam.max()
+
+
+def test_relative_epsilon_scales_with_lambda_max(xp):
+    a = np.diag([1e6, 0.0])
+    out = sc.inverse_pth_root(to_xp(xp, a), 2, epsilon=1e-6, relative_epsilon=True)
+    np.testing.assert_allclose(np.diag(to_np(out.root)), [(1e6 + 1.0) ** -0.5, 1.0], rtol=1e-10)
+
+
+def test_power_iteration_relative_tolerance():
+    import array_api_compat.numpy as xnp
+    from shampoo_core.roots import max_eigenvalue
+
+    # A tiny statistic: an absolute tolerance would stop long before λmax is found.
+    a = np.diag(np.linspace(1e-9, 7e-9, 30))
+    a = a + 6.9e-9 * np.ones((30, 30)) / 30
+    assert abs(max_eigenvalue(xnp, a) - np.linalg.eigvalsh(a).max()) <= 1e-5 * np.linalg.eigvalsh(a).max()
+
+
+def test_non_finite_input_reports_failure(xp):
+    a = np.eye(3)
+    a[0, 1] = a[1, 0] = np.nan
+    for method in METHODS:
+        out = sc.inverse_pth_root(to_xp(xp, a), 4, method=method)
+        assert out.error == math.inf
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(p=0), "p must be > 0"),
+        (dict(p=4, epsilon=-1.0), "epsilon must be >= 0"),
+        (dict(p=4, method="svd"), "method must be"),
+        (dict(p=2.5, method="newton"), "integer"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sc.inverse_pth_root(np.eye(3), **kwargs)
+
+
+def test_non_square_rejected():
+    with pytest.raises(ValueError, match="square"):
+        sc.inverse_pth_root(np.ones((2, 3)), 4)
