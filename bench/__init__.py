@@ -1,0 +1,1 @@
+"""Benchmarks and the demo training run of shampoo-core (``python -m bench --help``)."""

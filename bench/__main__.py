@@ -1,0 +1,20 @@
+"""Command line entry: ``python -m bench demo [options]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    from . import demo
+
+    demo.add_arguments(sub.add_parser("demo", help="train the digits autoencoder with each optimizer"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
