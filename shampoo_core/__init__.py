@@ -9,6 +9,7 @@ Functional API::
 """
 
 from .base import GradientTransformation, apply_updates
+from .checkpoint import CheckpointError, load_state, save_state
 from .first_order import FirstOrderState, adagrad, adam, sgd
 from .full_matrix import FullMatrixState, full_matrix_adagrad
 from .options import GraftGranularity, GraftType, RootMethod
@@ -20,6 +21,9 @@ __version__ = "0.1.0"
 __all__ = [
     "GradientTransformation",
     "apply_updates",
+    "save_state",
+    "load_state",
+    "CheckpointError",
     "shampoo",
     "ShampooConfig",
     "ShampooState",

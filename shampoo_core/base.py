@@ -6,7 +6,14 @@ from typing import Callable, NamedTuple
 
 from . import _xp, tree
 
-__all__ = ["GradientTransformation", "apply_updates", "learning_rate_at", "check_leaves"]
+__all__ = [
+    "GradientTransformation",
+    "apply_updates",
+    "learning_rate_at",
+    "check_leaves",
+    "record_hyperparameters",
+    "check_devices",
+]
 
 
 class GradientTransformation(NamedTuple):
@@ -64,3 +71,33 @@ def check_leaves(name: str, leaves, paths, reference=None) -> None:
                 )
             if leaf.dtype != ref.dtype:
                 raise ValueError(f"{name}{path} has dtype {leaf.dtype}; expected {ref.dtype}")
+
+
+def record_hyperparameters(tx: GradientTransformation, optimizer: str, values: dict) -> GradientTransformation:
+    """Attach JSON-able hyperparameters to ``tx.init`` (read by checkpoints to detect mismatches).
+
+    Enums become their values; a learning-rate schedule is recorded as ``"<schedule>"``.
+    """
+    record = {"optimizer": optimizer}
+    for key, value in values.items():
+        if callable(value):
+            value = "<schedule>"
+        elif hasattr(value, "value"):
+            value = value.value
+        record[key] = value
+    tx.init.hyperparameters = record
+    return tx
+
+
+def check_devices(name: str, leaves, paths, reference) -> None:
+    """Check each leaf lives on the device of the state array it will be combined with.
+
+    Raises:
+        ValueError: naming the leaf, its device and the state's device.
+    """
+    for leaf, path, ref in zip(leaves, paths, reference):
+        if ref is None:
+            continue
+        got, want = _xp.device_of(leaf), _xp.device_of(ref)
+        if got != want:
+            raise ValueError(f"{name}{path} is on device {got}; the optimizer state is on {want}")

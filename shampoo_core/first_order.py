@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from . import _xp, grafting, momentum, tree
-from .base import GradientTransformation, check_leaves, learning_rate_at
+from .base import GradientTransformation, check_leaves, learning_rate_at, record_hyperparameters
 from .options import GraftType, check_bool, check_learning_rate, check_real
 
 __all__ = ["sgd", "adagrad", "adam", "FirstOrderState"]
@@ -27,6 +27,9 @@ class FirstOrderState(NamedTuple):
 
 def _transform(learning_rate, graft_type, *, beta1, beta2, epsilon, weight_decay, decoupled, nesterov, heavy_ball, initial_accumulator_value=0.0):
     learning_rate = check_learning_rate(learning_rate)
+    hyperparameters = dict(learning_rate=learning_rate, beta1=beta1, beta2=beta2, epsilon=epsilon,
+                           weight_decay=weight_decay, decoupled_weight_decay=decoupled, nesterov=nesterov,
+                           initial_accumulator_value=initial_accumulator_value)
 
     def init(params):
         leaves, _ = tree.flatten(params)
@@ -81,7 +84,8 @@ def _transform(learning_rate, graft_type, *, beta1, beta2, epsilon, weight_decay
             grafts.append(graft)
         return tree.unflatten(spec, updates), FirstOrderState(state.count + 1, tuple(moms), tuple(grafts))
 
-    return GradientTransformation(init, update)
+    name = "sgd" if heavy_ball else graft_type.value
+    return record_hyperparameters(GradientTransformation(init, update), name, hyperparameters)
 
 
 def sgd(learning_rate=1e-2, *, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0):

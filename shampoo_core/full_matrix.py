@@ -10,7 +10,7 @@ import math
 from typing import NamedTuple
 
 from . import _xp, roots, tree
-from .base import GradientTransformation, check_leaves, learning_rate_at
+from .base import GradientTransformation, check_leaves, learning_rate_at, record_hyperparameters
 from .options import check_int, check_learning_rate, check_real
 
 __all__ = ["full_matrix_adagrad", "FullMatrixState"]
@@ -63,4 +63,7 @@ def full_matrix_adagrad(learning_rate=1e-2, *, epsilon: float = 1e-6, max_size: 
             stats.append(h)
         return tree.unflatten(spec, updates), FullMatrixState(state.count + 1, tuple(stats))
 
-    return GradientTransformation(init, update)
+    return record_hyperparameters(
+        GradientTransformation(init, update), "full_matrix_adagrad",
+        dict(learning_rate=learning_rate, epsilon=epsilon, max_size=max_size),
+    )

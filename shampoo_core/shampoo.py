@@ -23,8 +23,10 @@ import functools
 import math
 from typing import NamedTuple
 
+import optree
+
 from . import _xp, blocking, grafting, momentum, preconditioner, roots, statistics, tree
-from .base import GradientTransformation, check_leaves, learning_rate_at
+from .base import GradientTransformation, check_devices, check_leaves, learning_rate_at, record_hyperparameters
 from .options import (
     GraftGranularity,
     GraftType,
@@ -67,10 +69,12 @@ class ParamState(NamedTuple):
 
 
 class ShampooState(NamedTuple):
-    """``count``: 0-d int32, updates done so far; ``params``: one :class:`ParamState` per leaf."""
+    """``count``: 0-d int32, updates applied so far; ``params``: one :class:`ParamState` per
+    leaf; ``skipped``: 0-d int32, steps skipped for non-finite gradients (``nonfinite="skip"``)."""
 
     count: object
     params: tuple
+    skipped: object
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +103,7 @@ class ShampooConfig:
     root_method: RootMethod
     root_dtype: str | None
     inverse_failure_threshold: float
+    nonfinite: str
 
     @functools.lru_cache(maxsize=None)
     def plan(self, shape: tuple[int, ...]) -> blocking.BlockPlan:
@@ -137,6 +142,7 @@ def shampoo(
     root_method="eigh",
     root_dtype: str | None = "float64",
     inverse_failure_threshold: float = 0.1,
+    nonfinite: str = "raise",
 ) -> GradientTransformation:
     """Distributed Shampoo (Anil et al., arXiv 2002.09018) as ``(init, update)``.
 
@@ -166,6 +172,9 @@ def shampoo(
         root_dtype: dtype name roots are computed in ("float64" default; ``None`` = parameter
             dtype). Falls back to the parameter dtype on devices without float64.
         inverse_failure_threshold: a root whose error exceeds this (or is non-finite) is rejected.
+        nonfinite: what a gradient with NaN or inf does: "raise" (ValueError naming the leaf,
+            state untouched) or "skip" (zero updates, the state unchanged but ``skipped`` + 1;
+            selected with ``where``, no Python branch on the data).
 
     Returns:
         :class:`GradientTransformation` over an array or a dict/list/tuple tree of arrays.
@@ -182,6 +191,8 @@ def shampoo(
         raise ValueError(f"root_dtype must be 'float32', 'float64' or None; got {root_dtype!r}")
     if exponent_override is not None:
         check_int("exponent_override", exponent_override, low=1)
+    if nonfinite not in ("raise", "skip"):
+        raise ValueError(f"nonfinite must be 'raise' or 'skip'; got {nonfinite!r}")
     if skip_preconditioning_dim_size_gt is not None:
         check_int("skip_preconditioning_dim_size_gt", skip_preconditioning_dim_size_gt, low=0)
     config = ShampooConfig(
@@ -209,15 +220,19 @@ def shampoo(
         root_method=parse_enum("root_method", root_method, RootMethod),
         root_dtype=root_dtype,
         inverse_failure_threshold=check_real("inverse_failure_threshold", inverse_failure_threshold, low=0.0),
+        nonfinite=nonfinite,
     )
 
     def init(params) -> ShampooState:
         leaves, _ = tree.flatten(params)
         check_leaves("params", leaves, tree.leaf_paths(params))
         states = tuple(_init_param(config, p) for p in leaves)
-        xp = _xp.namespace(*leaves) if leaves else None
-        count = 0 if xp is None else xp.asarray(0, dtype=xp.int32, device=_xp.device_of(leaves[0]))
-        return ShampooState(count, states)
+        if not leaves:
+            return ShampooState(0, states, 0)
+        xp = _xp.namespace(*leaves)
+        dev = _xp.device_of(leaves[0])
+        return ShampooState(xp.asarray(0, dtype=xp.int32, device=dev), states,
+                            xp.asarray(0, dtype=xp.int32, device=dev))
 
     def update(state: ShampooState, grads, params=None):
         g_leaves, spec = tree.flatten(grads)
@@ -236,6 +251,23 @@ def shampoo(
         check_leaves("grads", g_leaves, paths, reference=p_leaves)
         for g, s, path in zip(g_leaves, state.params, paths):
             _check_against_state(g, s, path)
+        refs = [_reference_leaf(s) for s in state.params]
+        check_devices("grads", g_leaves, paths, refs)
+        if p_leaves is not None:
+            check_devices("params", p_leaves, paths, refs)
+        if not g_leaves:
+            return grads, state
+        xp = _xp.namespace(*g_leaves)
+        finite = [xp.all(xp.isfinite(g)) for g in g_leaves]
+        if config.nonfinite == "raise":
+            for ok, path in zip(finite, paths):
+                if not bool(ok):
+                    raise ValueError(f"grads{path} has non-finite values (nonfinite='raise')")
+            all_finite = None
+        else:
+            all_finite = functools.reduce(xp.logical_and, finite)
+            # Zeros keep the discarded computation finite; the result is selected away below.
+            g_leaves = [xp.where(all_finite, g, xp.zeros_like(g)) for g in g_leaves]
 
         count = int(state.count)
         step = count + 1
@@ -246,9 +278,25 @@ def shampoo(
             u, ns = _update_param(config, s, g, p, step, lr)
             updates.append(u)
             new_states.append(ns)
-        return tree.unflatten(spec, updates), ShampooState(state.count + 1, tuple(new_states))
+        new_state = ShampooState(state.count + 1, tuple(new_states), state.skipped)
+        if all_finite is not None:
+            new_state = optree.tree_map(lambda new, old: xp.where(all_finite, new, old), new_state, state)
+            new_state = new_state._replace(skipped=state.skipped + xp.astype(~all_finite, state.skipped.dtype))
+            updates = [xp.where(all_finite, u, xp.zeros_like(u)) for u in updates]
+        return tree.unflatten(spec, updates), new_state
 
-    return GradientTransformation(init, update)
+    tx = GradientTransformation(init, update)
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    return record_hyperparameters(tx, "shampoo", values)
+
+
+
+def _reference_leaf(s: ParamState):
+    if s.momentum is not None:
+        return s.momentum
+    if s.graft.accumulator is not None:
+        return s.graft.accumulator
+    return s.blocks[0].failures if s.blocks else None
 
 
 def _check_against_state(g, s: ParamState, path: str) -> None:

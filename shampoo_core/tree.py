@@ -17,11 +17,11 @@ def unflatten(treespec, leaves):
 
 
 def leaf_paths(tree) -> list[str]:
-    """Human-readable path of each leaf, e.g. ``"['encoder'][0]"``; ``"<root>"`` for a bare array."""
+    """Human-readable path of each leaf, e.g. ``"['encoder'][0]"``; ``""`` for a bare array."""
     paths, _, _ = optree.tree_flatten_with_path(tree)
     out = []
     for path in paths:
-        out.append("".join(f"[{k!r}]" for k in path) or "<root>")
+        out.append("".join(f"[{k!r}]" for k in path))
     return out
 
 

@@ -198,16 +198,18 @@ def test_failed_root_keeps_previous_preconditioner(xp):
 
 
 def test_nonfinite_statistics_never_reach_preconditioner(xp):
+    # Finite float32 gradients whose Gram matrix overflows: the statistics become inf.
     tx = sc.shampoo(0.1, beta1=0.0, graft_type="none", start_preconditioning_step=1, preconditioning_compute_steps=1,
                     merge_small_dims=False)
-    params = to_xp(xp, np.zeros((2, 2)))
+    params = to_xp(xp, np.zeros((2, 2), dtype=np.float32))
     state = tx.init(params)
-    g = np.array([[np.inf, 1.0], [1.0, 1.0]])
+    g = np.array([[3e20, 1.0], [1.0, 1.0]], dtype=np.float32)
     _, state = tx.update(state, to_xp(xp, g), params)
     (block,) = state.params[0].blocks
+    assert not np.all(np.isfinite(to_np(block.statistics[0])))
     assert int(block.failures) == 2
     for x in block.preconditioners:
-        np.testing.assert_array_equal(to_np(x), np.eye(2))
+        np.testing.assert_array_equal(to_np(x), np.eye(2, dtype=np.float32))
 
 
 @pytest.mark.parametrize("decoupled", [True, False])
