@@ -1,0 +1,155 @@
+"""The torch.optim adapter: same numbers as the functional core, and torch's conventions."""
+
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import shampoo_core as sc  # noqa: E402
+from backends.torch_optim import Shampoo  # noqa: E402
+
+HP = dict(block_size=4, start_preconditioning_step=2, preconditioning_compute_steps=2, beta2=0.99)
+
+
+def model_and_data(dtype=torch.float64):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(dtype)
+    x = torch.randn(32, 6, dtype=dtype)
+    y = torch.tanh(x @ torch.randn(6, 3, dtype=dtype))  # learnable targets
+    return model, x, y
+
+
+def loss_of(model, x, y):
+    return torch.mean((model(x) - y) ** 2)
+
+
+def test_matches_functional_core():
+    model, x, y = model_and_data()
+    reference = copy.deepcopy(model)
+    opt = Shampoo(model.parameters(), lr=0.05, **HP)
+    tx = sc.shampoo(0.05, **HP)
+    params = [p.detach().clone() for p in reference.parameters()]
+    states = [tx.init(p) for p in params]
+    for _ in range(6):
+        opt.zero_grad()
+        loss_of(model, x, y).backward()
+        opt.step()
+        for p, q in zip(reference.parameters(), params):
+            p.data.copy_(q)
+        reference.zero_grad()
+        loss_of(reference, x, y).backward()
+        for i, p in enumerate(reference.parameters()):
+            u, states[i] = tx.update(states[i], p.grad, params[i])
+            params[i] = params[i] + u
+    for p, q in zip(model.parameters(), params):
+        assert torch.equal(p.detach(), q)
+
+
+def test_closure_and_zero_grad():
+    model, x, y = model_and_data()
+    opt = Shampoo(model.parameters(), lr=0.05, **HP)
+    losses = []
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_of(model, x, y)
+        loss.backward()
+        return loss
+
+    for _ in range(60):
+        losses.append(opt.step(closure).item())
+    # step returns the closure's loss, evaluated before the update
+    assert losses[-1] < 0.5 * losses[0]
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_param_groups_have_their_own_hyperparameters():
+    model, x, y = model_and_data()
+    opt = Shampoo([{"params": model[0].parameters(), "lr": 0.0},
+                   {"params": model[2].parameters(), "graft_type": "sgd"}], lr=0.05, **HP)
+    before = [p.detach().clone() for p in model[0].parameters()]
+    loss_of(model, x, y).backward()
+    opt.step()
+    for p, b in zip(model[0].parameters(), before):
+        assert torch.equal(p.detach(), b)
+    assert opt.param_groups[1]["graft_type"] == "sgd"
+
+
+def test_lr_scheduler_changes_the_step():
+    model, x, y = model_and_data()
+    opt = Shampoo(model.parameters(), lr=0.1, beta1=0.0, graft_type="sgd", start_preconditioning_step=100)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for expected_lr in (0.1, 0.05, 0.025):
+        p = next(model.parameters())
+        before = p.detach().clone()
+        opt.zero_grad()
+        loss_of(model, x, y).backward()
+        g = p.grad.detach().clone()
+        opt.step()
+        sched.step()
+        torch.testing.assert_close(p.detach(), before - expected_lr * g, rtol=1e-12, atol=1e-14)
+
+
+def test_state_dict_round_trip_is_exact():
+    model, x, y = model_and_data(torch.float32)
+    opt = Shampoo(model.parameters(), lr=0.05, **HP)
+    for _ in range(3):
+        opt.zero_grad()
+        loss_of(model, x, y).backward()
+        opt.step()
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
+    for _ in range(4):
+        opt.zero_grad()
+        loss_of(model, x, y).backward()
+        opt.step()
+    expected = [p.detach().clone() for p in model.parameters()]
+
+    model2, _, _ = model_and_data(torch.float32)
+    model2.load_state_dict(saved_model)
+    opt2 = Shampoo(model2.parameters(), lr=0.05, **HP)
+    opt2.load_state_dict(saved_opt)
+    for _ in range(4):
+        opt2.zero_grad()
+        loss_of(model2, x, y).backward()
+        opt2.step()
+    for p, e in zip(model2.parameters(), expected):
+        assert torch.equal(p.detach(), e)
+
+
+def test_grad_scaler_skips_inf_steps():
+    model, x, y = model_and_data(torch.float32)
+    opt = Shampoo(model.parameters(), lr=0.05, **HP)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for _ in range(3):
+        opt.zero_grad()
+        scaler.scale(loss_of(model, x, y)).backward()
+        scaler.step(opt)
+        scaler.update()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    scaler.scale(loss_of(model, x, y) * float("inf")).backward()
+    scaler.step(opt)  # inf gradients: the scaler does not call opt.step()
+    scaler.update()
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), b)
+    assert all(np.isfinite(p.detach().numpy()).all() for p in model.parameters())
+
+
+def test_bad_hyperparameters_raise_at_construction():
+    model, _, _ = model_and_data()
+    with pytest.raises(ValueError, match="block_size"):
+        Shampoo(model.parameters(), lr=0.1, block_size=0)
+    with pytest.raises(TypeError, match="lr="):
+        Shampoo(model.parameters(), learning_rate=0.1)
+
+
+def test_sparse_gradients_rejected():
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = Shampoo(emb.parameters(), lr=0.1)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(ValueError, match="sparse"):
+        opt.step()
