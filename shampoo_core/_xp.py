@@ -8,6 +8,7 @@ JAX, CuPy).
 from __future__ import annotations
 
 import array_api_compat
+import optree
 
 __all__ = [
     "namespace",
@@ -16,7 +17,14 @@ __all__ = [
     "supports_float64",
     "eye_like",
     "scalar",
+    "is_lazy",
+    "concrete_int",
+    "register_cond",
+    "cond",
 ]
+
+# Namespace name -> cond(pred, true_fn, false_fn, operand); registered by backends (JAX: lax.cond).
+_CONDS: dict = {}
 
 
 def namespace(*arrays):
@@ -50,3 +58,42 @@ def eye_like(xp, n: int, like):
 def scalar(x) -> float:
     """Python float of a 0-d array (forces evaluation on lazy backends)."""
     return float(x)
+
+
+def is_lazy(x) -> bool:
+    """Whether reading ``x``'s value on the host is impossible or costly (JAX, Dask, traced arrays).
+
+    Lazy arrays take the branch-free path: schedule decisions become array predicates.
+    """
+    return array_api_compat.is_lazy_array(x)
+
+
+def register_cond(namespace_name: str, fn) -> None:
+    """Register ``fn(pred, true_fn, false_fn, operand)`` for namespace ``namespace_name``.
+
+    Backends call this (``backends.jax_backend`` registers ``jax.lax.cond``) so that costly work,
+    such as root computation, runs only when its predicate holds, even under tracing.
+    """
+    _CONDS[namespace_name] = fn
+
+
+def cond(xp, pred, true_fn, false_fn, operand):
+    """``true_fn(operand)`` if ``pred`` else ``false_fn(operand)``, for an array predicate.
+
+    Without a registered control-flow primitive both branches are computed and selected with
+    ``where`` leaf by leaf (correct, but does the work of both).
+    """
+    fn = _CONDS.get(getattr(xp, "__name__", ""))
+    if fn is not None:
+        return fn(pred, true_fn, false_fn, operand)
+    return optree.tree_map(lambda t, f: xp.where(pred, t, f), true_fn(operand), false_fn(operand))
+
+
+def concrete_int(x):
+    """``int(x)`` when the value can be read on the host, ``None`` for a traced array (jax.jit)."""
+    if isinstance(x, int):
+        return x
+    try:
+        return int(x)
+    except TypeError:  # JAX's ConcretizationTypeError subclasses TypeError
+        return None

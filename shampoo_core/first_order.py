@@ -55,12 +55,17 @@ def _transform(learning_rate, graft_type, *, beta1, beta2, epsilon, weight_decay
         elif weight_decay > 0.0:
             raise ValueError("params are required when weight_decay > 0")
         check_leaves("grads", g_leaves, paths, reference=p_leaves)
-        count = int(state.count)
+        count = _xp.concrete_int(state.count)
+        if count is None:  # traced (jax.jit): the step stays an array
+            count = state.count
+            lr = learning_rate(count) if callable(learning_rate) else learning_rate
+        else:
+            lr = learning_rate_at(learning_rate, count)
         step = count + 1
-        lr = learning_rate_at(learning_rate, count)
         updates, moms, grafts = [], [], []
         for i, g in enumerate(g_leaves):
             xp = _xp.namespace(g)
+            step_i = step if isinstance(step, int) else xp.astype(step, g.dtype)
             p = None if p_leaves is None else p_leaves[i]
             if weight_decay > 0.0 and not decoupled:
                 g = g + weight_decay * p
@@ -72,10 +77,10 @@ def _transform(learning_rate, graft_type, *, beta1, beta2, epsilon, weight_decay
                 f = g
                 if m is not None:
                     m = momentum.ema(m, g, beta1)
-                    f = momentum.filtered_gradient(m, g, beta1, step, nesterov)
-                d = grafting.graft_direction(xp, graft_type, graft, f, epsilon=epsilon, beta2=beta2, step=step)
+                    f = momentum.filtered_gradient(m, g, beta1, step_i, nesterov)
+                d = grafting.graft_direction(xp, graft_type, graft, f, epsilon=epsilon, beta2=beta2, step=step_i)
             if heavy_ball and m is not None:
-                m = beta1 * m + g if step > 1 else g
+                m = beta1 * m + g  # the buffer starts at zero, so step 1 gives m = g as in torch
                 d = g + beta1 * m if nesterov else m
             if weight_decay > 0.0 and decoupled:
                 d = d + weight_decay * p

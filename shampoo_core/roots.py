@@ -128,6 +128,59 @@ def _newton_once(xp, a, p: int, ridge: float, tolerance: float, max_iterations: 
     return x, error, iterations
 
 
+# Masked Newton iterations on lazy backends (no data-dependent exit). From the scaled start the
+# iteration converges in 8-21 steps for κ up to 1e6 (see docs/algorithm.md).
+LAZY_NEWTON_ITERATIONS = 32
+
+
+def _lazy_eigh_root(xp, a, p: float, epsilon: float, relative: bool):
+    w, q = xp.linalg.eigh(symmetrize(xp, a))
+    lam_max = xp.clip(xp.max(w), min=0.0)
+    ridge = xp.where(lam_max > 0.0, epsilon * lam_max, epsilon * xp.ones_like(lam_max)) if relative else epsilon
+    w = xp.clip(w, min=0.0) + ridge
+    root = (q * w ** (-1.0 / p)) @ q.mT
+    error = xp.where(xp.all(xp.isfinite(root)), 0.0 * lam_max, xp.inf * xp.ones_like(lam_max))
+    return root, error, lam_max
+
+
+def _lazy_max_eigenvalue(xp, a, iterations: int = 30):
+    n = a.shape[0]
+    idx = xp.astype(xp.arange(n, device=_xp.device_of(a)), a.dtype)
+    v = 1.0 + 0.5 * xp.cos(idx * 2.399963)
+    v = v / xp.linalg.vector_norm(v)
+    for _ in range(iterations):
+        w = a @ v
+        v = w / xp.clip(xp.linalg.vector_norm(w), min=xp.finfo(a.dtype).tiny)
+    lam = xp.sum(v * (a @ v))
+    return xp.clip(xp.maximum(lam, xp.max(xp.linalg.diagonal(a))), min=0.0)
+
+
+def _lazy_newton_root(xp, a, p: int, epsilon: float, relative: bool, tolerance: float, error_growth: float):
+    n = a.shape[0]
+    eye = _xp.eye_like(xp, n, a)
+    a = symmetrize(xp, a)
+    lam_max = _lazy_max_eigenvalue(xp, a)
+    ridge = xp.where(lam_max > 0.0, epsilon * lam_max, epsilon * xp.ones_like(lam_max)) if relative else epsilon
+    a = a + ridge * eye
+    z = (1.0 + p) / (2.0 * xp.linalg.vector_norm(a))
+    m = z * a
+    x = z ** (1.0 / p) * eye
+    error = xp.max(xp.abs(m - eye))
+    active = error > tolerance
+    for _ in range(LAZY_NEWTON_ITERATIONS):
+        t = ((p + 1.0) * eye - m) * (1.0 / p)
+        new_x = x @ t
+        new_m = _matrix_power(t, p) @ m
+        new_error = xp.max(xp.abs(new_m - eye))
+        accept = active & (new_error < error_growth * error)
+        x = xp.where(accept, new_x, x)
+        m = xp.where(accept, new_m, m)
+        error = xp.where(accept, new_error, error)
+        active = accept & (error > tolerance)
+    error = xp.where(xp.all(xp.isfinite(x)), error, xp.inf * xp.ones_like(error))
+    return x, error, lam_max
+
+
 def inverse_pth_root(
     a,
     p: float,
@@ -157,6 +210,9 @@ def inverse_pth_root(
     Returns:
         :class:`RootResult`. A failed root has ``error == inf`` (never an exception from the
         linear algebra); callers decide whether to keep it (see ``inverse_failure_threshold``).
+        On lazy backends (JAX, traced arrays) ``error`` and ``lambda_max`` are 0-d arrays, the
+        computation has no data-dependent branch, Newton runs ``LAZY_NEWTON_ITERATIONS`` masked
+        iterations without ridge retries, and eigh has no float64 retry.
 
     Raises:
         ValueError: ``a`` not square 2-D, ``p <= 0``, non-integer ``p`` for Newton, ``epsilon < 0``,
@@ -171,6 +227,21 @@ def inverse_pth_root(
         raise ValueError(f"epsilon must be >= 0; got {epsilon!r}")
     out_dtype = a.dtype
     work = a if dtype is None else xp.astype(a, dtype)
+    if method not in ("eigh", "newton"):
+        raise ValueError(f"method must be 'eigh' or 'newton'; got {method!r}")
+    if method == "newton" and float(p) != int(p):
+        raise ValueError(f"p must be an integer for method='newton'; got {p!r}")
+    if newton_tolerance is None:
+        newton_tolerance = 100.0 * xp.finfo(work.dtype).eps
+
+    if _xp.is_lazy(a):
+        if method == "eigh":
+            root, error, lam_max = _lazy_eigh_root(xp, work, p, epsilon, relative_epsilon)
+        else:
+            root, error, lam_max = _lazy_newton_root(
+                xp, work, int(p), epsilon, relative_epsilon, newton_tolerance, error_growth
+            )
+        return RootResult(xp.astype(root, out_dtype), error, lam_max, 0)
 
     if method == "eigh":
         try:
@@ -188,13 +259,7 @@ def inverse_pth_root(
             root = _xp.eye_like(xp, a.shape[0], a)
         return RootResult(xp.astype(root, out_dtype), error, lam_max, 0)
 
-    if method != "newton":
-        raise ValueError(f"method must be 'eigh' or 'newton'; got {method!r}")
-    if float(p) != int(p):
-        raise ValueError(f"p must be an integer for method='newton'; got {p!r}")
     p = int(p)
-    if newton_tolerance is None:
-        newton_tolerance = 100.0 * xp.finfo(work.dtype).eps
     work = symmetrize(xp, work)
     lam_max = max_eigenvalue(xp, work)
     ridge = _ridge(epsilon, relative_epsilon, lam_max)

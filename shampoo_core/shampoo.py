@@ -261,7 +261,14 @@ def shampoo(
         finite = [xp.all(xp.isfinite(g)) for g in g_leaves]
         if config.nonfinite == "raise":
             for ok, path in zip(finite, paths):
-                if not bool(ok):
+                try:
+                    ok = bool(ok)
+                except TypeError as err:  # a traced array (jax.jit) cannot be read on the host
+                    raise ValueError(
+                        "nonfinite='raise' reads the gradients on the host, which traced arrays "
+                        "(jax.jit) do not allow: pass nonfinite='skip'"
+                    ) from err
+                if not ok:
                     raise ValueError(f"grads{path} has non-finite values (nonfinite='raise')")
             all_finite = None
         else:
@@ -269,13 +276,11 @@ def shampoo(
             # Zeros keep the discarded computation finite; the result is selected away below.
             g_leaves = [xp.where(all_finite, g, xp.zeros_like(g)) for g in g_leaves]
 
-        count = int(state.count)
-        step = count + 1
-        lr = learning_rate_at(config.learning_rate, count)
+        schedule = _schedule(config, state.count)
         updates, new_states = [], []
         for i, (g, s) in enumerate(zip(g_leaves, state.params)):
             p = None if p_leaves is None else p_leaves[i]
-            u, ns = _update_param(config, s, g, p, step, lr)
+            u, ns = _update_param(config, s, g, p, schedule)
             updates.append(u)
             new_states.append(ns)
         new_state = ShampooState(state.count + 1, tuple(new_states), state.skipped)
@@ -329,6 +334,46 @@ def _init_param(config: ShampooConfig, p) -> ParamState:
     )
 
 
+class _Schedule(NamedTuple):
+    """What this step does: Python values for eager arrays, 0-d arrays for lazy ones."""
+
+    count: object  # updates before this one (int, or 0-d int array)
+    step: object  # count + 1
+    statistics: object  # update the statistics
+    roots: object  # recompute the inverse roots
+    precondition: object  # use Shampoo's direction (else the grafting optimizer's)
+    learning_rate: object
+
+
+def _schedule(config: ShampooConfig, count) -> _Schedule:
+    start, n, k = config.start_preconditioning_step, config.preconditioning_compute_steps, config.statistics_compute_steps
+    lr = config.learning_rate
+    concrete = _xp.concrete_int(count)
+    if concrete is not None:
+        count = concrete
+        step = count + 1
+        return _Schedule(
+            count, step, (step - 1) % k == 0, step >= start and (step - start) % n == 0, step >= start,
+            learning_rate_at(lr, count),
+        )
+    step = count + 1
+    return _Schedule(
+        count,
+        step,
+        True if k == 1 else (step - 1) % k == 0,
+        (step >= start) & ((step - start) % n == 0),
+        True if start <= 1 else step >= start,
+        lr(count) if callable(lr) else lr,
+    )
+
+
+def _select(xp, flag, new_fn, old):
+    """``new_fn()`` where ``flag`` holds, else ``old``; a Python flag decides without computing."""
+    if isinstance(flag, bool):
+        return new_fn() if flag else old
+    return optree.tree_map(lambda a, b: xp.where(flag, a, b), new_fn(), old)
+
+
 def _root_dtype(config: ShampooConfig, xp, like):
     if config.root_dtype is None:
         return like.dtype
@@ -337,43 +382,54 @@ def _root_dtype(config: ShampooConfig, xp, like):
     return getattr(xp, config.root_dtype)
 
 
-def _update_block(config, xp, block: BlockState, g, plan, step: int) -> BlockState:
-    stats = block.statistics
-    if (step - 1) % config.statistics_compute_steps == 0:
-        factors = statistics.kronecker_factors(xp, g, plan.preconditioned)
-        stats = tuple(statistics.accumulate(h, f, config.beta2) for h, f in zip(stats, factors))
-    start = config.start_preconditioning_step
-    if step < start or (step - start) % config.preconditioning_compute_steps:
-        return block._replace(statistics=stats)
+def _as_array(xp, value, like):
+    if isinstance(value, (int, float)):
+        return xp.asarray(value, dtype=like.dtype, device=_xp.device_of(like))
+    return xp.astype(value, like.dtype)
 
+
+def _compute_roots(config: ShampooConfig, xp, block: BlockState, exponent, dtype) -> BlockState:
+    """New inverse roots of every statistic of ``block``; a rejected root keeps the old one."""
+    preconditioners = []
+    failures, worst, lam = block.failures, None, None
+    for h, old in zip(block.statistics, block.preconditioners):
+        result = roots.inverse_pth_root(
+            h, exponent, epsilon=config.epsilon, relative_epsilon=config.relative_epsilon,
+            method=config.root_method.value, dtype=dtype,
+        )
+        error = _as_array(xp, result.error, block.last_error)
+        lam_max = _as_array(xp, result.lambda_max, block.lambda_max)
+        lam_max = xp.where(xp.isfinite(lam_max), lam_max, xp.zeros_like(lam_max))
+        ok = xp.isfinite(error) & (error <= config.inverse_failure_threshold)
+        preconditioners.append(xp.where(ok, result.root, old))
+        failures = failures + xp.astype(~ok, failures.dtype)
+        worst = error if worst is None else xp.maximum(worst, error)
+        lam = lam_max if lam is None else xp.maximum(lam, lam_max)
+    return BlockState(block.statistics, tuple(preconditioners), failures, worst, lam)
+
+
+def _update_block(config, xp, block: BlockState, g, plan, schedule: _Schedule) -> BlockState:
+    def accumulate():
+        factors = statistics.kronecker_factors(xp, g, plan.preconditioned)
+        return tuple(statistics.accumulate(h, f, config.beta2) for h, f in zip(block.statistics, factors))
+
+    block = block._replace(statistics=_select(xp, schedule.statistics, accumulate, block.statistics))
     exponent = config.exponent(plan)
     dtype = _root_dtype(config, xp, g)
-    new_preconditioners, failures, worst, lam = [], 0, 0.0, 0.0
-    for h, old in zip(stats, block.preconditioners):
-        result = roots.inverse_pth_root(
-            h,
-            exponent,
-            epsilon=config.epsilon,
-            relative_epsilon=config.relative_epsilon,
-            method=config.root_method.value,
-            dtype=dtype,
-        )
-        ok = math.isfinite(result.error) and result.error <= config.inverse_failure_threshold
-        new_preconditioners.append(result.root if ok else old)
-        failures += not ok
-        worst = max(worst, result.error)
-        lam = max(lam, result.lambda_max) if math.isfinite(result.lambda_max) else lam
-    return BlockState(
-        statistics=stats,
-        preconditioners=tuple(new_preconditioners),
-        failures=block.failures + failures,
-        last_error=xp.full_like(block.last_error, worst),
-        lambda_max=xp.full_like(block.lambda_max, lam),
-    )
+
+    def compute(b):
+        return _compute_roots(config, xp, b, exponent, dtype)
+
+    if isinstance(schedule.roots, bool):
+        return compute(block) if schedule.roots else block
+    return _xp.cond(xp, schedule.roots, compute, lambda b: b, block)
 
 
-def _update_param(config: ShampooConfig, s: ParamState, g, p, step: int, lr: float):
+def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedule):
     xp = _xp.namespace(g)
+    step = schedule.step
+    if not isinstance(step, int):
+        step = xp.astype(step, g.dtype)  # bias corrections in the parameter dtype
     if config.weight_decay > 0.0 and not config.decoupled_weight_decay:
         g = g + config.weight_decay * p
 
@@ -394,13 +450,15 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, step: int, lr: flo
     u = direction
     if plan.num_preconditioned:
         g_blocks = blocking.split_blocks(xp, g, plan)
-        new_blocks = tuple(_update_block(config, xp, b, gb, plan, step) for b, gb in zip(s.blocks, g_blocks))
-        if step >= config.start_preconditioning_step:
-            u = _preconditioned_update(config, xp, new_blocks, f, direction, plan)
+        new_blocks = tuple(_update_block(config, xp, b, gb, plan, schedule) for b, gb in zip(s.blocks, g_blocks))
+        u = _select(
+            xp, schedule.precondition,
+            lambda: _preconditioned_update(config, xp, new_blocks, f, direction, plan), direction,
+        )
 
     if config.weight_decay > 0.0 and config.decoupled_weight_decay:
         u = u + config.weight_decay * p
-    return (-lr) * u, ParamState(new_m, new_graft, new_blocks)
+    return (-schedule.learning_rate) * u, ParamState(new_m, new_graft, new_blocks)
 
 
 def _preconditioned_update(config, xp, blocks, f, direction, plan):

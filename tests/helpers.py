@@ -42,3 +42,9 @@ def spd_with_spectrum(rng, n: int, kappa: float, dtype=np.float64, rank: int | N
     if rank is not None:
         lam[rank:] = 0.0
     return ((q * lam) @ q.T).astype(dtype), lam
+
+
+def examples_for(xp, n: int) -> int:
+    """Hypothesis budget for a backend: JAX compiles a kernel per new shape, so it gets fewer."""
+    name = getattr(xp, "__name__", "")
+    return max(3, n // 6) if name.startswith("jax") else n

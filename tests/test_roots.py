@@ -4,10 +4,10 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import shampoo_core as sc
-from helpers import eps, spd_with_spectrum, to_np, to_xp
+from helpers import eps, examples_for, spd_with_spectrum, to_np, to_xp
 
 METHODS = ["eigh", "newton"]
 
@@ -19,34 +19,38 @@ def residual(x, a, p):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@given(
-    n=st.integers(1, 48),
-    log_kappa=st.floats(0.0, 8.0),
-    p=st.sampled_from([2, 4, 6]),
-    seed=st.integers(0, 2**16),
-)
-def test_root_residual_bounded_by_condition(xp, method, n, log_kappa, p, seed):
-    rng = np.random.default_rng(seed)
-    kappa = 10.0**log_kappa
-    a, _ = spd_with_spectrum(rng, n, kappa)
-    out = sc.inverse_pth_root(to_xp(xp, a), p, epsilon=0.0, method=method, dtype=xp.float64)
-    assert out.root.dtype == xp.float64
-    # Backward-stable roots lose about log2(κ) bits: allow a few ulps per unit of κ and size.
-    tol = 100.0 * n * eps(np.float64) * kappa
-    assert residual(out.root, a, p) <= tol
-    assert math.isfinite(out.error) and out.error <= 1e-6
+def test_root_residual_bounded_by_condition(xp, method):
+    @settings(max_examples=examples_for(xp, settings().max_examples))
+    @given(n=st.integers(1, 48), log_kappa=st.floats(0.0, 8.0), p=st.sampled_from([2, 4, 6]),
+           seed=st.integers(0, 2**16))
+    def check(n, log_kappa, p, seed):
+        rng = np.random.default_rng(seed)
+        kappa = 10.0**log_kappa
+        a, _ = spd_with_spectrum(rng, n, kappa)
+        out = sc.inverse_pth_root(to_xp(xp, a), p, epsilon=0.0, method=method, dtype=xp.float64)
+        assert out.root.dtype == xp.float64
+        # Backward-stable roots lose about log2(κ) bits: allow a few ulps per unit of κ and size.
+        tol = 100.0 * n * eps(np.float64) * kappa
+        assert residual(out.root, a, p) <= tol
+        assert math.isfinite(float(out.error)) and float(out.error) <= 1e-6
+
+    check()
 
 
-@given(n=st.integers(2, 40), log_kappa=st.floats(0.0, 6.0), seed=st.integers(0, 2**16))
-def test_eigh_and_newton_agree(xp, n, log_kappa, seed):
-    rng = np.random.default_rng(seed)
-    kappa = 10.0**log_kappa
-    a, _ = spd_with_spectrum(rng, n, kappa)
-    r1 = to_np(sc.inverse_pth_root(to_xp(xp, a), 4, epsilon=0.0, method="eigh").root)
-    r2 = to_np(sc.inverse_pth_root(to_xp(xp, a), 4, epsilon=0.0, method="newton").root)
-    # The root's relative condition number is about κ/p.
-    tol = 100.0 * n * eps(np.float64) * kappa
-    assert np.abs(r1 - r2).max() <= tol * np.abs(r1).max()
+def test_eigh_and_newton_agree(xp):
+    @settings(max_examples=examples_for(xp, settings().max_examples))
+    @given(n=st.integers(2, 40), log_kappa=st.floats(0.0, 6.0), seed=st.integers(0, 2**16))
+    def check(n, log_kappa, seed):
+        rng = np.random.default_rng(seed)
+        kappa = 10.0**log_kappa
+        a, _ = spd_with_spectrum(rng, n, kappa)
+        r1 = to_np(sc.inverse_pth_root(to_xp(xp, a), 4, epsilon=0.0, method="eigh").root)
+        r2 = to_np(sc.inverse_pth_root(to_xp(xp, a), 4, epsilon=0.0, method="newton").root)
+        # The root's relative condition number is about κ/p.
+        tol = 100.0 * n * eps(np.float64) * kappa
+        assert np.abs(r1 - r2).max() <= tol * np.abs(r1).max()
+
+    check()
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -1,0 +1,127 @@
+"""JAX: ``tx.update`` under ``jax.jit`` (branch-free), whole jitted steps, and the optax adapter."""
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+optax = pytest.importorskip("optax")
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp  # noqa: E402
+
+import shampoo_core as sc  # noqa: E402
+from backends import optax_adapter  # noqa: E402
+from shampoo_core import _xp  # noqa: E402
+
+HP = dict(block_size=4, start_preconditioning_step=3, preconditioning_compute_steps=2,
+          statistics_compute_steps=1, beta2=0.99, graft_type="adam", nonfinite="skip", epsilon=1e-3)
+
+
+def params_and_grads(dtype, steps=7):
+    rng = np.random.default_rng(0)
+    shapes = {"w": (6, 5), "t": (2, 3, 4), "b": (5,), "s": ()}
+    params = {k: jnp.asarray(rng.standard_normal(s), dtype=dtype) for k, s in shapes.items()}
+    grads = [{k: jnp.asarray(rng.standard_normal(s), dtype=dtype) for k, s in shapes.items()} for _ in range(steps)]
+    return params, grads
+
+
+@pytest.mark.parametrize(
+    "root_method, dtype, with_cond",
+    [("eigh", jnp.float32, True), ("eigh", jnp.float64, True), ("eigh", jnp.float64, False),
+     ("eigh", jnp.float32, False), ("newton", jnp.float64, True)],
+)
+def test_jit_update_equals_eager(root_method, dtype, with_cond, monkeypatch):
+    if not with_cond:  # the where-fallback must give the same numbers as lax.cond
+        monkeypatch.setattr(_xp, "_CONDS", {})
+    tx = sc.shampoo(0.1, root_method=root_method, **HP)
+    params, grads = params_and_grads(dtype)
+    jitted = jax.jit(tx.update)
+    s_eager = s_jit = tx.init(params)
+    # Rounding of the statistics (~block_size·eps relative to λmax) is amplified by κ ≤ 1/epsilon
+    # in the root of the smallest eigenvalues.
+    tol = 10 * HP["block_size"] * float(jnp.finfo(dtype).eps) / HP["epsilon"]
+    for g in grads:
+        u_eager, s_eager = tx.update(s_eager, g, params)
+        u_jit, s_jit = jitted(s_jit, g, params)
+        for k in params:
+            np.testing.assert_allclose(np.asarray(u_jit[k]), np.asarray(u_eager[k]), rtol=tol, atol=tol)
+    assert int(s_jit.count) == len(grads)
+    np.testing.assert_array_equal(np.asarray(s_jit.params[0].blocks[0].failures),
+                                  np.asarray(s_eager.params[0].blocks[0].failures))
+
+
+def test_whole_training_step_jits_and_learns():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((64, 8)))
+    y = jnp.tanh(x @ jnp.asarray(rng.standard_normal((8, 3))))
+    params = {"w1": jnp.asarray(rng.standard_normal((8, 16)) * 0.3), "b1": jnp.zeros(16),
+              "w2": jnp.asarray(rng.standard_normal((16, 3)) * 0.3), "b2": jnp.zeros(3)}
+
+    def loss(p):
+        h = jnp.tanh(x @ p["w1"] + p["b1"])
+        return jnp.mean((h @ p["w2"] + p["b2"] - y) ** 2)
+
+    tx = optax_adapter.shampoo(0.02, block_size=8, start_preconditioning_step=5, preconditioning_compute_steps=5)
+
+    @jax.jit
+    def step(p, s):
+        value, g = jax.value_and_grad(loss)(p)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s, value
+
+    state = tx.init(params)
+    losses = []
+    for _ in range(60):
+        params, state, value = step(params, state)
+        losses.append(float(value))
+    assert losses[-1] < 0.2 * losses[0]
+    assert int(state.count) == 60
+
+
+def test_optax_chain_and_schedule():
+    params, grads = params_and_grads(jnp.float64, steps=4)
+    schedule = optax.linear_schedule(0.1, 0.01, transition_steps=4)
+    chained = optax.chain(optax.clip_by_global_norm(1.0), optax_adapter.shampoo(schedule, **HP))
+    direct = sc.shampoo(schedule, **HP)
+    s_chain = chained.init(params)
+    s_direct = direct.init(params)
+    # Both jitted: an optax schedule evaluates in float32 for a traced int32 count.
+    update = jax.jit(chained.update)
+    direct_update = jax.jit(direct.update)
+    for g in grads:
+        u_chain, s_chain = update(g, s_chain, params)
+        clipped, _ = optax.clip_by_global_norm(1.0).update(g, optax.EmptyState())
+        u_direct, s_direct = direct_update(s_direct, clipped, params)
+        for k in params:
+            np.testing.assert_allclose(np.asarray(u_chain[k]), np.asarray(u_direct[k]), rtol=1e-10, atol=1e-12)
+
+
+def test_nonfinite_skip_under_jit():
+    tx = optax_adapter.shampoo(0.1, **HP)
+    params, grads = params_and_grads(jnp.float64, steps=2)
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    _, state = update(grads[0], state, params)
+    bad = dict(grads[1], w=grads[1]["w"].at[0, 0].set(jnp.nan))
+    u, new_state = update(bad, state, params)
+    assert all(not np.any(np.asarray(v)) for v in u.values())
+    assert int(new_state.skipped) == 1 and int(new_state.count) == 1
+    for a, b in zip(jax.tree_util.tree_leaves(new_state.params), jax.tree_util.tree_leaves(state.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_nonfinite_raise_under_jit_explains():
+    tx = sc.shampoo(0.1, block_size=4)
+    params, grads = params_and_grads(jnp.float64, steps=1)
+    with pytest.raises(ValueError, match="pass nonfinite='skip'"):
+        jax.jit(tx.update)(tx.init(params), grads[0], params)
+
+
+def test_first_order_optimizers_jit():
+    params, grads = params_and_grads(jnp.float64, steps=3)
+    for tx in (sc.adam(0.1), sc.sgd(0.1, momentum=0.9), sc.adagrad(0.1)):
+        s1 = s2 = tx.init(params)
+        for g in grads:
+            u1, s1 = tx.update(s1, g, params)
+            u2, s2 = jax.jit(tx.update)(s2, g, params)
+            for k in params:
+                np.testing.assert_allclose(np.asarray(u2[k]), np.asarray(u1[k]), rtol=1e-12, atol=1e-14)
