@@ -7,8 +7,8 @@ Two methods, written once against the array API:
 * ``"newton"``: the coupled Newton iteration of Iannazzo (Higham, *Functions of Matrices*,
   eq. 7.18) with alpha = -1/p, as used in arXiv 2002.09018, Sec. 4 ("Inverse p-th roots"):
   z = (1+p)/(2‖A‖_F), M₀ = zA, X₀ = z^(1/p) I; T = ((p+1)I - M)/p; X ← X T; M ← Tᵖ M, until
-  max|M - I| <= tolerance. It stops early, keeping the previous X, when the error grows by
-  ``error_growth`` or more, and restarts with a 10x larger ridge while the error stays above
+  max|M - I| <= tolerance. It stops early, keeping the previous X, when ‖M - I‖_F grows by
+  ``error_growth`` or more (it cannot grow in exact arithmetic), and restarts with a 10x larger ridge while the error stays above
   ``retry_threshold``.
 
 The ridge is ``epsilon * λmax`` (``relative_epsilon=True``) or ``epsilon``; an all-zero statistic
@@ -115,15 +115,19 @@ def _newton_once(xp, a, p: int, ridge: float, tolerance: float, max_iterations: 
     m = z * a
     x = z ** (1.0 / p) * eye
     error = _xp.scalar(xp.max(xp.abs(m - eye)))
+    distance = _xp.scalar(xp.linalg.vector_norm(m - eye))
     iterations = 0
     while iterations < max_iterations and error > tolerance:
         t = ((p + 1.0) * eye - m) * (1.0 / p)
         new_x = x @ t
         new_m = _matrix_power(t, p) @ m
-        new_error = _xp.scalar(xp.max(xp.abs(new_m - eye)))
-        if not new_error < error_growth * error:
+        new_distance = _xp.scalar(xp.linalg.vector_norm(new_m - eye))
+        # In exact arithmetic ‖M - I‖_F decreases monotonically (each eigenvalue of M moves toward
+        # 1), while max|M - I| may rise early on; so only the Frobenius norm detects stagnation.
+        if not new_distance < error_growth * distance:
             break  # diverging or stagnating in rounding: keep the previous iterate
-        x, m, error = new_x, new_m, new_error
+        x, m, distance = new_x, new_m, new_distance
+        error = _xp.scalar(xp.max(xp.abs(m - eye)))
         iterations += 1
     return x, error, iterations
 
@@ -166,16 +170,18 @@ def _lazy_newton_root(xp, a, p: int, epsilon: float, relative: bool, tolerance: 
     m = z * a
     x = z ** (1.0 / p) * eye
     error = xp.max(xp.abs(m - eye))
+    distance = xp.linalg.vector_norm(m - eye)
     active = error > tolerance
     for _ in range(LAZY_NEWTON_ITERATIONS):
         t = ((p + 1.0) * eye - m) * (1.0 / p)
         new_x = x @ t
         new_m = _matrix_power(t, p) @ m
-        new_error = xp.max(xp.abs(new_m - eye))
-        accept = active & (new_error < error_growth * error)
+        new_distance = xp.linalg.vector_norm(new_m - eye)
+        accept = active & (new_distance < error_growth * distance)  # see _newton_once
         x = xp.where(accept, new_x, x)
         m = xp.where(accept, new_m, m)
-        error = xp.where(accept, new_error, error)
+        distance = xp.where(accept, new_distance, distance)
+        error = xp.where(accept, xp.max(xp.abs(m - eye)), error)
         active = accept & (error > tolerance)
     error = xp.where(xp.all(xp.isfinite(x)), error, xp.inf * xp.ones_like(error))
     return x, error, lam_max

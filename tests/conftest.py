@@ -56,7 +56,40 @@ def _cupy():
     return xp
 
 
-BACKENDS = {"numpy": _numpy, "array_api_strict": _strict, "torch": _torch, "jax": _jax, "cupy": _cupy}
+class DeviceNamespace:
+    """A namespace whose test arrays are created on ``device`` (see ``helpers.to_xp``).
+
+    The kernels never see this object: they take the namespace from the arrays, so any array
+    they create without ``device=`` lands on the default device and array_api_strict refuses to
+    mix it with the test's arrays.
+    """
+
+    def __init__(self, module, device):
+        self._module = module
+        self.test_device = device
+        self.__name__ = f"{module.__name__}[{device}]"
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+def _strict_device(name):
+    def make():
+        strict = _strict()
+        return DeviceNamespace(strict, strict.Device(name))
+
+    return make
+
+
+BACKENDS = {
+    "numpy": _numpy,
+    "array_api_strict": _strict,
+    "array_api_strict:device1": _strict_device("device1"),
+    "array_api_strict:no_float64": _strict_device("no_float64"),
+    "torch": _torch,
+    "jax": _jax,
+    "cupy": _cupy,
+}
 
 
 @pytest.fixture(scope="module", params=list(BACKENDS))

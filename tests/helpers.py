@@ -12,6 +12,14 @@ def to_xp(xp, a, dtype=None):
     if isinstance(a, (list, tuple)):
         return type(a)(to_xp(xp, v, dtype) for v in a)
     a = np.asarray(a) if dtype is None else np.asarray(a, dtype=dtype)
+    device = getattr(xp, "test_device", None)
+    if device is not None:
+        supported = xp.__array_namespace_info__().dtypes(device=device)
+        if a.dtype.name not in supported:
+            import pytest
+
+            pytest.skip(f"{a.dtype.name} is not available on {device}")
+        return xp.asarray(a, dtype=getattr(xp, a.dtype.name), device=device)
     return xp.asarray(a, dtype=getattr(xp, a.dtype.name))
 
 
@@ -48,3 +56,12 @@ def examples_for(xp, n: int) -> int:
     """Hypothesis budget for a backend: JAX compiles a kernel per new shape, so it gets fewer."""
     name = getattr(xp, "__name__", "")
     return max(3, n // 6) if name.startswith("jax") else n
+
+
+def require_float64(xp):
+    """Skip on a device that has no float64 (e.g. array_api_strict's "no_float64")."""
+    device = getattr(xp, "test_device", None)
+    if device is not None and "float64" not in xp.__array_namespace_info__().dtypes(device=device):
+        import pytest
+
+        pytest.skip(f"float64 is not available on {device}")

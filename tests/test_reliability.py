@@ -149,3 +149,17 @@ def test_updates_finite_and_structure_kept(xp):
         assert int(state.count) == steps
 
     check()
+
+
+def test_no_float64_device_computes_roots_in_float32():
+    strict = pytest.importorskip("array_api_strict")
+    dev = strict.Device("no_float64")
+    params = strict.asarray(np.ones((6, 4), dtype=np.float32), device=dev)
+    tx = sc.shampoo(0.1, start_preconditioning_step=1, preconditioning_compute_steps=1, block_size=4,
+                    root_dtype="float64")
+    state = tx.init(params)
+    g = strict.asarray(np.arange(24, dtype=np.float32).reshape(6, 4) / 10, device=dev)
+    updates, state = tx.update(state, g, params)
+    assert updates.dtype == strict.float32 and updates.device == dev
+    assert np.all(np.isfinite(to_np(updates)))
+    assert int(state.params[0].blocks[0].failures) == 0

@@ -1,0 +1,43 @@
+"""The same gradient sequence gives the same updates on every backend."""
+
+import numpy as np
+import pytest
+
+import shampoo_core as sc
+from helpers import to_np, to_xp
+
+SHAPES = {"w": (9, 6), "conv": (4, 3, 2, 2), "b": (6,), "s": ()}
+EPSILON = 1e-3
+
+
+def run(xp, dtype, root_method):
+    rng = np.random.default_rng(7)
+    params = {k: rng.standard_normal(s).astype(dtype) for k, s in SHAPES.items()}
+    grads = [{k: rng.standard_normal(s).astype(dtype) for k, s in SHAPES.items()} for _ in range(6)]
+    tx = sc.shampoo(0.1, block_size=4, epsilon=EPSILON, start_preconditioning_step=2,
+                    preconditioning_compute_steps=2, graft_type="adam", beta2=0.99, root_method=root_method,
+                    nonfinite="skip")
+    p = to_xp(xp, params)
+    state = tx.init(p)
+    out = []
+    for g in grads:
+        u, state = tx.update(state, to_xp(xp, g), p)
+        p = sc.apply_updates(p, u)
+        out.append(to_np(u))
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("root_method", ["eigh", "newton"])
+def test_updates_agree_with_numpy(xp, dtype, root_method):
+    import array_api_compat.numpy as xnp
+
+    reference = run(xnp, dtype, root_method)
+    ours = run(xp, dtype, root_method)
+    # Statistics rounding (~block_size·eps relative to λmax) is amplified by at most 1/epsilon in
+    # the roots; the updates are O(lr).
+    tol = 10 * 4 * float(np.finfo(dtype).eps) / EPSILON
+    for a, b in zip(ours, reference):
+        for k in SHAPES:
+            assert a[k].dtype == np.dtype(dtype)
+            np.testing.assert_allclose(a[k], b[k], rtol=tol, atol=tol * 0.1)
