@@ -147,14 +147,16 @@ def _lazy_eigh_root(xp, a, p: float, epsilon: float, relative: bool):
     return root, error, lam_max
 
 
-def _lazy_max_eigenvalue(xp, a, iterations: int = 30):
+def _lazy_max_eigenvalue(xp, a, squarings: int = 8):
+    """λmax without a data-dependent loop: 2^squarings power steps via normalized squaring."""
     n = a.shape[0]
+    b = a / xp.clip(xp.linalg.vector_norm(a), min=xp.finfo(a.dtype).tiny)
+    for _ in range(squarings):
+        b = b @ b
+        b = b / xp.clip(xp.linalg.vector_norm(b), min=xp.finfo(a.dtype).tiny)
     idx = xp.astype(xp.arange(n, device=_xp.device_of(a)), a.dtype)
-    v = 1.0 + 0.5 * xp.cos(idx * 2.399963)
-    v = v / xp.linalg.vector_norm(v)
-    for _ in range(iterations):
-        w = a @ v
-        v = w / xp.clip(xp.linalg.vector_norm(w), min=xp.finfo(a.dtype).tiny)
+    v = b @ (1.0 + 0.5 * xp.cos(idx * 2.399963))
+    v = v / xp.clip(xp.linalg.vector_norm(v), min=xp.finfo(a.dtype).tiny)
     lam = xp.sum(v * (a @ v))
     return xp.clip(xp.maximum(lam, xp.max(xp.linalg.diagonal(a))), min=0.0)
 

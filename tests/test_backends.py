@@ -37,6 +37,8 @@ def test_updates_agree_with_numpy(xp, dtype, root_method):
     # Statistics rounding (~block_size·eps relative to λmax) is amplified by at most 1/epsilon in
     # the roots; the updates are O(lr).
     tol = 10 * 4 * float(np.finfo(dtype).eps) / EPSILON
+    if root_method == "newton":
+        tol = max(tol, 1e-5)  # λmax (hence the ridge) comes from power iteration to 1e-6 relative
     for a, b in zip(ours, reference):
         for k in SHAPES:
             assert a[k].dtype == np.dtype(dtype)
