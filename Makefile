@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -e ".[test,demo]"
+	$(PIP) install -q -e ".[test,demo,jax]"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -9,9 +9,10 @@ import sys
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    from . import demo
+    from . import adapters, demo
 
     demo.add_arguments(sub.add_parser("demo", help="train the digits autoencoder with each optimizer"))
+    adapters.add_arguments(sub.add_parser("adapters", help="per-step cost of each adapter vs the core"))
     args = parser.parse_args(argv)
     return args.func(args)
 

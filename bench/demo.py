@@ -1,9 +1,17 @@
 """The main job: a deep autoencoder on scikit-learn's digits, Shampoo against first-order optimizers.
 
-Gradients come from PyTorch autograd on the CPU. Shampoo is shampoo-core's functional API called
-directly on the torch tensors (array_api_compat, no copies); the baselines are ``torch.optim``.
-Every optimizer gets the same initial weights, the same minibatch sequence and the same step
-budget, with a small learning-rate sweep; the best learning rate of each is compared.
+``--framework`` picks how the optimizers run:
+
+* ``torch`` (default): gradients from PyTorch autograd; Shampoo through the ``torch.optim``
+  adapter (``backends.torch_optim.Shampoo``); baselines from ``torch.optim``.
+* ``jax``: gradients from ``jax.value_and_grad``; the whole step (gradient, update, apply) under
+  ``jax.jit``; Shampoo through the optax adapter; baselines from optax with torch's settings.
+* ``numpy``: gradients from PyTorch autograd, shared zero-copy with NumPy; Shampoo is the
+  functional core called on NumPy arrays; baselines from ``torch.optim``.
+
+Every optimizer gets the same initial weights and minibatch sequence (made with NumPy, so the
+frameworks start identically) and the same step budget, with a small learning-rate sweep; the
+best learning rate of each is compared.
 
 Writes ``results.json``, ``loss_curves.png`` and ``summary.md`` under ``--out``.
 """
@@ -60,104 +68,165 @@ def add_arguments(parser) -> None:
     # One thread: these tensors are small, and a second OpenMP thread made steps 3x slower here.
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--framework", choices=("torch", "jax", "numpy"), default="torch",
+                        help="how gradients and optimizers run (see the module docstring)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(func=run)
 
 
-def load_digits(torch):
-    """1797 8x8 images from scikit-learn (shipped with the package), scaled to [0, 1]."""
+def load_digits():
+    """1797 8x8 images from scikit-learn (shipped with the package), scaled to [0, 1], float32."""
+    import numpy as np
     from sklearn.datasets import load_digits as sk_load
 
-    data = sk_load().data / 16.0
-    return torch.tensor(data, dtype=torch.float32)
+    return (sk_load().data / 16.0).astype(np.float32)
 
 
-def init_params(torch, seed: int) -> dict:
-    gen = torch.Generator().manual_seed(seed)
+def init_params(seed: int) -> dict:
+    """Glorot-uniform weights (in, out) and zero biases, float32 NumPy arrays."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
     params = {}
     for i, (n_in, n_out) in enumerate(zip(LAYERS[:-1], LAYERS[1:])):
-        bound = math.sqrt(6.0 / (n_in + n_out))  # Glorot uniform
-        params[f"w{i}"] = (torch.rand(n_in, n_out, generator=gen) * 2 - 1) * bound
-        params[f"b{i}"] = torch.zeros(n_out)
+        bound = math.sqrt(6.0 / (n_in + n_out))
+        params[f"w{i}"] = rng.uniform(-bound, bound, size=(n_in, n_out)).astype(np.float32)
+        params[f"b{i}"] = np.zeros(n_out, dtype=np.float32)
     return params
 
 
-def forward(torch, params: dict, x):
-    n = len(LAYERS) - 1
-    for i in range(n):
-        x = x @ params[f"w{i}"] + params[f"b{i}"]
-        x = torch.tanh(x) if i < n - 1 else torch.sigmoid(x)
-    return x
+def batches(n: int, batch_size: int, steps: int, seed: int):
+    import numpy as np
 
-
-def loss_fn(torch, params, x):
-    """Mean squared reconstruction error per pixel."""
-    return torch.mean((forward(torch, params, x) - x) ** 2)
-
-
-def batches(torch, n: int, batch_size: int, steps: int, seed: int):
-    gen = torch.Generator().manual_seed(seed + 1)
+    rng = np.random.default_rng(seed + 1)
     out = []
     while len(out) < steps:
-        perm = torch.randperm(n, generator=gen)
+        perm = rng.permutation(n)
         out.extend(perm[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size))
     return out[:steps]
 
 
-def train_shampoo(torch, data, order, lr, args, progress):
-    import shampoo_core as sc
+def forward(lib, params: dict, x):
+    """The autoencoder for ``lib`` = torch or jax.numpy (tanh hidden layers, sigmoid output)."""
+    n = len(LAYERS) - 1
+    for i in range(n):
+        x = x @ params[f"w{i}"] + params[f"b{i}"]
+        x = lib.tanh(x) if i < n - 1 else 1.0 / (1.0 + lib.exp(-x))
+    return x
 
-    params = init_params(torch, args.seed)
-    tx = sc.shampoo(lr, **SHAMPOO_SETTINGS)
-    state = tx.init(params)
-    steps, losses, opt_time = [], [], 0.0
-    start = time.perf_counter()
-    eval_time = 0.0
-    for t, idx in enumerate(order, start=1):
-        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        loss = loss_fn(torch, leaves, data[idx])
-        grads = torch.autograd.grad(loss, list(leaves.values()))
-        grads = dict(zip(leaves, grads))
+
+def loss_fn(lib, params, x):
+    """Mean squared reconstruction error per pixel."""
+    return lib.mean((forward(lib, params, x) - x) ** 2)
+
+
+class _Recorder:
+    """Full-data loss every ``eval_every`` steps; evaluation time is kept out of the timings."""
+
+    def __init__(self, args, evaluate):
+        self.args, self.evaluate = args, evaluate
+        self.steps, self.losses, self.eval_seconds = [], [], 0.0
+
+    def after(self, t, params):
+        if t % self.args.eval_every and t != self.args.steps:
+            return
         t0 = time.perf_counter()
-        with torch.no_grad():
-            updates, state = tx.update(state, grads, params)
-            params = sc.apply_updates(params, updates)
-        opt_time += time.perf_counter() - t0
-        eval_time += _maybe_eval(torch, t, args, params, data, steps, losses)
-        progress.update(1)
-    return steps, losses, time.perf_counter() - start - eval_time, opt_time
+        value = float(self.evaluate(params))
+        self.steps.append(t)
+        self.losses.append(value if math.isfinite(value) else float("inf"))
+        self.eval_seconds += time.perf_counter() - t0
 
 
-def train_torch(torch, name, data, order, lr, args, progress):
-    params = {k: torch.nn.Parameter(v) for k, v in init_params(torch, args.seed).items()}
-    opt = {
-        "adam": lambda p: torch.optim.Adam(p, lr=lr),
-        "adagrad": lambda p: torch.optim.Adagrad(p, lr=lr),
-        "sgd_momentum": lambda p: torch.optim.SGD(p, lr=lr, momentum=0.9),
-    }[name](list(params.values()))
-    steps, losses, opt_time = [], [], 0.0
+def train_torch(name, lr, data_np, order, args, progress, functional_numpy=False):
+    """torch autograd; Shampoo via the torch.optim adapter, or the core on NumPy (numpy framework)."""
+    import torch
+
+    data = torch.from_numpy(data_np)
+    params = {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in init_params(args.seed).items()}
+    rec = _Recorder(args, lambda p: loss_fn(torch, p, data).detach())
+    opt_seconds = 0.0
+    if name == "shampoo" and functional_numpy:
+        import shampoo_core as sc
+
+        arrays = {k: v.detach().numpy().copy() for k, v in params.items()}
+        tx = sc.shampoo(lr, **SHAMPOO_SETTINGS)
+        state = tx.init(arrays)
+        start = time.perf_counter()
+        for t, idx in enumerate(order, start=1):
+            leaves = {k: torch.from_numpy(v).requires_grad_(True) for k, v in arrays.items()}  # zero-copy
+            grads = torch.autograd.grad(loss_fn(torch, leaves, data[idx]), list(leaves.values()))
+            grads = {k: g.numpy() for k, g in zip(leaves, grads)}  # zero-copy
+            t0 = time.perf_counter()
+            updates, state = tx.update(state, grads, arrays)
+            arrays = sc.apply_updates(arrays, updates)
+            opt_seconds += time.perf_counter() - t0
+            with torch.no_grad():
+                rec.after(t, {k: torch.from_numpy(v) for k, v in arrays.items()})
+            progress.update(1)
+        return rec, time.perf_counter() - start - rec.eval_seconds, opt_seconds
+
+    if name == "shampoo":
+        from backends.torch_optim import Shampoo
+
+        opt = Shampoo(list(params.values()), lr=lr, **SHAMPOO_SETTINGS)
+    else:
+        opt = {
+            "adam": lambda p: torch.optim.Adam(p, lr=lr),
+            "adagrad": lambda p: torch.optim.Adagrad(p, lr=lr),
+            "sgd_momentum": lambda p: torch.optim.SGD(p, lr=lr, momentum=0.9),
+        }[name](list(params.values()))
     start = time.perf_counter()
-    eval_time = 0.0
     for t, idx in enumerate(order, start=1):
         opt.zero_grad()
         loss_fn(torch, params, data[idx]).backward()
         t0 = time.perf_counter()
         opt.step()
-        opt_time += time.perf_counter() - t0
-        eval_time += _maybe_eval(torch, t, args, params, data, steps, losses)
+        opt_seconds += time.perf_counter() - t0
+        with torch.no_grad():
+            rec.after(t, params)
         progress.update(1)
-    return steps, losses, time.perf_counter() - start - eval_time, opt_time
+    return rec, time.perf_counter() - start - rec.eval_seconds, opt_seconds
 
 
-def _maybe_eval(torch, t, args, params, data, steps, losses) -> float:
-    if t % args.eval_every and t != args.steps:
-        return 0.0
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        value = float(loss_fn(torch, params, data))
-    steps.append(t)
-    losses.append(value if math.isfinite(value) else float("inf"))
-    return time.perf_counter() - t0
+def train_jax(name, lr, data_np, order, args, progress):
+    """The whole step under jax.jit; Shampoo via the optax adapter, baselines via optax."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)  # float64 roots; the model stays float32
+    import jax.numpy as jnp
+    import optax
+
+    data = jnp.asarray(data_np)
+    params = {k: jnp.asarray(v) for k, v in init_params(args.seed).items()}
+    if name == "shampoo":
+        from backends import optax_adapter
+
+        tx = optax_adapter.shampoo(lr, **SHAMPOO_SETTINGS)
+    else:
+        tx = {
+            "adam": lambda: optax.adam(lr, eps=1e-8),
+            "adagrad": lambda: optax.adagrad(lr, initial_accumulator_value=0.0, eps=1e-10),
+            "sgd_momentum": lambda: optax.sgd(lr, momentum=0.9),
+        }[name]()
+
+    @jax.jit
+    def step(p, s, idx):
+        grads = jax.grad(lambda q: loss_fn(jnp, q, data[idx]))(p)
+        updates, s = tx.update(grads, s, p)
+        return optax.apply_updates(p, updates), s
+
+    evaluate = jax.jit(lambda p: loss_fn(jnp, p, data))
+    rec = _Recorder(args, evaluate)
+    state = tx.init(params)
+    start = time.perf_counter()
+    for t, idx in enumerate(order, start=1):
+        params, state = step(params, state, jnp.asarray(idx))
+        if t % args.eval_every == 0 or t == args.steps:
+            jax.block_until_ready(params)
+        rec.after(t, params)
+        progress.update(1)
+    jax.block_until_ready(params)
+    return rec, time.perf_counter() - start - rec.eval_seconds, None
 
 
 def sweep_values(name: str, count: int):
@@ -169,29 +238,32 @@ def sweep_values(name: str, count: int):
 
 
 def run(args) -> int:
-    import torch
     from tqdm import tqdm
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    if args.framework in ("torch", "numpy"):
+        import torch
+
+        torch.set_num_threads(args.threads)
     names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
     unknown = [n for n in names if n not in DEFAULT_SWEEPS]
     if unknown:
         raise SystemExit(f"--optimizers: unknown {unknown}; choose from {list(DEFAULT_SWEEPS)}")
     if "adam" not in names:
         names.insert(0, "adam")  # Adam's final loss is the target
-    data = load_digits(torch)
-    order = batches(torch, data.shape[0], args.batch_size, args.steps, args.seed)
+    data = load_digits()
+    order = batches(data.shape[0], args.batch_size, args.steps, args.seed)
     runs: list[RunResult] = []
     for name in names:
         for lr in sweep_values(name, args.lrs):
-            with tqdm(total=args.steps, desc=f"{name:>12} lr={lr:g}", disable=args.no_progress, leave=True) as bar:
-                if name == "shampoo":
-                    out = train_shampoo(torch, data, order, lr, args, bar)
+            desc = f"{args.framework}:{name:>12} lr={lr:g}"
+            with tqdm(total=args.steps, desc=desc, disable=args.no_progress, leave=True) as bar:
+                if args.framework == "jax":
+                    rec, seconds, opt_seconds = train_jax(name, lr, data, order, args, bar)
                 else:
-                    out = train_torch(torch, name, data, order, lr, args, bar)
-            steps, losses, seconds, opt_seconds = out
-            runs.append(RunResult(name, lr, steps, losses, losses[-1], seconds, opt_seconds))
+                    rec, seconds, opt_seconds = train_torch(
+                        name, lr, data, order, args, bar, functional_numpy=args.framework == "numpy"
+                    )
+            runs.append(RunResult(name, lr, rec.steps, rec.losses, rec.losses[-1], seconds, opt_seconds))
 
     best = {}
     for r in runs:
@@ -206,7 +278,8 @@ def run(args) -> int:
         rows.append(dict(
             optimizer=name, learning_rate=r.learning_rate, final_loss=r.final_loss, steps_to_adam_final=reach,
             fraction_of_adam_steps=None if reach is None else reach / adam_steps,
-            train_seconds=r.train_seconds, optimizer_ms_per_step=1e3 * r.optimizer_seconds / args.steps,
+            train_seconds=r.train_seconds,
+            optimizer_ms_per_step=None if r.optimizer_seconds is None else 1e3 * r.optimizer_seconds / args.steps,
             seconds_to_adam_final=None if reach is None else r.train_seconds * reach / args.steps,
         ))
 
@@ -215,15 +288,15 @@ def run(args) -> int:
     report = dict(
         config=dict(vars(args), func=None, layers=LAYERS, shampoo_settings=SHAMPOO_SETTINGS,
                     sweeps={n: list(sweep_values(n, args.lrs)) for n in names}),
-        machine=dict(python=platform.python_version(), torch=torch.__version__, threads=torch.get_num_threads(),
-                     cpu_count=os.cpu_count()),
+        machine=dict(python=platform.python_version(), framework=args.framework, versions=_versions(args.framework),
+                     threads=args.threads, cpu_count=os.cpu_count()),
         target_loss=target, adam_steps_to_target=adam_steps, summary=rows,
         runs=[dataclasses.asdict(r) for r in runs],
     )
     (out / "results.json").write_text(json.dumps(report, indent=2))
     table = format_table(rows, target)
     (out / "summary.md").write_text(table + "\n")
-    plot(runs, best, target, out / "loss_curves.png")
+    plot(runs, best, target, out / "loss_curves.png", args.framework)
     print()
     print(table)
     shampoo_row = next((r for r in rows if r["optimizer"] == "shampoo"), None)
@@ -235,9 +308,17 @@ def run(args) -> int:
     return 0
 
 
+def _versions(framework: str) -> dict:
+    import importlib.metadata as md
+
+    names = ["numpy", "torch"] if framework != "jax" else ["numpy", "jax", "optax"]
+    return {n: md.version(n) for n in names}
+
+
 def format_table(rows, target) -> str:
     lines = [
         f"Target: Adam's final training loss {target:.5f} (best learning rate of each optimizer)",
+        "optimizer ms/step: time in the optimizer's own step (not separable when the whole step is jitted)",
         "",
         "| optimizer | lr | final loss | steps to target | x Adam's steps | train s | s to target | opt ms/step |",
         "|---|---|---|---|---|---|---|---|",
@@ -248,12 +329,16 @@ def format_table(rows, target) -> str:
         s_to = "-" if r["seconds_to_adam_final"] is None else f"{r['seconds_to_adam_final']:.1f}"
         lines.append(
             f"| {r['optimizer']} | {r['learning_rate']:g} | {r['final_loss']:.5f} | {reach} | {frac} | "
-            f"{r['train_seconds']:.1f} | {s_to} | {r['optimizer_ms_per_step']:.2f} |"
+            f"{r['train_seconds']:.1f} | {s_to} | {_ms(r['optimizer_ms_per_step'])} |"
         )
     return "\n".join(lines)
 
 
-def plot(runs, best, target, path) -> None:
+def _ms(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def plot(runs, best, target, path, framework: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -269,7 +354,7 @@ def plot(runs, best, target, path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("training MSE (full data)")
-    ax.set_title("Digits autoencoder: best learning rate bold, sweep faint")
+    ax.set_title(f"Digits autoencoder ({framework}): best learning rate bold, sweep faint")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

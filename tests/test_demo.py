@@ -1,5 +1,6 @@
-"""The main job runs end to end (tiny budget) and writes its report."""
+"""The main job runs end to end (tiny budget) and writes its report, on every framework."""
 
+import importlib.util
 import json
 
 import pytest
@@ -9,23 +10,49 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
+FRAMEWORKS = ["torch", "numpy"] + (["jax"] if importlib.util.find_spec("optax") else [])
 
-def test_demo_writes_report(tmp_path):
+
+def run_demo(out, framework):
     from bench.__main__ import main
 
-    out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--steps", "30", "--eval-every", "10", "--lrs", "1",
-                 "--no-progress", "--optimizers", "shampoo,adam"]) == 0
-    report = json.loads((out / "results.json").read_text())
+                 "--no-progress", "--optimizers", "shampoo,adam", "--framework", framework]) == 0
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    return {fw: (run_demo(tmp_path_factory.mktemp(fw), fw), None) for fw in FRAMEWORKS}
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_demo_writes_report(reports, framework, tmp_path):
+    report, _ = reports[framework]
     assert {r["optimizer"] for r in report["summary"]} == {"shampoo", "adam"}
     for run in report["runs"]:
         assert run["steps"] == [10, 20, 30]
         assert all(loss > 0 for loss in run["losses"])
-    # Both start from the same weights and data, so they must differ only through the optimizer.
-    shampoo, adam = report["runs"]
+    # Same weights and data: the runs differ only through the optimizer.
+    shampoo, adam = (next(r for r in report["runs"] if r["optimizer"] == n) for n in ("shampoo", "adam"))
     assert shampoo["losses"] != adam["losses"]
-    assert (out / "loss_curves.png").stat().st_size > 1000
-    assert "| shampoo |" in (out / "summary.md").read_text()
+    assert report["machine"]["framework"] == framework
+
+
+def test_frameworks_reach_the_same_losses(reports):
+    curves = {fw: next(r for r in rep["runs"] if r["optimizer"] == "shampoo")["losses"]
+              for fw, (rep, _) in reports.items()}
+    reference = curves["torch"]
+    for fw, losses in curves.items():
+        # float32 models: the frameworks round differently, nothing else differs.
+        assert losses == pytest.approx(reference, rel=1e-3), fw
+
+
+def test_demo_files(tmp_path):
+    report = run_demo(tmp_path, "numpy")
+    assert (tmp_path / "loss_curves.png").stat().st_size > 1000
+    assert "| shampoo |" in (tmp_path / "summary.md").read_text()
+    assert report["summary"][0]["optimizer"] in ("shampoo", "adam")
 
 
 def test_demo_rejects_unknown_optimizer(tmp_path):
