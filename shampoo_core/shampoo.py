@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from typing import NamedTuple
 
 import optree
@@ -374,10 +375,22 @@ def _select(xp, flag, new_fn, old):
     return optree.tree_map(lambda a, b: xp.where(flag, a, b), new_fn(), old)
 
 
+_WARNED_NO_FLOAT64: set = set()
+
+
 def _root_dtype(config: ShampooConfig, xp, like):
     if config.root_dtype is None:
         return like.dtype
-    if config.root_dtype == "float64" and not _xp.supports_float64(xp, _xp.device_of(like)):
+    device = _xp.device_of(like)
+    if config.root_dtype == "float64" and not _xp.supports_float64(xp, device):
+        key = (getattr(xp, "__name__", ""), str(device))
+        if key not in _WARNED_NO_FLOAT64:
+            _WARNED_NO_FLOAT64.add(key)
+            warnings.warn(
+                f"root_dtype='float64' is not available on {device} of {key[0]} (for JAX, enable "
+                f"jax_enable_x64); inverse roots are computed in {like.dtype}",
+                stacklevel=4,
+            )
         return like.dtype
     return getattr(xp, config.root_dtype)
 
