@@ -8,8 +8,10 @@ Functional API::
     params = shampoo_core.apply_updates(params, updates)
 """
 
+from .async_roots import AsyncPreconditioners
 from .base import GradientTransformation, apply_updates
 from .checkpoint import CheckpointError, load_state, save_state
+from .cost_model import CostModel
 from .first_order import FirstOrderState, adagrad, adam, sgd
 from .full_matrix import FullMatrixState, full_matrix_adagrad
 from .options import GraftGranularity, GraftType, RootMethod
@@ -40,4 +42,6 @@ __all__ = [
     "GraftType",
     "GraftGranularity",
     "RootMethod",
+    "CostModel",
+    "AsyncPreconditioners",
 ]

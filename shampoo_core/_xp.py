@@ -19,6 +19,7 @@ __all__ = [
     "scalar",
     "is_lazy",
     "concrete_int",
+    "to_numpy",
     "register_cond",
     "cond",
 ]
@@ -97,3 +98,15 @@ def concrete_int(x):
         return int(x)
     except TypeError:  # JAX's ConcretizationTypeError subclasses TypeError
         return None
+
+
+def to_numpy(x):
+    """A host NumPy copy of ``x`` (DLPack with a CPU copy where needed; NumPy scalars too)."""
+    import numpy as np
+
+    if isinstance(x, np.generic):  # NumPy turns 0-d array arithmetic into scalars
+        return np.array(x)
+    try:
+        return np.from_dlpack(x, device="cpu", copy=True)
+    except (TypeError, BufferError, RuntimeError, ValueError):
+        return np.array(x, copy=True)

@@ -63,15 +63,6 @@ def _encode(node, arrays: list):
     raise TypeError(f"cannot save a {type(node).__name__} in optimizer state")
 
 
-def _to_host(x) -> np.ndarray:
-    if isinstance(x, np.generic):  # NumPy turns 0-d array arithmetic into scalars
-        return np.array(x)
-    try:
-        return np.from_dlpack(x, device="cpu", copy=True)
-    except (TypeError, BufferError, RuntimeError, ValueError):
-        return np.array(x, copy=True)
-
-
 def save_state(path, state, *, tx=None) -> None:
     """Write ``state`` (and ``tx``'s hyperparameters, if given) to ``path`` atomically.
 
@@ -87,7 +78,7 @@ def save_state(path, state, *, tx=None) -> None:
     structure = _encode(state, arrays)
     header = {"format_version": FORMAT_VERSION, "structure": structure,
               "hyperparameters": _hyperparameters(tx)}
-    payload = {f"a{i}": _to_host(a) for i, a in enumerate(arrays)}
+    payload = {f"a{i}": _xp.to_numpy(a) for i, a in enumerate(arrays)}
     payload[_HEADER] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import optree
 
 from . import _xp, blocking, grafting, momentum, preconditioner, roots, statistics, tree
+from .cost_model import CostModel
 from .base import GradientTransformation, check_devices, check_leaves, learning_rate_at, record_hyperparameters
 from .options import (
     GraftGranularity,
@@ -105,6 +106,8 @@ class ShampooConfig:
     root_dtype: str | None
     inverse_failure_threshold: float
     nonfinite: str
+    cost_model: CostModel = dataclasses.field(compare=False)  # not part of the plan cache key
+    async_preconditioners: object = dataclasses.field(compare=False, default=None)
 
     @functools.lru_cache(maxsize=None)
     def plan(self, shape: tuple[int, ...]) -> blocking.BlockPlan:
@@ -144,6 +147,8 @@ def shampoo(
     root_dtype: str | None = "float64",
     inverse_failure_threshold: float = 0.1,
     nonfinite: str = "raise",
+    cost_model: CostModel | None = None,
+    async_preconditioners=None,
 ) -> GradientTransformation:
     """Distributed Shampoo (Anil et al., arXiv 2002.09018) as ``(init, update)``.
 
@@ -169,7 +174,12 @@ def shampoo(
         exponent_override: root order p to use instead of 2k.
         merge_small_dims: merge adjacent dims while the product stays <= block_size.
         skip_preconditioning_dim_size_gt: dims larger than this get no statistic (one-sided).
-        root_method: "eigh" or "newton" (or :class:`RootMethod`).
+        root_method: "eigh", "newton", or "auto" (per statistic size, backend and dtype, the
+            fastest accurate method of ``cost_model``; eigh where nothing was measured).
+        cost_model: a :class:`~shampoo_core.cost_model.CostModel` for ``root_method="auto"``.
+        async_preconditioners: an :class:`~shampoo_core.async_roots.AsyncPreconditioners` to
+            compute roots in background threads while steps use the previous ones (eager arrays
+            only). Roots then arrive up to its ``max_staleness`` steps late (Sec. 5 of the paper).
         root_dtype: dtype name roots are computed in ("float64" default; ``None`` = parameter
             dtype). Falls back to the parameter dtype on devices without float64.
         inverse_failure_threshold: a root whose error exceeds this (or is non-finite) is rejected.
@@ -222,6 +232,8 @@ def shampoo(
         root_dtype=root_dtype,
         inverse_failure_threshold=check_real("inverse_failure_threshold", inverse_failure_threshold, low=0.0),
         nonfinite=nonfinite,
+        cost_model=cost_model if cost_model is not None else CostModel(),
+        async_preconditioners=async_preconditioners,
     )
 
     def init(params) -> ShampooState:
@@ -281,7 +293,7 @@ def shampoo(
         updates, new_states = [], []
         for i, (g, s) in enumerate(zip(g_leaves, state.params)):
             p = None if p_leaves is None else p_leaves[i]
-            u, ns = _update_param(config, s, g, p, schedule)
+            u, ns = _update_param(config, s, g, p, schedule, i)
             updates.append(u)
             new_states.append(ns)
         new_state = ShampooState(state.count + 1, tuple(new_states), state.skipped)
@@ -292,7 +304,9 @@ def shampoo(
         return tree.unflatten(spec, updates), new_state
 
     tx = GradientTransformation(init, update)
-    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+              if f.name not in ("cost_model", "async_preconditioners")}
+    values["async_preconditioners"] = async_preconditioners is not None
     return record_hyperparameters(tx, "shampoo", values)
 
 
@@ -395,50 +409,77 @@ def _root_dtype(config: ShampooConfig, xp, like):
     return getattr(xp, config.root_dtype)
 
 
+def _dtype_name(dtype) -> str:
+    """"float64" for numpy.float64 (a class), torch.float64, array_api_strict.float64, ..."""
+    return getattr(dtype, "__name__", None) or str(dtype).rsplit(".", 1)[-1]
+
+
 def _as_array(xp, value, like):
     if isinstance(value, (int, float)):
         return xp.asarray(value, dtype=like.dtype, device=_xp.device_of(like))
     return xp.astype(value, like.dtype)
 
 
-def _compute_roots(config: ShampooConfig, xp, block: BlockState, exponent, dtype) -> BlockState:
-    """New inverse roots of every statistic of ``block``; a rejected root keeps the old one."""
+def _root_results(config: ShampooConfig, stats, exponent, dtype_name: str) -> list:
+    """Inverse roots of ``stats`` (pure: runs in a worker thread for async preconditioners)."""
+    out = []
+    for h in stats:
+        xp = _xp.namespace(h)
+        method = config.root_method.value
+        if config.root_method is RootMethod.AUTO:
+            method = config.cost_model.choose(xp.__name__, h.shape[0], dtype_name)
+        out.append(roots.inverse_pth_root(
+            h, exponent, epsilon=config.epsilon, relative_epsilon=config.relative_epsilon,
+            method=method, dtype=getattr(xp, dtype_name),
+        ))
+    return out
+
+
+def _apply_roots(config: ShampooConfig, xp, block: BlockState, results) -> BlockState:
+    """Accept each root or keep the old one (non-finite or above the failure threshold)."""
     preconditioners = []
     failures, worst, lam = block.failures, None, None
-    for h, old in zip(block.statistics, block.preconditioners):
-        result = roots.inverse_pth_root(
-            h, exponent, epsilon=config.epsilon, relative_epsilon=config.relative_epsilon,
-            method=config.root_method.value, dtype=dtype,
-        )
+    for result, old in zip(results, block.preconditioners):
         error = _as_array(xp, result.error, block.last_error)
         lam_max = _as_array(xp, result.lambda_max, block.lambda_max)
         lam_max = xp.where(xp.isfinite(lam_max), lam_max, xp.zeros_like(lam_max))
         ok = xp.isfinite(error) & (error <= config.inverse_failure_threshold)
-        preconditioners.append(xp.where(ok, result.root, old))
+        preconditioners.append(xp.where(ok, xp.astype(result.root, old.dtype), old))
         failures = failures + xp.astype(~ok, failures.dtype)
         worst = error if worst is None else xp.maximum(worst, error)
         lam = lam_max if lam is None else xp.maximum(lam, lam_max)
     return BlockState(block.statistics, tuple(preconditioners), failures, worst, lam)
 
 
-def _update_block(config, xp, block: BlockState, g, plan, schedule: _Schedule) -> BlockState:
+def _update_block(config, xp, block: BlockState, g, plan, schedule: _Schedule, key) -> BlockState:
     def accumulate():
         factors = statistics.kronecker_factors(xp, g, plan.preconditioned)
         return tuple(statistics.accumulate(h, f, config.beta2) for h, f in zip(block.statistics, factors))
 
     block = block._replace(statistics=_select(xp, schedule.statistics, accumulate, block.statistics))
     exponent = config.exponent(plan)
-    dtype = _root_dtype(config, xp, g)
+    dtype_name = _dtype_name(_root_dtype(config, xp, g))
 
     def compute(b):
-        return _compute_roots(config, xp, b, exponent, dtype)
+        return _apply_roots(config, xp, b, _root_results(config, b.statistics, exponent, dtype_name))
 
+    executor = config.async_preconditioners
+    if executor is not None:
+        if not isinstance(schedule.roots, bool):
+            raise ValueError("async_preconditioners needs eager arrays; under jax.jit roots are gated by lax.cond")
+        results = executor.collect(key, schedule.step, config.preconditioning_compute_steps)
+        if results is not None:
+            block = _apply_roots(config, xp, block, results)
+        if schedule.roots:
+            executor.submit(key, schedule.step, lambda stats: _root_results(config, stats, exponent, dtype_name),
+                            block.statistics)
+        return block
     if isinstance(schedule.roots, bool):
         return compute(block) if schedule.roots else block
     return _xp.cond(xp, schedule.roots, compute, lambda b: b, block)
 
 
-def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedule):
+def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedule, index: int):
     xp = _xp.namespace(g)
     step = schedule.step
     if not isinstance(step, int):
@@ -463,7 +504,10 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
     u = direction
     if plan.num_preconditioned:
         g_blocks = blocking.split_blocks(xp, g, plan)
-        new_blocks = tuple(_update_block(config, xp, b, gb, plan, schedule) for b, gb in zip(s.blocks, g_blocks))
+        new_blocks = tuple(
+            _update_block(config, xp, b, gb, plan, schedule, (index, j))
+            for j, (b, gb) in enumerate(zip(s.blocks, g_blocks))
+        )
         u = _select(
             xp, schedule.precondition,
             lambda: _preconditioned_update(config, xp, new_blocks, f, direction, plan), direction,

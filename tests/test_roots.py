@@ -146,3 +146,35 @@ def test_bad_arguments(kwargs, match):
 def test_non_square_rejected():
     with pytest.raises(ValueError, match="square"):
         sc.inverse_pth_root(np.ones((2, 3)), 4)
+
+
+def test_auto_follows_the_cost_model(monkeypatch):
+    from shampoo_core import roots as roots_module
+
+    model = sc.CostModel({"array_api_compat.numpy": {"float64": [[8, {"eigh": 2.0, "newton": 1.0}],
+                                                                  [64, {"eigh": 1.0, "newton": 3.0}]]}})
+    assert model.crossovers("array_api_compat.numpy", "float64") == [(8, "newton"), (64, "eigh")]
+    assert model.choose("array_api_compat.torch", 8, "float64") == "eigh"  # nothing measured
+    used = []
+    real = roots_module.inverse_pth_root
+
+    def spy(a, p, **kw):
+        used.append((a.shape[0], kw["method"]))
+        return real(a, p, **kw)
+
+    monkeypatch.setattr(roots_module, "inverse_pth_root", spy)
+    tx = sc.shampoo(0.1, root_method="auto", cost_model=model, block_size=64, merge_small_dims=False,
+                    start_preconditioning_step=1)
+    params = np.zeros((6, 60))
+    state = tx.init(params)
+    tx.update(state, np.ones((6, 60)), params)
+    assert sorted(used) == [(6, "newton"), (60, "eigh")]
+
+
+def test_cost_model_round_trip(tmp_path):
+    model = sc.CostModel({"jax.numpy": {"float32": [[128, {"eigh": 0.1}]]}})
+    model.save(tmp_path / "m.json")
+    assert sc.CostModel.load(tmp_path / "m.json") == model
+    (tmp_path / "bad.json").write_text("[]")
+    with pytest.raises(ValueError, match="not a shampoo_core cost model"):
+        sc.CostModel.load(tmp_path / "bad.json")

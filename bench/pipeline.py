@@ -1,0 +1,116 @@
+"""``python -m bench pipeline``: roots in background threads vs none vs synchronous (Sec. 5).
+
+Step time: model-like shapes (``bench step``'s layout at ``--scale``), float32, roots every
+``--every`` steps, mean over ``--steps`` steps after a warm-up, three ways in one run:
+
+* none: roots only once, before timing (the cost of a step without root computation);
+* sync: roots computed inside ``update`` on their steps;
+* async: ``AsyncPreconditioners`` (one worker thread) computes them while steps go on.
+
+Loss: the digits autoencoder of ``bench demo`` (core on NumPy) trained with synchronous roots and
+with asynchronous ones swapped in deterministically ``--staleness`` steps late.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import statistics
+import time
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--out", default="results/pipeline")
+    parser.add_argument("--scale", type=int, default=4, help="divide bench step's dims by this")
+    parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--every", type=int, default=10, help="preconditioning_compute_steps")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--staleness", type=int, default=10)
+    parser.add_argument("--train-steps", type=int, default=2000, help="digits run length (0 skips it)")
+    parser.add_argument("--threads", type=int, default=1, help="BLAS threads of the main thread")
+    parser.set_defaults(func=run)
+
+
+def _mean_step(tx, params, grads, steps, warmup):
+    state = tx.init(params)
+    for _ in range(warmup):
+        _, state = tx.update(state, grads, params)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        _, state = tx.update(state, grads, params)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.fmean(times), 1e3 * statistics.median(times)
+
+
+def _digits(steps: int, executor, seed=0):
+    import numpy as np
+
+    import shampoo_core as sc
+
+    from .demo import SHAMPOO_SETTINGS, batches, init_params, load_digits, loss_fn
+
+    import torch
+
+    data_np = load_digits()
+    data = torch.from_numpy(data_np)
+    arrays = init_params(seed)
+    settings = dict(SHAMPOO_SETTINGS)
+    tx = sc.shampoo(3e-3, async_preconditioners=executor, **settings)
+    state = tx.init(arrays)
+    curve = []
+    for t, idx in enumerate(batches(data.shape[0], 128, steps, seed), start=1):
+        leaves = {k: torch.from_numpy(v).requires_grad_(True) for k, v in arrays.items()}
+        g = torch.autograd.grad(loss_fn(torch, leaves, data[idx]), list(leaves.values()))
+        updates, state = tx.update(state, {k: x.numpy() for k, x in zip(leaves, g)}, arrays)
+        arrays = sc.apply_updates(arrays, updates)
+        if t % 100 == 0 or t == steps:
+            with torch.no_grad():
+                curve.append((t, float(loss_fn(torch, {k: torch.from_numpy(v) for k, v in arrays.items()}, data))))
+    return curve
+
+
+def run(args) -> int:
+    from .roots import _pin_threads
+
+    threads = _pin_threads(args.threads)
+    import numpy as np
+
+    import shampoo_core as sc
+
+    from .step import SHAPES
+
+    shapes = {k: tuple(max(d // args.scale, 1) if d >= 64 else d for d in s) for k, s in SHAPES.items()}
+    rng = np.random.default_rng(0)
+    params = {k: (rng.standard_normal(s) * 0.02).astype(np.float32) for k, s in shapes.items()}
+    grads = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    common = dict(block_size=args.block_size, start_preconditioning_step=1)
+    warmup = args.every + 1
+    results = {}
+    results["none"] = _mean_step(sc.shampoo(1e-3, preconditioning_compute_steps=10**9, **common),
+                                 params, grads, args.steps, warmup)
+    results["sync"] = _mean_step(sc.shampoo(1e-3, preconditioning_compute_steps=args.every, **common),
+                                 params, grads, args.steps, warmup)
+    with sc.AsyncPreconditioners(max_workers=1, max_staleness=args.every) as ex:
+        results["async"] = _mean_step(
+            sc.shampoo(1e-3, preconditioning_compute_steps=args.every, async_preconditioners=ex, **common),
+            params, grads, args.steps, warmup)
+    none = results["none"][0]
+    print(f"{sum(p.size for p in params.values())} parameters, block_size {args.block_size}, roots every {args.every}")
+    for k, (mean, median) in results.items():
+        print(f"  {k:<6} mean {mean:8.2f} ms/step  median {median:8.2f}  ({mean / none:.2f}x no-root)")
+    report = dict(threads=threads, shapes=shapes, block_size=args.block_size, every=args.every,
+                  steps=args.steps, step_ms={k: dict(mean=m, median=md) for k, (m, md) in results.items()},
+                  async_over_none=results["async"][0] / none, sync_over_none=results["sync"][0] / none)
+    if args.train_steps:
+        sync_curve = _digits(args.train_steps, None)
+        with sc.AsyncPreconditioners(max_staleness=args.staleness, deterministic=True) as ex:
+            async_curve = _digits(args.train_steps, ex)
+        report["digits"] = dict(staleness=args.staleness, sync=sync_curve, async_=async_curve)
+        print(f"digits autoencoder, {args.train_steps} steps: final loss sync {sync_curve[-1][1]:.5f}, "
+              f"async (roots {args.staleness} steps stale) {async_curve[-1][1]:.5f}")
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pipeline.json").write_text(json.dumps(report, indent=2))
+    print(f"written to {out}/pipeline.json")
+    return 0

@@ -1,0 +1,142 @@
+"""``python -m bench step``: Shampoo's step time against its FLOP floor, measured in one run.
+
+Model-like shapes (3 attention-sized 1024² matrices, a 1024×4096 and a 4096×1024 MLP pair, a conv
+kernel and biases), float32, one BLAS thread. For each block size:
+
+* non-root step: statistics every step, preconditioning, grafting, momentum (roots only at step 1);
+* floor: the matmuls such a step must do, timed alone on the same blocks: for every preconditioned
+  dim of every block, its Gram matrix (the statistic) and its mode product (the preconditioning);
+* root step: the extra time of a step that recomputes every inverse root; amortized step time for
+  roots every N = 1, 10, 100 steps is non-root + root / N;
+* ``torch.optim.AdamW`` on the same shapes, for scale.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import statistics
+import time
+
+SHAPES = {
+    "attn_q": (1024, 1024), "attn_k": (1024, 1024), "attn_v": (1024, 1024),
+    "mlp_in": (1024, 4096), "mlp_out": (4096, 1024),
+    "conv": (128, 64, 3, 3), "bias_1024": (1024,), "bias_4096": (4096,), "norm": (1024,),
+}
+# The same layout 16x smaller per dim, for smoke tests.
+SMALL_SHAPES = {k: tuple(max(d // 16, 1) if d >= 64 else d for d in s) for k, s in SHAPES.items()}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--out", default="results/step")
+    parser.add_argument("--block-sizes", default="128,512,1024")
+    parser.add_argument("--steps", type=int, default=5, help="timed non-root steps per block size")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--small", action="store_true", help="16x smaller shapes (smoke test)")
+    parser.set_defaults(func=run)
+
+
+def _median(fn, n):
+    fn()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def floor_seconds(block_size: int, params, repeats: int) -> float:
+    """Time of the Gram and mode-product matmuls of every block, each distinct shape timed once.
+
+    Blocks are planned as ``sc.shampoo``'s defaults do (merge small dims, skip dims > 4096).
+    """
+    import numpy as np
+
+    from shampoo_core import blocking
+
+    counts: dict = {}
+    for p in params.values():
+        plan = blocking.make_plan(tuple(p.shape), block_size, skip_preconditioning_dim_size_gt=4096)
+        if not plan.num_preconditioned:
+            continue
+        for shape in plan.block_shapes:
+            counts[(shape, plan.preconditioned)] = counts.get((shape, plan.preconditioned), 0) + 1
+    total = 0.0
+    rng = np.random.default_rng(0)
+    for (shape, pre), count in counts.items():
+        g = rng.standard_normal(shape).astype(np.float32)
+        mats = []
+        for i, flag in enumerate(pre):
+            if flag:
+                m = np.ascontiguousarray(np.moveaxis(g, i, 0).reshape(shape[i], -1))
+                h = (m @ m.T).astype(np.float32)
+                mats.append((m, h))
+
+        def work():
+            for m, h in mats:
+                m @ m.T  # the statistic (NumPy uses a symmetric rank-k product)
+                h @ m  # the mode product with the preconditioner
+
+        total += count * _median(work, repeats)
+    return total
+
+
+def run(args) -> int:
+    from .roots import _pin_threads
+
+    threads = _pin_threads(args.threads)
+    import numpy as np
+
+    import shampoo_core as sc
+
+    rng = np.random.default_rng(0)
+    shapes = SMALL_SHAPES if args.small else SHAPES
+    params = {k: (rng.standard_normal(s) * 0.02).astype(np.float32) for k, s in shapes.items()}
+    grads = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    n_params = sum(p.size for p in params.values())
+    rows = []
+    for block_size in [int(b) for b in args.block_sizes.split(",") if b]:
+        tx = sc.shampoo(1e-3, block_size=block_size, start_preconditioning_step=1,
+                        preconditioning_compute_steps=10**9)
+        state0 = tx.init(params)
+        t0 = time.perf_counter()
+        _, state = tx.update(state0, grads, params)  # step 1: computes every root
+        first = time.perf_counter() - t0
+        box = {"state": state}
+
+        def step():
+            _, box["state"] = tx.update(box["state"], grads, params)
+
+        nonroot = _median(step, args.steps)
+        root = max(first - nonroot, 0.0)
+        floor = floor_seconds(block_size, params, args.steps)
+        row = dict(block_size=block_size, nonroot_ms=1e3 * nonroot, floor_ms=1e3 * floor,
+                   ratio_to_floor=nonroot / floor, root_step_extra_ms=1e3 * root,
+                   amortized_ms={n: 1e3 * (nonroot + root / n) for n in (1, 10, 100)})
+        rows.append(row)
+        print(f"block_size {block_size:5d}: non-root step {row['nonroot_ms']:8.1f} ms, floor {row['floor_ms']:8.1f} ms "
+              f"({row['ratio_to_floor']:.2f}x); roots +{row['root_step_extra_ms']:.0f} ms; amortized N=1/10/100: "
+              + " / ".join(f"{v:.0f}" for v in row["amortized_ms"].values()) + " ms", flush=True)
+    adamw = _adamw_ms(params, grads, args.steps, args.threads)
+    if adamw is not None:
+        print(f"torch.optim.AdamW step: {adamw:.1f} ms")
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "step.json").write_text(json.dumps(dict(threads=threads, parameters=n_params, shapes=shapes,
+                                                   rows=rows, adamw_ms=adamw), indent=2))
+    print(f"{n_params} parameters; written to {out}/step.json")
+    return 0
+
+
+def _adamw_ms(params, grads, steps, threads):
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    ps = [torch.nn.Parameter(torch.from_numpy(p.copy())) for p in params.values()]
+    for p, g in zip(ps, grads.values()):
+        p.grad = torch.from_numpy(g)
+    opt = torch.optim.AdamW(ps, lr=1e-3)
+    return 1e3 * _median(opt.step, steps)

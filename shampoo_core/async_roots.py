@@ -1,0 +1,119 @@
+"""Inverse roots computed in background threads while steps go on (arXiv 2002.09018, Sec. 4-5).
+
+The paper hides root computation by running it on host CPUs while the accelerators keep
+stepping with the previous preconditioners. Here a thread pool plays the host CPUs (LAPACK and
+BLAS release the GIL): at a root step the block's statistics (immutable arrays: the optimizer
+never mutates them) are handed to a worker and ``update`` keeps using the previous roots. The
+results are swapped in at a later step boundary, as soon as they are done, or after at most
+``max_staleness`` steps, when the step waits for them. ``deterministic=True`` swaps exactly
+``max_staleness`` steps after submission (waiting if needed), so results do not depend on thread
+timing. An exception in a worker is raised in the caller at the step that collects it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+
+from . import _xp
+
+__all__ = ["AsyncPreconditioners"]
+
+
+class AsyncPreconditioners:
+    """Background executor for Shampoo's inverse roots; pass it as ``async_preconditioners=``.
+
+    Args:
+        max_workers: worker threads (>= 1).
+        max_staleness: a job submitted at step t is swapped in by step t + max_staleness at the
+            latest (the step waits for it). ``None``: ``preconditioning_compute_steps``.
+        deterministic: swap exactly at t + max_staleness (reproducible; for tests and resume).
+        host: compute on host NumPy copies of the statistics (for device arrays, e.g. CuPy or
+            CUDA tensors), copying the roots back; ``False`` computes on the arrays as they are.
+
+    One executor serves one optimizer state. Not for lazy arrays (JAX): use ``jax.jit`` there.
+
+    Raises:
+        ValueError: ``max_workers < 1`` or ``max_staleness < 1``.
+    """
+
+    def __init__(self, max_workers: int = 1, max_staleness: int | None = None, deterministic: bool = False,
+                 host: bool = False):
+        if max_workers < 1:
+            raise ValueError(f"max_workers must be >= 1; got {max_workers}")
+        if max_staleness is not None and max_staleness < 1:
+            raise ValueError(f"max_staleness must be >= 1; got {max_staleness}")
+        self.max_workers = max_workers
+        self.max_staleness = max_staleness
+        self.deterministic = deterministic
+        self.host = host
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="shampoo-roots")
+        self._pending: dict = {}
+        self._lock = threading.Lock()
+
+    def submit(self, key, step: int, fn, statistics) -> None:
+        """Start ``fn(statistics)`` for ``key`` (a block), unless a job for it is still pending."""
+        with self._lock:
+            if key in self._pending:
+                return
+            if self.host:
+                device = [(_xp.namespace(h), _xp.device_of(h)) for h in statistics]
+                host_stats = [_xp.to_numpy(h) for h in statistics]
+
+                def job():
+                    return [_back(r, *d) for r, d in zip(fn(host_stats), device)]
+            else:
+
+                def job():
+                    return fn(statistics)
+
+            self._pending[key] = (self._pool.submit(job), step)
+
+    def collect(self, key, step: int, staleness: int):
+        """The finished results for ``key`` if due at ``step``, else ``None``.
+
+        Raises:
+            RuntimeError: the worker failed; the original exception is chained.
+        """
+        with self._lock:
+            entry = self._pending.get(key)
+        if entry is None:
+            return None
+        future, submitted = entry
+        limit = self.max_staleness or staleness
+        age = step - submitted
+        if self.deterministic and age < limit:
+            return None
+        if not (future.done() or age >= limit):
+            return None
+        with self._lock:
+            del self._pending[key]
+        try:
+            return future.result()
+        except Exception as err:
+            raise RuntimeError(f"inverse root computation for block {key} (submitted at step {submitted}) failed") from err
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def wait(self) -> None:
+        """Block until every submitted job has finished (results stay to be collected)."""
+        with self._lock:
+            futures = [f for f, _ in self._pending.values()]
+        concurrent.futures.wait(futures)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _back(result, xp, device):
+    """A RootResult computed on the host, with its root moved back to ``device`` of ``xp``."""
+    return result._replace(root=xp.asarray(result.root, device=device))

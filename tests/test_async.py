@@ -1,0 +1,144 @@
+"""Asynchronous preconditioners: swap timing, staleness bound, determinism, errors, host copies."""
+
+import time
+
+import numpy as np
+import pytest
+
+import shampoo_core as sc
+from shampoo_core import roots as roots_module
+from helpers import to_np, to_xp
+
+HP = dict(beta1=0.0, beta2=1.0, graft_type="none", block_size=8, merge_small_dims=False,
+          start_preconditioning_step=1, preconditioning_compute_steps=4, relative_epsilon=False, epsilon=1e-3)
+
+
+def grads(n=10, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((6, 5)) for _ in range(n)]
+
+
+def run(tx, xp, gs):
+    params = to_xp(xp, np.zeros((6, 5)))
+    state = tx.init(params)
+    states, updates = [], []
+    for g in gs:
+        u, state = tx.update(state, to_xp(xp, g), params)
+        states.append(state)
+        updates.append(to_np(u))
+    return states, updates
+
+
+@pytest.mark.parametrize("staleness", [1, 3])
+def test_deterministic_swap_uses_roots_of_the_submitting_step(xp, staleness):
+    gs = grads()
+    with sc.AsyncPreconditioners(max_workers=2, max_staleness=staleness, deterministic=True) as ex:
+        states, updates = run(sc.shampoo(1.0, async_preconditioners=ex, **HP), xp, gs)
+    # Roots are submitted at steps 1, 5, 9 and swapped in at 1 + staleness, 5 + staleness, ...
+    for t, state in enumerate(states, start=1):
+        (block,) = state.params[0].blocks
+        submitted = max(s for s in (1, 5, 9) if s + staleness <= t) if t > staleness else None
+        for h_index, x in enumerate(block.preconditioners):
+            if submitted is None:
+                np.testing.assert_array_equal(to_np(x), np.eye(x.shape[0]))
+            else:
+                stats = to_np(states[submitted - 1].params[0].blocks[0].statistics[h_index])
+                expected = to_np(sc.inverse_pth_root(stats, 4, epsilon=1e-3, relative_epsilon=False).root)
+                np.testing.assert_allclose(to_np(x), expected, rtol=1e-12, atol=1e-14)
+    # Before the first swap the update is the gradient itself (identity preconditioners).
+    np.testing.assert_allclose(updates[0], -gs[0], rtol=1e-15)
+
+
+def test_deterministic_runs_are_reproducible():
+    gs = grads(12)
+    outs = []
+    for workers in (1, 3):
+        with sc.AsyncPreconditioners(max_workers=workers, max_staleness=2, deterministic=True) as ex:
+            outs.append(run(sc.shampoo(1.0, async_preconditioners=ex, **HP), np, gs)[1])
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_staleness_bound_makes_the_step_wait(monkeypatch):
+    real = roots_module.inverse_pth_root
+
+    def slow(a, p, **kw):
+        time.sleep(0.2)
+        return real(a, p, **kw)
+
+    monkeypatch.setattr(roots_module, "inverse_pth_root", slow)
+    gs = grads(4)
+    with sc.AsyncPreconditioners(max_staleness=2) as ex:
+        tx = sc.shampoo(1.0, async_preconditioners=ex, **HP)
+        params = np.zeros((6, 5))
+        state = tx.init(params)
+        _, state = tx.update(state, gs[0], params)  # submits (fast return: the job sleeps)
+        assert ex.pending == 1
+        _, state = tx.update(state, gs[1], params)  # age 1 < 2 and not done: old roots
+        np.testing.assert_array_equal(state.params[0].blocks[0].preconditioners[0], np.eye(6))
+        t0 = time.perf_counter()
+        _, state = tx.update(state, gs[2], params)  # age 2: waits for the job
+        assert ex.pending == 0
+        assert not np.array_equal(state.params[0].blocks[0].preconditioners[0], np.eye(6))
+        assert time.perf_counter() - t0 < 1.0
+
+
+def test_finished_roots_swap_in_at_next_step():
+    gs = grads(3)
+    with sc.AsyncPreconditioners(max_staleness=100) as ex:
+        tx = sc.shampoo(1.0, async_preconditioners=ex, **HP)
+        params = np.zeros((6, 5))
+        state = tx.init(params)
+        _, state = tx.update(state, gs[0], params)
+        ex.wait()
+        _, state = tx.update(state, gs[1], params)
+        assert ex.pending == 0
+        assert not np.array_equal(state.params[0].blocks[0].preconditioners[0], np.eye(6))
+
+
+def test_worker_error_surfaces_in_caller(monkeypatch):
+    def broken(a, p, **kw):
+        raise MemoryError("worker ran out")
+
+    monkeypatch.setattr(roots_module, "inverse_pth_root", broken)
+    with sc.AsyncPreconditioners(max_staleness=1) as ex:
+        tx = sc.shampoo(1.0, async_preconditioners=ex, **HP)
+        params = np.zeros((6, 5))
+        state = tx.init(params)
+        _, state = tx.update(state, grads(1)[0], params)  # submission does not raise
+        with pytest.raises(RuntimeError, match="submitted at step 1") as info:
+            tx.update(state, grads(1)[0], params)
+        assert isinstance(info.value.__cause__, MemoryError)
+
+
+def test_host_copies_give_the_same_roots():
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as xt
+
+    gs = grads(6)
+    outs = []
+    for host in (False, True):
+        with sc.AsyncPreconditioners(max_staleness=1, deterministic=True, host=host) as ex:
+            states, updates = run(sc.shampoo(1.0, async_preconditioners=ex, **HP), xt, gs)
+        x = states[-1].params[0].blocks[0].preconditioners[0]
+        assert isinstance(x, torch.Tensor)
+        outs.append(updates)
+    # NumPy's and torch's LAPACK round differently; κ <= 1/epsilon amplifies float64 rounding.
+    tol = 100 * np.finfo(np.float64).eps / HP["epsilon"]
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+
+
+def test_bad_arguments_and_lazy_arrays():
+    with pytest.raises(ValueError, match="max_workers"):
+        sc.AsyncPreconditioners(max_workers=0)
+    with pytest.raises(ValueError, match="max_staleness"):
+        sc.AsyncPreconditioners(max_staleness=0)
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    with sc.AsyncPreconditioners() as ex:
+        tx = sc.shampoo(1.0, async_preconditioners=ex, nonfinite="skip", **HP)
+        params = jnp.zeros((6, 5))
+        with pytest.raises(ValueError, match="needs eager arrays"):
+            jax.jit(tx.update)(tx.init(params), jnp.ones((6, 5)), params)

@@ -1,0 +1,54 @@
+"""The benchmark commands run (tiny sizes) and report what they claim to measure."""
+
+import json
+
+import pytest
+
+from bench.__main__ import main
+
+
+def test_roots_benchmark_and_cost_model(tmp_path):
+    pytest.importorskip("scipy")
+    model_path = tmp_path / "model.json"
+    assert main(["roots", "--out", str(tmp_path), "--sizes", "16,32", "--kappas", "1e2,1e6", "--batches", "4x16",
+                 "--repeats", "2", "--budget", "0.05", "--no-plot", "--save-cost-model", str(model_path),
+                 "--methods", "numpy eigh f64 (plain LAPACK),core eigh f64,core newton f64,scipy evd f32"]) == 0
+    report = json.loads((tmp_path / "roots.json").read_text())
+    rows = report["rows"]
+    assert {r["n"] for r in rows} == {16, 32}
+    for r in rows:
+        assert r["seconds"] > 0 and r["matmul_units"] > 0
+        if r["dtype"] == "float64":
+            assert r["rel_error"] < 1e-8  # float64 roots of κ <= 1e6 against the exact root
+    assert any(r["batch"] == 4 for r in rows)
+    assert next(r for r in rows if r["method"] == "core newton f64")["iterations"] > 0
+    import shampoo_core as sc
+
+    model = sc.CostModel.load(model_path)
+    assert set(model.timings["array_api_compat.numpy"]["float64"][0][1]) == {"eigh", "newton"}
+
+
+def test_step_benchmark(tmp_path):
+    assert main(["step", "--out", str(tmp_path), "--small", "--block-sizes", "8,32", "--steps", "2"]) == 0
+    report = json.loads((tmp_path / "step.json").read_text())
+    assert [r["block_size"] for r in report["rows"]] == [8, 32]
+    for r in report["rows"]:
+        assert r["floor_ms"] > 0 and r["nonroot_ms"] > 0
+        assert r["amortized_ms"]["1"] >= r["amortized_ms"]["100"]
+
+
+def test_adapters_benchmark(tmp_path):
+    pytest.importorskip("torch")
+    assert main(["adapters", "--out", str(tmp_path), "--steps", "3", "--warmup", "1"]) == 0
+    rows = json.loads((tmp_path / "adapters.json").read_text())["rows"]
+    assert {"core on NumPy", "torch.optim adapter"} <= {r["case"] for r in rows}
+
+
+def test_pipeline_benchmark(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    assert main(["pipeline", "--out", str(tmp_path), "--scale", "32", "--block-size", "16", "--every", "3",
+                 "--steps", "4", "--train-steps", "20", "--staleness", "2"]) == 0
+    report = json.loads((tmp_path / "pipeline.json").read_text())
+    assert set(report["step_ms"]) == {"none", "sync", "async"}
+    assert report["digits"]["sync"][-1][0] == 20
