@@ -286,8 +286,18 @@ def shampoo(
             all_finite = None
         else:
             all_finite = functools.reduce(xp.logical_and, finite)
-            # Zeros keep the discarded computation finite; the result is selected away below.
-            g_leaves = [xp.where(all_finite, g, xp.zeros_like(g)) for g in g_leaves]
+            try:
+                known = bool(all_finite)
+            except TypeError:  # traced: select with where below, without a Python branch
+                known = None
+            if known is False:
+                zeros = tree.unflatten(spec, [xp.zeros_like(g) for g in g_leaves])
+                return zeros, state._replace(skipped=state.skipped + 1)
+            if known:
+                all_finite = None
+            else:
+                # Zeros keep the discarded computation finite; the result is selected away below.
+                g_leaves = [xp.where(all_finite, g, xp.zeros_like(g)) for g in g_leaves]
 
         schedule = _schedule(config, state.count)
         updates, new_states = [], []
