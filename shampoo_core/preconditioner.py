@@ -20,6 +20,13 @@ def precondition_block(xp, g, preconditioners, preconditioned: tuple[bool, ...])
     Returns:
         Array of the shape and dtype of ``g``.
     """
+    if g.ndim == 2:
+        factors = iter(preconditioners)
+        if preconditioned[0]:
+            g = next(factors) @ g  # X_L is symmetric, so this is the mode-0 product
+        if preconditioned[1]:
+            g = g @ next(factors)
+        return g
     factors = iter(preconditioners)
     # Contracting axis 0 each time moves the result's new axis to the end, so after k steps the
     # axes are back in their original order; unpreconditioned axes are just rotated.

@@ -19,6 +19,11 @@ def kronecker_factors(xp, g, preconditioned: tuple[bool, ...]) -> list:
     Returns:
         One ``(d_i, d_i)`` array per preconditioned dim, in the dtype of ``g``.
     """
+    if g.ndim == 2:
+        # Plain matmuls: BLAS sees a transposed operand (a symmetric product where the library
+        # detects it) instead of tensordot's transpose-and-copy.
+        pre0, pre1 = preconditioned
+        return ([g @ g.mT] if pre0 else []) + ([g.mT @ g] if pre1 else [])
     out = []
     dims = list(range(g.ndim))
     for i, pre in enumerate(preconditioned):
