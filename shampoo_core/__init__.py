@@ -10,7 +10,7 @@ Functional API::
 
 from .async_roots import AsyncPreconditioners
 from .base import GradientTransformation, apply_updates
-from .checkpoint import CheckpointError, load_state, save_state
+from .checkpoint import CheckpointError, load_state, read_header, save_state
 from .cost_model import CostModel
 from .first_order import FirstOrderState, adagrad, adam, sgd
 from .full_matrix import FullMatrixState, full_matrix_adagrad
@@ -25,6 +25,7 @@ __all__ = [
     "apply_updates",
     "save_state",
     "load_state",
+    "read_header",
     "CheckpointError",
     "shampoo",
     "ShampooConfig",

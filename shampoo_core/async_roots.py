@@ -93,6 +93,33 @@ class AsyncPreconditioners:
         except Exception as err:
             raise RuntimeError(f"inverse root computation for block {key} (submitted at step {submitted}) failed") from err
 
+    def export_pending(self) -> list:
+        """Wait for every job and return ``[(key, submitted_step, results)]`` (they stay queued).
+
+        Used by :func:`shampoo_core.save_state` so that a checkpoint includes roots in flight.
+
+        Raises:
+            RuntimeError: a job failed (as :meth:`collect` would).
+        """
+        self.wait()
+        with self._lock:
+            items = list(self._pending.items())
+        out = []
+        for key, (future, submitted) in items:
+            try:
+                out.append((key, submitted, future.result()))
+            except Exception as err:
+                raise RuntimeError(f"inverse root computation for block {key} failed") from err
+        return out
+
+    def import_pending(self, entries) -> None:
+        """Queue finished ``[(key, submitted_step, results)]`` (from a checkpoint) for collection."""
+        with self._lock:
+            for key, submitted, results in entries:
+                future = concurrent.futures.Future()
+                future.set_result(results)
+                self._pending[tuple(key)] = (future, submitted)
+
     @property
     def pending(self) -> int:
         with self._lock:

@@ -63,21 +63,29 @@ def _encode(node, arrays: list):
     raise TypeError(f"cannot save a {type(node).__name__} in optimizer state")
 
 
-def save_state(path, state, *, tx=None) -> None:
+def save_state(path, state, *, tx=None, async_preconditioners=None) -> None:
     """Write ``state`` (and ``tx``'s hyperparameters, if given) to ``path`` atomically.
 
     Args:
         path: file path; ``.npz`` is the natural suffix (nothing is appended).
         state: a state returned by ``init``/``update`` of a shampoo_core transformation.
         tx: the transformation, to store its hyperparameters for checking at load time.
+        async_preconditioners: the executor of an asynchronous run: its roots in flight are
+            waited for and stored, so that resuming is exact.
 
     Raises:
         TypeError: ``state`` holds something that is not a shampoo_core state or an array.
     """
     arrays: list = []
     structure = _encode(state, arrays)
+    pending = []
+    if async_preconditioners is not None:
+        for key, submitted, results in async_preconditioners.export_pending():
+            pending.append({"key": list(key), "step": submitted, "results": [
+                {"root": _encode(r.root, arrays)["array"], "error": float(r.error),
+                 "lambda_max": float(r.lambda_max), "iterations": int(r.iterations)} for r in results]})
     header = {"format_version": FORMAT_VERSION, "structure": structure,
-              "hyperparameters": _hyperparameters(tx)}
+              "hyperparameters": _hyperparameters(tx), "pending_roots": pending}
     payload = {f"a{i}": _xp.to_numpy(a) for i, a in enumerate(arrays)}
     payload[_HEADER] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
     folder = os.path.dirname(os.path.abspath(path))
@@ -109,7 +117,7 @@ def read_header(path) -> dict:
         return json.loads(bytes(data[_HEADER]).decode())
 
 
-def load_state(path, like, *, tx=None):
+def load_state(path, like, *, tx=None, async_preconditioners=None):
     """Read a state saved by :func:`save_state`, checked against ``like``.
 
     Args:
@@ -119,6 +127,8 @@ def load_state(path, like, *, tx=None):
             themselves when ``tx`` is given (the template is then ``tx.init(like)``).
         tx: the transformation about to use the state; its hyperparameters must equal the
             stored ones (when both exist).
+        async_preconditioners: the executor of the resumed run; required when the checkpoint
+            holds roots that were in flight, which are queued on it.
 
     Returns:
         The state, with arrays of ``like``'s library, dtype and device.
@@ -137,7 +147,33 @@ def load_state(path, like, *, tx=None):
             _compare_hyperparameters(header.get("hyperparameters"), _hyperparameters(tx))
             if not (isinstance(like, tuple) and type(like).__name__ in _state_types()):
                 like = tx.init(like)
-        return _decode(header["structure"], like, data, "state")
+        state = _decode(header["structure"], like, data, "state")
+        pending = header.get("pending_roots") or []
+        if pending:
+            if async_preconditioners is None:
+                raise CheckpointError(
+                    f"{path} holds {len(pending)} asynchronous root results in flight: "
+                    "pass async_preconditioners= to resume them"
+                )
+            async_preconditioners.import_pending(_decode_pending(pending, state, data))
+        return state
+
+
+def _decode_pending(pending, state, data) -> list:
+    from .roots import RootResult
+
+    out = []
+    for entry in pending:
+        i, j = entry["key"]
+        block = state.params[i].blocks[j]
+        results = []
+        for r, like in zip(entry["results"], block.preconditioners):
+            xp = _xp.namespace(like)
+            root = data[r["root"]]
+            results.append(RootResult(xp.asarray(root, device=_xp.device_of(like)), r["error"],
+                                      r["lambda_max"], r["iterations"]))
+        out.append(((i, j), entry["step"], results))
+    return out
 
 
 def _compare_hyperparameters(stored, current) -> None:

@@ -9,9 +9,13 @@ import shampoo_core as sc
 SHAPES = {"w": (12, 7), "conv": (3, 2, 4, 4), "b": (7,), "s": ()}
 
 
-def make_tx(nonfinite="raise"):
+def make_tx(nonfinite="raise", executor=None):
     return sc.shampoo(0.05, block_size=5, start_preconditioning_step=2, preconditioning_compute_steps=3,
-                      graft_type="adam", beta2=0.99, nonfinite=nonfinite)
+                      graft_type="adam", beta2=0.99, nonfinite=nonfinite, async_preconditioners=executor)
+
+
+def make_executor(use_async: bool):
+    return sc.AsyncPreconditioners(max_workers=2, max_staleness=2, deterministic=True) if use_async else None
 
 
 def grads_at(step, params, dtype):
@@ -39,20 +43,24 @@ def main():
     parser.add_argument("--params", required=True)
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--async-roots", action="store_true")
     args = parser.parse_args()
-    tx = make_tx()
+    executor = make_executor(args.async_roots)
+    tx = make_tx(executor=executor)
     if args.resume:
         saved = dict(np.load(args.params))
         params = {k: saved[k] for k in SHAPES}
-        state = sc.load_state(args.checkpoint, like=params, tx=tx)
+        state = sc.load_state(args.checkpoint, like=params, tx=tx, async_preconditioners=executor)
         start = int(state.count) + 1
     else:
         params = initial_params(args.dtype)
         state = tx.init(params)
         start = 1
     params, state = train(tx, params, state, start, start + args.steps - 1, args.dtype)
-    sc.save_state(args.checkpoint, state, tx=tx)
+    sc.save_state(args.checkpoint, state, tx=tx, async_preconditioners=executor)
     np.savez(args.params, **params)
+    if executor is not None:
+        executor.close()
 
 
 if __name__ == "__main__":

@@ -123,19 +123,40 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["s.npz"]
 
 
+@pytest.mark.parametrize("use_async", [False, True])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_resume_in_fresh_process_is_bit_exact(tmp_path, dtype):
-    n, m = 7, 6
+def test_resume_in_fresh_process_is_bit_exact(tmp_path, dtype, use_async):
+    # Roots are submitted at steps 2, 5, 8, ... and swapped in 2 steps later, so after n = 6 steps
+    # the roots of step 5 are still in flight when the first process saves.
+    n, m = 6, 6
     ckpt, saved = str(tmp_path / "state.npz"), str(tmp_path / "params.npz")
     job = [sys.executable, os.path.join(HERE, "resume_job.py"), "--dtype", dtype, "--checkpoint", ckpt, "--params", saved]
+    if use_async:
+        job.append("--async-roots")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
     subprocess.run(job + ["--steps", str(n)], check=True, env=env)
     subprocess.run(job + ["--steps", str(m), "--resume"], check=True, env=env)
     resumed = dict(np.load(saved))
 
-    tx = resume_job.make_tx()
+    executor = resume_job.make_executor(use_async)
+    tx = resume_job.make_tx(executor=executor)
     params = resume_job.initial_params(dtype)
     params, _ = resume_job.train(tx, params, tx.init(params), 1, n + m, dtype)
+    if executor is not None:
+        assert sc.read_header(ckpt)["pending_roots"]  # the save really had roots in flight
+        executor.close()
     for k, v in params.items():
         assert resumed[k].dtype == v.dtype
         np.testing.assert_array_equal(resumed[k], v)
+
+
+def test_pending_roots_need_an_executor(tmp_path):
+    with sc.AsyncPreconditioners(max_staleness=2, deterministic=True) as ex:
+        tx = resume_job.make_tx(executor=ex)
+        params = resume_job.initial_params("float64")
+        state = tx.init(params)
+        for step in range(1, 3):
+            _, state = tx.update(state, resume_job.grads_at(step, params, "float64"), params)
+        sc.save_state(tmp_path / "s.npz", state, tx=tx, async_preconditioners=ex)
+    with pytest.raises(sc.CheckpointError, match="in flight: pass async_preconditioners="):
+        sc.load_state(tmp_path / "s.npz", like=params, tx=tx)
