@@ -12,6 +12,7 @@ from .async_roots import AsyncPreconditioners
 from .base import GradientTransformation, apply_updates
 from .checkpoint import CheckpointError, load_state, read_header, save_state
 from .cost_model import CostModel
+from .eva import EvaState, eva, eva_s
 from .first_order import FirstOrderState, adagrad, adam, sgd
 from .full_matrix import FullMatrixState, full_matrix_adagrad
 from .options import GraftGranularity, GraftType, RootMethod
@@ -45,4 +46,7 @@ __all__ = [
     "RootMethod",
     "CostModel",
     "AsyncPreconditioners",
+    "eva",
+    "eva_s",
+    "EvaState",
 ]

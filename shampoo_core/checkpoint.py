@@ -29,12 +29,14 @@ class CheckpointError(ValueError):
 
 
 def _state_types():
+    from .eva import EvaState
     from .first_order import FirstOrderState
     from .full_matrix import FullMatrixState
     from .grafting import GraftState
     from .shampoo import BlockState, ParamState, ShampooState
 
-    return {t.__name__: t for t in (ShampooState, ParamState, BlockState, GraftState, FirstOrderState, FullMatrixState)}
+    types = (ShampooState, ParamState, BlockState, GraftState, FirstOrderState, FullMatrixState, EvaState)
+    return {t.__name__: t for t in types}
 
 
 def _is_array(x) -> bool:

@@ -1,0 +1,238 @@
+"""The Eva family: rank-one Kronecker-vector preconditioners inverted by Sherman–Morrison.
+
+Source: Zhang, Shi, Li, "Eva: A General Vectorized Approximation Framework for Second-order
+Optimization". For a layer weight G of shape (m, n) = (out, in) with mean layer input ā (length n)
+and mean output gradient ḡ (length m), K-FAC's factors A = E[aaᵀ] and S = E[ggᵀ] are replaced by
+āāᵀ and ḡḡᵀ, so the damped inverse needs no decomposition, only O(mn) work:
+
+* Eva: (āāᵀ ⊗ ḡḡᵀ + γI)⁻¹ vec(G) = (G - (ḡᵀGā)/(‖ā‖²‖ḡ‖² + γ) · ḡāᵀ) / γ.
+* Eva-f (vectorized FOOF, input side only): G - (Gā)āᵀ/(‖ā‖² + γ) = γ G (āāᵀ + γI)⁻¹.
+* Two-sided (each factor damped separately, K-FAC style):
+  (ḡḡᵀ + γI)⁻¹ G (āāᵀ + γI)⁻¹ = (1/γ²)(I - ḡḡᵀ/(γ + ‖ḡ‖²)) G (I - āāᵀ/(γ + ‖ā‖²)).
+* Eva-s (vectorized Shampoo, gradients only): l, r = running row and column means of G;
+  P = G - (lᵀGr)/(γ + ‖l‖²‖r‖²) · lrᵀ, rescaled to ‖G‖.
+
+vec is row-major throughout (vec(ḡāᵀ) = ḡ ⊗ ā). The default for ``eva`` is the published
+one-sided form: it is the exact damped inverse of the rank-one Kronecker approximation; the
+two-sided form inverts a different matrix, (ḡḡᵀ + γI) ⊗ (āāᵀ + γI), which adds γ(ḡḡᵀ ⊗ I + I ⊗ āāᵀ)
+and so damps far more strongly along ā and ḡ.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+from . import _xp, tree
+from .base import GradientTransformation, check_leaves, learning_rate_at, record_hyperparameters
+from .options import check_bool, check_learning_rate, check_real
+
+__all__ = [
+    "eva_precondition",
+    "eva_f_precondition",
+    "two_sided_precondition",
+    "eva_s_precondition",
+    "eva",
+    "eva_s",
+    "EvaState",
+]
+
+
+def eva_precondition(xp, g, a_bar, g_bar, damping: float):
+    """(āāᵀ ⊗ ḡḡᵀ + γI)⁻¹ vec(G) as an (m, n) array; G (m, n), ā (n,), ḡ (m,), γ > 0."""
+    coef = (g_bar @ g @ a_bar) / (xp.sum(a_bar * a_bar) * xp.sum(g_bar * g_bar) + damping)
+    return (g - coef * (g_bar[:, None] * a_bar[None, :])) * (1.0 / damping)
+
+
+def eva_f_precondition(xp, g, a_bar, damping: float):
+    """G - (Gā)āᵀ/(‖ā‖² + γ) = γ G (āāᵀ + γI)⁻¹."""
+    return g - ((g @ a_bar)[:, None] * a_bar[None, :]) / (xp.sum(a_bar * a_bar) + damping)
+
+
+def two_sided_precondition(xp, g, a_bar, g_bar, damping: float):
+    """(ḡḡᵀ + γI)⁻¹ G (āāᵀ + γI)⁻¹ by two Sherman–Morrison inverses."""
+    left = g - g_bar[:, None] * (g_bar @ g)[None, :] / (damping + xp.sum(g_bar * g_bar))
+    both = left - (left @ a_bar)[:, None] * a_bar[None, :] / (damping + xp.sum(a_bar * a_bar))
+    return both * (1.0 / damping**2)
+
+
+def eva_s_precondition(xp, g, left, right, damping: float):
+    """P = G - (lᵀGr)/(γ + ‖l‖²‖r‖²) · lrᵀ rescaled to ‖G‖ (l: (m,), r: (n,))."""
+    coef = (left @ g @ right) / (damping + xp.sum(left * left) * xp.sum(right * right))
+    p = g - coef * (left[:, None] * right[None, :])
+    return p * (xp.linalg.vector_norm(g) / xp.clip(xp.linalg.vector_norm(p), min=1e-16))
+
+
+class EvaState(NamedTuple):
+    """``count``: 0-d int32; ``momentum``: per leaf; ``left``/``right``: per leaf running vectors
+    (ḡ and ā for Eva, row and column means for Eva-s; ``None`` for leaves without them)."""
+
+    count: object
+    momentum: tuple
+    left: tuple
+    right: tuple
+
+
+def _ema(old, new, decay: float, first: bool):
+    return new if first else decay * old + (1.0 - decay) * new
+
+
+def _init(params, want_vectors):
+    leaves, _ = tree.flatten(params)
+    check_leaves("params", leaves, tree.leaf_paths(params))
+    xp = _xp.namespace(*leaves)
+    dev = _xp.device_of(leaves[0])
+    left = tuple(xp.zeros((p.shape[0],), dtype=p.dtype, device=dev) if want_vectors(p) else None for p in leaves)
+    right = tuple(xp.zeros((p.shape[1],), dtype=p.dtype, device=dev) if want_vectors(p) else None for p in leaves)
+    moms = tuple(xp.zeros_like(p) for p in leaves)
+    return EvaState(xp.asarray(0, dtype=xp.int32, device=dev), moms, left, right)
+
+
+def _param_leaves(params, spec, n, weight_decay):
+    if params is None:
+        if weight_decay > 0.0:
+            raise ValueError("params are required when weight_decay > 0")
+        return [None] * n
+    return tree.check_same_structure("params", params, spec)
+
+
+def _validate(learning_rate, damping, stat_decay, momentum, weight_decay):
+    return (check_learning_rate(learning_rate), check_real("damping", damping, low=0.0, low_open=True),
+            check_real("stat_decay", stat_decay, low=0.0, high=1.0, high_open=True),
+            check_real("momentum", momentum, low=0.0, high=1.0, high_open=True),
+            check_real("weight_decay", weight_decay, low=0.0))
+
+
+def _sgd_step(xp, d, buf, p, momentum, weight_decay):
+    if weight_decay > 0.0:
+        d = d + weight_decay * p
+    buf = momentum * buf + d
+    return buf
+
+
+def eva(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.001, stat_decay: float = 0.95,
+        momentum: float = 0.9, weight_decay: float = 0.0, variant: str = "eva", two_sided: bool = False):
+    """Eva or Eva-f with KL clipping across layers (the published defaults).
+
+    ``update(state, grads, params, curvature=...)``: ``curvature`` has the tree structure of
+    ``grads``; each leaf is ``None`` (the parameter is updated by SGD with momentum, e.g. a bias)
+    or ``(g_bar, a_bar)`` for a 2-D leaf of shape (m, n): the batch-mean output gradient (m,) and
+    the batch-mean layer input (n,) (for Eva-f only ``a_bar`` is used). Running averages decay by
+    ``stat_decay``. Each preconditioned V is scaled by ν = min(1, sqrt(kl_clip / Σ lr²⟨V, G⟩)) over
+    all layers (``kl_clip=None`` disables it), then SGD with momentum and L2 weight decay.
+
+    Raises:
+        ValueError: bad hyperparameters; curvature of the wrong structure or length.
+    """
+    learning_rate, damping, stat_decay, momentum, weight_decay = _validate(
+        learning_rate, damping, stat_decay, momentum, weight_decay)
+    if variant not in ("eva", "eva_f"):
+        raise ValueError(f"variant must be 'eva' or 'eva_f'; got {variant!r}")
+    if kl_clip is not None:
+        kl_clip = check_real("kl_clip", kl_clip, low=0.0, low_open=True)
+    check_bool("two_sided", two_sided)
+
+    def init(params):
+        return _init(params, lambda p: p.ndim == 2)
+
+    def update(state, grads, params=None, curvature=None):
+        g_leaves, spec = tree.flatten(grads)
+        paths = tree.leaf_paths(grads)
+        p_leaves = _param_leaves(params, spec, len(g_leaves), weight_decay)
+        check_leaves("grads", g_leaves, paths, reference=None if params is None else p_leaves)
+        if curvature is None:
+            c_leaves = [None] * len(g_leaves)
+        else:
+            c_leaves = _curvature_leaves(curvature, spec)
+        count = int(state.count)
+        first = count == 0
+        lr = learning_rate_at(learning_rate, count)
+        xp = _xp.namespace(*g_leaves)
+        vs, lefts, rights = [], [], []
+        for g, c, left, right, path in zip(g_leaves, c_leaves, state.left, state.right, paths):
+            if c is None or left is None:
+                vs.append(g)
+                lefts.append(left)
+                rights.append(right)
+                continue
+            g_bar, a_bar = c
+            if tuple(g_bar.shape) != (g.shape[0],) or tuple(a_bar.shape) != (g.shape[1],):
+                raise ValueError(f"curvature{path} must be (g_bar of shape ({g.shape[0]},), a_bar of shape "
+                                 f"({g.shape[1]},)); got {tuple(g_bar.shape)} and {tuple(a_bar.shape)}")
+            left, right = _ema(left, g_bar, stat_decay, first), _ema(right, a_bar, stat_decay, first)
+            if variant == "eva_f":
+                v = eva_f_precondition(xp, g, right, damping)
+            elif two_sided:
+                v = two_sided_precondition(xp, g, right, left, damping)
+            else:
+                v = eva_precondition(xp, g, right, left, damping)
+            vs.append(v)
+            lefts.append(left)
+            rights.append(right)
+        nu = 1.0
+        if kl_clip is not None:
+            total = sum(float(xp.sum(v * g)) for v, g, c in zip(vs, g_leaves, c_leaves) if c is not None)
+            if total > 0.0 and lr > 0.0:
+                nu = min(1.0, math.sqrt(kl_clip / (lr * lr * total)))
+        updates, moms = [], []
+        for v, c, g, buf, p in zip(vs, c_leaves, g_leaves, state.momentum, p_leaves):
+            d = nu * v if c is not None else v
+            buf = _sgd_step(xp, d, buf, p, momentum, weight_decay)
+            updates.append((-lr) * buf)
+            moms.append(buf)
+        new = EvaState(state.count + 1, tuple(moms), tuple(lefts), tuple(rights))
+        return tree.unflatten(spec, updates), new
+
+    return record_hyperparameters(GradientTransformation(init, update), variant, dict(
+        learning_rate=learning_rate, damping=damping, kl_clip=kl_clip, stat_decay=stat_decay, momentum=momentum,
+        weight_decay=weight_decay, two_sided=two_sided))
+
+
+def _curvature_leaves(curvature, spec):
+    """Curvature leaves aligned with ``spec``: each entry ``None`` or a ``(g_bar, a_bar)`` pair."""
+    try:
+        return spec.flatten_up_to(curvature)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"curvature must have the structure of grads {spec}: {err}") from err
+
+
+def eva_s(learning_rate=0.1, *, damping: float = 0.03, stat_decay: float = 0.95, momentum: float = 0.9,
+          weight_decay: float = 0.0):
+    """Eva-s: vectorized Shampoo from gradients alone (no curvature argument).
+
+    For each 2-D leaf, running row means l and column means r of G (decay ``stat_decay``) give
+    P = G - (lᵀGr)/(γ + ‖l‖²‖r‖²) · lrᵀ, rescaled to ‖G‖; other leaves use G. Then SGD with
+    momentum and L2 weight decay.
+    """
+    learning_rate, damping, stat_decay, momentum, weight_decay = _validate(
+        learning_rate, damping, stat_decay, momentum, weight_decay)
+
+    def init(params):
+        return _init(params, lambda p: p.ndim == 2)
+
+    def update(state, grads, params=None):
+        g_leaves, spec = tree.flatten(grads)
+        paths = tree.leaf_paths(grads)
+        p_leaves = _param_leaves(params, spec, len(g_leaves), weight_decay)
+        check_leaves("grads", g_leaves, paths, reference=None if params is None else p_leaves)
+        count = int(state.count)
+        lr = learning_rate_at(learning_rate, count)
+        xp = _xp.namespace(*g_leaves)
+        updates, moms, lefts, rights = [], [], [], []
+        for g, left, right, buf, p in zip(g_leaves, state.left, state.right, state.momentum, p_leaves):
+            if left is not None:
+                left = _ema(left, xp.mean(g, axis=1), stat_decay, count == 0)
+                right = _ema(right, xp.mean(g, axis=0), stat_decay, count == 0)
+                d = eva_s_precondition(xp, g, left, right, damping)
+            else:
+                d = g
+            buf = _sgd_step(xp, d, buf, p, momentum, weight_decay)
+            updates.append((-lr) * buf)
+            moms.append(buf)
+            lefts.append(left)
+            rights.append(right)
+        return tree.unflatten(spec, updates), EvaState(state.count + 1, tuple(moms), tuple(lefts), tuple(rights))
+
+    return record_hyperparameters(GradientTransformation(init, update), "eva_s", dict(
+        learning_rate=learning_rate, damping=damping, stat_decay=stat_decay, momentum=momentum,
+        weight_decay=weight_decay))

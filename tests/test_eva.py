@@ -1,0 +1,114 @@
+"""The Eva family: Sherman–Morrison closed forms equal dense solves; transformations behave."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import shampoo_core as sc
+import importlib
+
+ev = importlib.import_module("shampoo_core.eva")  # the module; shampoo_core.eva is the function
+from helpers import examples_for, to_np, to_xp
+
+cases = st.tuples(st.integers(1, 7), st.integers(1, 7), st.integers(0, 2**16), st.floats(1e-3, 1.0))
+
+
+def data(m, n, seed):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((m, n)), rng.standard_normal(n) * rng.uniform(0.1, 3), rng.standard_normal(m)
+
+
+def test_closed_forms_equal_dense_solves(xp):
+    @settings(max_examples=examples_for(xp, settings().max_examples))
+    @given(case=cases)
+    def check(case):
+        m, n, seed, gamma = case
+        g, a, gb = data(m, n, seed)
+        G, A, GB = (to_xp(xp, x) for x in (g, a, gb))
+        tol = dict(rtol=1e-9, atol=1e-9 * np.abs(g).max() / gamma**2)
+        # Eva: (āāᵀ ⊗ ḡḡᵀ + γI)⁻¹ vec(G), row-major vec(ḡāᵀ) = ḡ ⊗ ā.
+        u = np.kron(gb, a)
+        dense = np.linalg.solve(np.outer(u, u) + gamma * np.eye(m * n), g.ravel()).reshape(m, n)
+        np.testing.assert_allclose(to_np(ev.eva_precondition(xp, G, A, GB, gamma)), dense, **tol)
+        # Eva-f: γ G (āāᵀ + γI)⁻¹.
+        dense_f = gamma * g @ np.linalg.inv(np.outer(a, a) + gamma * np.eye(n))
+        np.testing.assert_allclose(to_np(ev.eva_f_precondition(xp, G, A, gamma)), dense_f, **tol)
+        # Two-sided: (ḡḡᵀ + γI)⁻¹ G (āāᵀ + γI)⁻¹.
+        dense_2 = np.linalg.inv(np.outer(gb, gb) + gamma * np.eye(m)) @ g @ np.linalg.inv(np.outer(a, a) + gamma * np.eye(n))
+        np.testing.assert_allclose(to_np(ev.two_sided_precondition(xp, G, A, GB, gamma)), dense_2, **tol)
+        # Eva-s: its dense Kronecker form, rescaled to ‖G‖.
+        l, r = g.mean(axis=1), g.mean(axis=0)
+        v = np.kron(l, r)
+        dense_s = np.linalg.solve(np.outer(v, v) + gamma * np.eye(m * n), g.ravel()).reshape(m, n)
+        dense_s *= np.linalg.norm(g) / np.linalg.norm(dense_s)
+        got = to_np(ev.eva_s_precondition(xp, G, to_xp(xp, l), to_xp(xp, r), gamma))
+        np.testing.assert_allclose(got, dense_s, rtol=1e-9, atol=1e-9 * np.abs(g).max())
+
+    check()
+
+
+def test_two_sided_differs_from_eva():
+    g, a, gb = data(4, 3, 0)
+    import array_api_compat.numpy as xnp
+
+    one = ev.eva_precondition(xnp, g, a, gb, 0.03)
+    two = ev.two_sided_precondition(xnp, g, a, gb, 0.03)
+    assert not np.allclose(one, two)
+
+
+def test_eva_kl_clip_and_momentum(xp):
+    rng = np.random.default_rng(1)
+    params = {"w": rng.standard_normal((4, 3)), "b": rng.standard_normal(4)}
+    grads = {"w": rng.standard_normal((4, 3)), "b": rng.standard_normal(4)}
+    g_bar, a_bar = rng.standard_normal(4), rng.standard_normal(3)
+    lr, kl = 1.0, 1e-3
+    tx = sc.eva(lr, kl_clip=kl, momentum=0.9)
+    state = tx.init(to_xp(xp, params))
+    curv = {"w": (to_xp(xp, g_bar), to_xp(xp, a_bar)), "b": None}
+    u, state = tx.update(state, to_xp(xp, grads), to_xp(xp, params), curvature=curv)
+    v = ev.eva_precondition(np, grads["w"], a_bar, g_bar, 0.03)
+    nu = min(1.0, np.sqrt(kl / (lr**2 * np.sum(v * grads["w"]))))
+    assert nu < 1.0  # the clip is active at this learning rate
+    np.testing.assert_allclose(to_np(u["w"]), -lr * nu * v, rtol=1e-10)
+    np.testing.assert_allclose(nu**2 * lr**2 * np.sum(v * grads["w"]), kl, rtol=1e-10)
+    np.testing.assert_allclose(to_np(u["b"]), -lr * grads["b"], rtol=1e-12)  # no curvature: SGD
+    # Second step: momentum 0.9 on the clipped direction; running vectors decay by 0.95.
+    u2, state = tx.update(state, to_xp(xp, grads), to_xp(xp, params), curvature=curv)
+    np.testing.assert_allclose(to_np(state.left[1]), g_bar, rtol=1e-12)
+
+
+def test_eva_f_and_eva_s_transformations(xp):
+    rng = np.random.default_rng(2)
+    g = rng.standard_normal((5, 4))
+    tx = sc.eva(0.1, variant="eva_f", kl_clip=None, momentum=0.0)
+    a_bar = rng.standard_normal(4)
+    state = tx.init(to_xp(xp, np.zeros((5, 4))))
+    u, _ = tx.update(state, to_xp(xp, g), curvature=(to_xp(xp, np.zeros(5)), to_xp(xp, a_bar)))
+    np.testing.assert_allclose(to_np(u), -0.1 * ev.eva_f_precondition(np, g, a_bar, 0.03), rtol=1e-10)
+    tx = sc.eva_s(0.1, momentum=0.0)
+    state = tx.init(to_xp(xp, {"w": np.zeros((5, 4)), "b": np.zeros(4)}))
+    u, state = tx.update(state, to_xp(xp, {"w": g, "b": np.ones(4)}))
+    assert np.linalg.norm(to_np(u["w"])) == pytest.approx(0.1 * np.linalg.norm(g), rel=1e-10)
+    np.testing.assert_allclose(to_np(u["b"]), -0.1 * np.ones(4))
+    np.testing.assert_allclose(to_np(state.left[1]), g.mean(axis=1), rtol=1e-12)
+
+
+def test_eva_bad_input():
+    with pytest.raises(ValueError, match="damping"):
+        sc.eva(damping=0.0)
+    with pytest.raises(ValueError, match="variant"):
+        sc.eva(variant="kfac")
+    tx = sc.eva(0.1)
+    state = tx.init(np.zeros((3, 2)))
+    with pytest.raises(ValueError, match=r"curvature must be \(g_bar of shape \(3,\), a_bar of shape \(2,\)\)"):
+        tx.update(state, np.ones((3, 2)), curvature=(np.ones(2), np.ones(3)))
+
+
+def test_eva_state_checkpoints(tmp_path):
+    tx = sc.eva_s(0.1)
+    params = {"w": np.ones((3, 2)), "b": np.zeros(2)}
+    state = tx.init(params)
+    _, state = tx.update(state, {"w": np.full((3, 2), 0.5), "b": np.ones(2)})
+    sc.save_state(tmp_path / "e.npz", state, tx=tx)
+    loaded = sc.load_state(tmp_path / "e.npz", like=params, tx=tx)
+    np.testing.assert_array_equal(loaded.left[1], state.left[1])
