@@ -13,6 +13,7 @@ from .base import GradientTransformation, apply_updates
 from .checkpoint import CheckpointError, load_state, read_header, save_state
 from .cost_model import CostModel
 from .eva import EvaState, eva, eva_s
+from .kfac import KFACState, kfac
 from .first_order import FirstOrderState, adagrad, adam, sgd
 from .full_matrix import FullMatrixState, full_matrix_adagrad
 from .options import GraftGranularity, GraftType, RootMethod
@@ -49,4 +50,6 @@ __all__ = [
     "eva",
     "eva_s",
     "EvaState",
+    "kfac",
+    "KFACState",
 ]

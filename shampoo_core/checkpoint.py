@@ -31,11 +31,12 @@ class CheckpointError(ValueError):
 def _state_types():
     from .eva import EvaState
     from .first_order import FirstOrderState
+    from .kfac import KFACState
     from .full_matrix import FullMatrixState
     from .grafting import GraftState
     from .shampoo import BlockState, ParamState, ShampooState
 
-    types = (ShampooState, ParamState, BlockState, GraftState, FirstOrderState, FullMatrixState, EvaState)
+    types = (ShampooState, ParamState, BlockState, GraftState, FirstOrderState, FullMatrixState, EvaState, KFACState)
     return {t.__name__: t for t in types}
 
 

@@ -88,7 +88,7 @@ def _init(params, want_vectors):
     return EvaState(xp.asarray(0, dtype=xp.int32, device=dev), moms, left, right)
 
 
-def _param_leaves(params, spec, n, weight_decay):
+def param_leaves(params, spec, n, weight_decay):
     if params is None:
         if weight_decay > 0.0:
             raise ValueError("params are required when weight_decay > 0")
@@ -96,11 +96,30 @@ def _param_leaves(params, spec, n, weight_decay):
     return tree.check_same_structure("params", params, spec)
 
 
-def _validate(learning_rate, damping, stat_decay, momentum, weight_decay):
+def validate(learning_rate, damping, stat_decay, momentum, weight_decay):
     return (check_learning_rate(learning_rate), check_real("damping", damping, low=0.0, low_open=True),
             check_real("stat_decay", stat_decay, low=0.0, high=1.0, high_open=True),
             check_real("momentum", momentum, low=0.0, high=1.0, high_open=True),
             check_real("weight_decay", weight_decay, low=0.0))
+
+
+def clipped_momentum_step(xp, vs, g_leaves, c_leaves, buffers, p_leaves, *, lr, kl_clip, momentum, weight_decay):
+    """KL clipping over all preconditioned layers, then SGD with momentum; returns (updates, buffers).
+
+    ν = min(1, sqrt(kl_clip / Σ_l lr²⟨V_l, G_l⟩)) over the leaves with curvature (``kl_clip=None``:
+    ν = 1). Leaves without curvature use their gradient unscaled.
+    """
+    nu = 1.0
+    if kl_clip is not None:
+        total = sum(float(xp.sum(v * g)) for v, g, c in zip(vs, g_leaves, c_leaves) if c is not None)
+        if total > 0.0 and lr > 0.0:
+            nu = min(1.0, math.sqrt(kl_clip / (lr * lr * total)))
+    updates, out = [], []
+    for v, c, buf, p in zip(vs, c_leaves, buffers, p_leaves):
+        buf = _sgd_step(xp, nu * v if c is not None else v, buf, p, momentum, weight_decay)
+        updates.append((-lr) * buf)
+        out.append(buf)
+    return updates, out
 
 
 def _sgd_step(xp, d, buf, p, momentum, weight_decay):
@@ -124,7 +143,7 @@ def eva(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.0
     Raises:
         ValueError: bad hyperparameters; curvature of the wrong structure or length.
     """
-    learning_rate, damping, stat_decay, momentum, weight_decay = _validate(
+    learning_rate, damping, stat_decay, momentum, weight_decay = validate(
         learning_rate, damping, stat_decay, momentum, weight_decay)
     if variant not in ("eva", "eva_f"):
         raise ValueError(f"variant must be 'eva' or 'eva_f'; got {variant!r}")
@@ -138,12 +157,12 @@ def eva(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.0
     def update(state, grads, params=None, curvature=None):
         g_leaves, spec = tree.flatten(grads)
         paths = tree.leaf_paths(grads)
-        p_leaves = _param_leaves(params, spec, len(g_leaves), weight_decay)
+        p_leaves = param_leaves(params, spec, len(g_leaves), weight_decay)
         check_leaves("grads", g_leaves, paths, reference=None if params is None else p_leaves)
         if curvature is None:
             c_leaves = [None] * len(g_leaves)
         else:
-            c_leaves = _curvature_leaves(curvature, spec)
+            c_leaves = curvature_leaves(curvature, spec)
         count = int(state.count)
         first = count == 0
         lr = learning_rate_at(learning_rate, count)
@@ -169,17 +188,8 @@ def eva(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.0
             vs.append(v)
             lefts.append(left)
             rights.append(right)
-        nu = 1.0
-        if kl_clip is not None:
-            total = sum(float(xp.sum(v * g)) for v, g, c in zip(vs, g_leaves, c_leaves) if c is not None)
-            if total > 0.0 and lr > 0.0:
-                nu = min(1.0, math.sqrt(kl_clip / (lr * lr * total)))
-        updates, moms = [], []
-        for v, c, g, buf, p in zip(vs, c_leaves, g_leaves, state.momentum, p_leaves):
-            d = nu * v if c is not None else v
-            buf = _sgd_step(xp, d, buf, p, momentum, weight_decay)
-            updates.append((-lr) * buf)
-            moms.append(buf)
+        updates, moms = clipped_momentum_step(xp, vs, g_leaves, c_leaves, state.momentum, p_leaves, lr=lr,
+                                              kl_clip=kl_clip, momentum=momentum, weight_decay=weight_decay)
         new = EvaState(state.count + 1, tuple(moms), tuple(lefts), tuple(rights))
         return tree.unflatten(spec, updates), new
 
@@ -188,7 +198,7 @@ def eva(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.0
         weight_decay=weight_decay, two_sided=two_sided))
 
 
-def _curvature_leaves(curvature, spec):
+def curvature_leaves(curvature, spec):
     """Curvature leaves aligned with ``spec``: each entry ``None`` or a ``(g_bar, a_bar)`` pair."""
     try:
         return spec.flatten_up_to(curvature)
@@ -204,7 +214,7 @@ def eva_s(learning_rate=0.1, *, damping: float = 0.03, stat_decay: float = 0.95,
     P = G - (lᵀGr)/(γ + ‖l‖²‖r‖²) · lrᵀ, rescaled to ‖G‖; other leaves use G. Then SGD with
     momentum and L2 weight decay.
     """
-    learning_rate, damping, stat_decay, momentum, weight_decay = _validate(
+    learning_rate, damping, stat_decay, momentum, weight_decay = validate(
         learning_rate, damping, stat_decay, momentum, weight_decay)
 
     def init(params):
@@ -213,7 +223,7 @@ def eva_s(learning_rate=0.1, *, damping: float = 0.03, stat_decay: float = 0.95,
     def update(state, grads, params=None):
         g_leaves, spec = tree.flatten(grads)
         paths = tree.leaf_paths(grads)
-        p_leaves = _param_leaves(params, spec, len(g_leaves), weight_decay)
+        p_leaves = param_leaves(params, spec, len(g_leaves), weight_decay)
         check_leaves("grads", g_leaves, paths, reference=None if params is None else p_leaves)
         count = int(state.count)
         lr = learning_rate_at(learning_rate, count)

@@ -112,3 +112,47 @@ def test_eva_state_checkpoints(tmp_path):
     sc.save_state(tmp_path / "e.npz", state, tx=tx)
     loaded = sc.load_state(tmp_path / "e.npz", like=params, tx=tx)
     np.testing.assert_array_equal(loaded.left[1], state.left[1])
+
+
+def spd(rng, n):
+    x = rng.standard_normal((n, 2 * n))
+    return x @ x.T / (2 * n)
+
+
+def test_kfac_and_foof_against_dense_inverses(xp):
+    rng = np.random.default_rng(3)
+    g = rng.standard_normal((4, 3))
+    s1, a1, s2, a2 = spd(rng, 4), spd(rng, 3), spd(rng, 4), spd(rng, 3)
+    gamma = 0.03
+    tx = sc.kfac(0.1, damping=gamma, kl_clip=None, momentum=0.0, inverse_steps=2, stat_decay=0.5)
+    params = to_xp(xp, np.zeros((4, 3)))
+    state = tx.init(params)
+    u1, state = tx.update(state, to_xp(xp, g), params, curvature=(to_xp(xp, s1), to_xp(xp, a1)))
+    r = np.sqrt(gamma)
+    v1 = np.linalg.inv(s1 + r * np.eye(4)) @ g @ np.linalg.inv(a1 + r * np.eye(3))
+    np.testing.assert_allclose(to_np(u1), -0.1 * v1, rtol=1e-9)
+    # Step 2: factors are averaged (decay 0.5) but inverses are only recomputed every 2 steps.
+    u2, state = tx.update(state, to_xp(xp, g), params, curvature=(to_xp(xp, s2), to_xp(xp, a2)))
+    np.testing.assert_allclose(to_np(u2), -0.1 * v1, rtol=1e-9)
+    np.testing.assert_allclose(to_np(state.a_factor[0]), 0.5 * a1 + 0.5 * a2, rtol=1e-12)
+    u3, state = tx.update(state, to_xp(xp, g), params, curvature=(to_xp(xp, s2), to_xp(xp, a2)))
+    s3, a3 = 0.25 * s1 + 0.75 * s2, 0.25 * a1 + 0.75 * a2
+    v3 = np.linalg.inv(s3 + r * np.eye(4)) @ g @ np.linalg.inv(a3 + r * np.eye(3))
+    np.testing.assert_allclose(to_np(u3), -0.1 * v3, rtol=1e-9)
+
+    foof = sc.kfac(0.1, damping=gamma, kl_clip=None, momentum=0.0, variant="foof")
+    state = foof.init(params)
+    u, state = foof.update(state, to_xp(xp, g), params, curvature=(None, to_xp(xp, a1)))
+    np.testing.assert_allclose(to_np(u), -0.1 * gamma * g @ np.linalg.inv(a1 + gamma * np.eye(3)), rtol=1e-9)
+    assert state.s_factor[0] is None
+
+
+def test_kfac_bad_input():
+    with pytest.raises(ValueError, match="variant"):
+        sc.kfac(variant="eva")
+    with pytest.raises(ValueError, match="inverse_steps"):
+        sc.kfac(inverse_steps=0)
+    tx = sc.kfac(0.1)
+    state = tx.init(np.zeros((3, 2)))
+    with pytest.raises(ValueError, match=r"curvature must be \(S of shape \(3, 3\), A of shape \(2, 2\)\)"):
+        tx.update(state, np.ones((3, 2)), curvature=(np.eye(2), np.eye(3)))

@@ -1,0 +1,123 @@
+"""K-FAC and FOOF, the baselines of the Eva family, through the same roots module.
+
+K-FAC (Martens & Grosse 2015): for a layer weight G (m, n) = (out, in), running averages of
+S = E[ggᵀ] (m, m; output gradients) and A = E[aaᵀ] (n, n; layer inputs); every ``inverse_steps``
+steps the damped inverses (S + √γ I)⁻¹ and (A + √γ I)⁻¹ are recomputed by eigendecomposition
+(``shampoo_core.roots``, p = 1); V = (S + √γ I)⁻¹ G (A + √γ I)⁻¹. FOOF (Benzing 2022) keeps only
+the input side: V = G (A + γI)⁻¹. Then KL clipping over all layers and SGD with momentum, as in
+``sc.eva``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+from . import _xp, roots, tree
+from .base import GradientTransformation, check_leaves, learning_rate_at, record_hyperparameters
+from .eva import clipped_momentum_step, curvature_leaves, param_leaves, validate
+from .options import check_int, check_real
+
+__all__ = ["kfac", "KFACState"]
+
+
+class KFACState(NamedTuple):
+    """Per leaf: momentum; running factors ``s_factor`` (m, m) and ``a_factor`` (n, n) and their
+    damped inverses (``None`` for leaves without curvature, and S for FOOF)."""
+
+    count: object
+    momentum: tuple
+    s_factor: tuple
+    a_factor: tuple
+    s_inverse: tuple
+    a_inverse: tuple
+
+
+def kfac(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.001, stat_decay: float = 0.95,
+         momentum: float = 0.9, weight_decay: float = 0.0, inverse_steps: int = 10, variant: str = "kfac"):
+    """K-FAC (``variant="kfac"``) or FOOF (``variant="foof"``).
+
+    ``update(state, grads, params, curvature=...)``: a curvature leaf is ``None`` or ``(S, A)``
+    for a 2-D leaf (m, n): the batch's output-gradient second moment (m, m) and input second
+    moment (n, n) (FOOF ignores S; it may be ``None``).
+
+    Raises:
+        ValueError: bad hyperparameters; curvature of the wrong structure or shape.
+    """
+    learning_rate, damping, stat_decay, momentum, weight_decay = validate(
+        learning_rate, damping, stat_decay, momentum, weight_decay)
+    if variant not in ("kfac", "foof"):
+        raise ValueError(f"variant must be 'kfac' or 'foof'; got {variant!r}")
+    if kl_clip is not None:
+        kl_clip = check_real("kl_clip", kl_clip, low=0.0, low_open=True)
+    inverse_steps = check_int("inverse_steps", inverse_steps, low=1)
+    # K-FAC splits the damping between its two factors; FOOF damps its one factor fully.
+    factor_damping = math.sqrt(damping) if variant == "kfac" else damping
+
+    def init(params):
+        leaves, _ = tree.flatten(params)
+        check_leaves("params", leaves, tree.leaf_paths(params))
+        xp = _xp.namespace(*leaves)
+        dev = _xp.device_of(leaves[0])
+
+        def square(p, d, wanted=True):
+            return xp.zeros((d, d), dtype=p.dtype, device=dev) if p.ndim == 2 and wanted else None
+
+        def eye(p, d, wanted=True):
+            return xp.eye(d, dtype=p.dtype, device=dev) if p.ndim == 2 and wanted else None
+
+        two = variant == "kfac"
+        return KFACState(
+            xp.asarray(0, dtype=xp.int32, device=dev), tuple(xp.zeros_like(p) for p in leaves),
+            tuple(square(p, p.shape[0], two) for p in leaves), tuple(square(p, p.shape[-1]) for p in leaves),
+            tuple(eye(p, p.shape[0], two) for p in leaves), tuple(eye(p, p.shape[-1]) for p in leaves),
+        )
+
+    def inverse(h):
+        dtype = _xp.namespace(h).float64 if _xp.supports_float64(_xp.namespace(h), _xp.device_of(h)) else None
+        return roots.inverse_pth_root(h, 1, epsilon=factor_damping, relative_epsilon=False, dtype=dtype).root
+
+    def update(state, grads, params=None, curvature=None):
+        g_leaves, spec = tree.flatten(grads)
+        paths = tree.leaf_paths(grads)
+        p_leaves = param_leaves(params, spec, len(g_leaves), weight_decay)
+        check_leaves("grads", g_leaves, paths, reference=None if params is None else p_leaves)
+        c_leaves = [None] * len(g_leaves) if curvature is None else curvature_leaves(curvature, spec)
+        count = int(state.count)
+        first, recompute = count == 0, count % inverse_steps == 0
+        lr = learning_rate_at(learning_rate, count)
+        xp = _xp.namespace(*g_leaves)
+        vs, s_f, a_f, s_i, a_i = [], [], [], [], []
+        for i, (g, c, path) in enumerate(zip(g_leaves, c_leaves, paths)):
+            s_fac, a_fac, s_inv, a_inv = state.s_factor[i], state.a_factor[i], state.s_inverse[i], state.a_inverse[i]
+            if c is not None and a_fac is not None:
+                s_new, a_new = c
+                if tuple(a_new.shape) != (g.shape[1],) * 2 or (s_fac is not None and tuple(s_new.shape) != (g.shape[0],) * 2):
+                    raise ValueError(f"curvature{path} must be (S of shape ({g.shape[0]}, {g.shape[0]}), A of shape "
+                                     f"({g.shape[1]}, {g.shape[1]}))")
+                a_fac = a_new if first else stat_decay * a_fac + (1.0 - stat_decay) * a_new
+                if s_fac is not None:
+                    s_fac = s_new if first else stat_decay * s_fac + (1.0 - stat_decay) * s_new
+                if recompute:
+                    a_inv = inverse(a_fac)
+                    s_inv = inverse(s_fac) if s_fac is not None else None
+                v = g @ a_inv
+                if s_inv is not None:
+                    v = s_inv @ v
+                if variant == "foof":
+                    v = v * damping  # γ G (A + γI)⁻¹, the scale of Eva-f
+                vs.append(v)
+            else:
+                vs.append(g)
+            s_f.append(s_fac)
+            a_f.append(a_fac)
+            s_i.append(s_inv)
+            a_i.append(a_inv)
+        updates, moms = clipped_momentum_step(xp, vs, g_leaves, c_leaves, state.momentum, p_leaves, lr=lr,
+                                              kl_clip=kl_clip, momentum=momentum, weight_decay=weight_decay)
+        new = KFACState(state.count + 1, tuple(moms), tuple(s_f), tuple(a_f), tuple(s_i), tuple(a_i))
+        return tree.unflatten(spec, updates), new
+
+    return record_hyperparameters(GradientTransformation(init, update), variant, dict(
+        learning_rate=learning_rate, damping=damping, kl_clip=kl_clip, stat_decay=stat_decay, momentum=momentum,
+        weight_decay=weight_decay, inverse_steps=inverse_steps))
