@@ -33,6 +33,16 @@ DEFAULT_SWEEPS = {
     "adagrad": (3e-3, 1e-2, 3e-2),
     "sgd_momentum": (1e-1, 3e-1, 1.0),
 }
+# The Eva family (torch and numpy frameworks; not in the default run). Ranges chosen so that each
+# best learning rate lies inside its sweep on this model (docs/eva.md).
+EVA_SWEEPS = {
+    "eva": (3e-1, 1.0, 3.0),
+    "eva_s": (1.0, 3.0, 10.0),
+    "eva_f": (1.0, 3.0, 10.0),
+    "kfac": (3e-1, 1.0, 3.0),
+    "foof": (3.0, 10.0, 30.0),
+}
+ALL_SWEEPS = {**DEFAULT_SWEEPS, **EVA_SWEEPS}
 # Shampoo's settings other than the learning rate (fixed, not tuned per run).
 SHAMPOO_SETTINGS = dict(
     block_size=128, beta1=0.9, beta2=0.999, epsilon=1e-6, graft_type="adam", diagonal_epsilon=1e-8,
@@ -62,8 +72,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=2000, help="optimizer steps per run (equal budget)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--eval-every", type=int, default=20, help="steps between full-data loss evaluations")
-    parser.add_argument("--optimizers", default=",".join(DEFAULT_SWEEPS), help="comma-separated subset of "
-                        + ", ".join(DEFAULT_SWEEPS))
+    parser.add_argument("--optimizers", default=",".join(DEFAULT_SWEEPS), help="comma-separated, from "
+                        + ", ".join(ALL_SWEEPS) + " (eva-s and eva_s both work)")
     parser.add_argument("--lrs", type=int, default=3, help="learning rates per optimizer (1 = the middle one)")
     # One thread: these tensors are small, and a second OpenMP thread made steps 3x slower here.
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -106,11 +116,17 @@ def batches(n: int, batch_size: int, steps: int, seed: int):
     return out[:steps]
 
 
-def forward(lib, params: dict, x):
-    """The autoencoder for ``lib`` = torch or jax.numpy (tanh hidden layers, sigmoid output)."""
+def forward(lib, params: dict, x, record=None):
+    """The autoencoder for ``lib`` = torch or jax.numpy (tanh hidden layers, sigmoid output).
+
+    ``record``: a list that receives (layer input, pre-activation) per layer (for curvature).
+    """
     n = len(LAYERS) - 1
     for i in range(n):
+        inp = x
         x = x @ params[f"w{i}"] + params[f"b{i}"]
+        if record is not None:
+            record.append((inp, x))
         x = lib.tanh(x) if i < n - 1 else 1.0 / (1.0 + lib.exp(-x))
     return x
 
@@ -188,6 +204,60 @@ def train_torch(name, lr, data_np, order, args, progress, functional_numpy=False
     return rec, time.perf_counter() - start - rec.eval_seconds, opt_seconds
 
 
+def train_eva_family(name, lr, data_np, order, args, progress):
+    """Eva, Eva-s, Eva-f, K-FAC, FOOF: the core on torch tensors, curvature from autograd.
+
+    Weights are handed to the optimizer transposed, (out, in) as in ``nn.Linear``; ā is the batch
+    mean layer input, ḡ the batch mean per-sample gradient of the layer output (B times the
+    gradient of the mean loss), A = aᵀa/B and S = B·dzᵀdz their second moments. Biases get no
+    curvature (SGD with momentum).
+    """
+    import torch
+
+    import shampoo_core as sc
+
+    data = torch.from_numpy(data_np)
+    params = {k: torch.from_numpy(v.copy()) for k, v in init_params(args.seed).items()}
+    tx = {
+        "eva": lambda: sc.eva(lr), "eva_f": lambda: sc.eva(lr, variant="eva_f"), "eva_s": lambda: sc.eva_s(lr),
+        "kfac": lambda: sc.kfac(lr), "foof": lambda: sc.kfac(lr, variant="foof"),
+    }[name]()
+
+    def to_opt(tree):
+        return {k: (v.mT if k.startswith("w") else v) for k, v in tree.items()}
+
+    state = tx.init(to_opt(params))
+    rec = _Recorder(args, lambda p: loss_fn(torch, p, data))
+    opt_seconds = 0.0
+    start = time.perf_counter()
+    for t, idx in enumerate(order, start=1):
+        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        x = data[idx]
+        record: list = []
+        loss = torch.mean((forward(torch, leaves, x, record) - x) ** 2)
+        out = torch.autograd.grad(loss, list(leaves.values()) + [z for _, z in record])
+        grads = dict(zip(leaves, out[: len(leaves)]))
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            batch = x.shape[0]
+            curvature = {k: None for k in params}
+            for i, ((a, _), dz) in enumerate(zip(record, out[len(leaves):])):
+                a, d = a.detach(), dz * batch
+                curvature[f"w{i}"] = {
+                    "eva": (d.mean(0), a.mean(0)), "eva_f": (d.mean(0), a.mean(0)), "eva_s": None,
+                    "kfac": (d.mT @ d / batch, a.mT @ a / batch), "foof": (None, a.mT @ a / batch),
+                }[name]
+            if name == "eva_s":
+                updates, state = tx.update(state, to_opt(grads), to_opt(params))
+            else:
+                updates, state = tx.update(state, to_opt(grads), to_opt(params), curvature=curvature)
+            params = sc.apply_updates(params, to_opt(updates))
+        opt_seconds += time.perf_counter() - t0
+        rec.after(t, params)
+        progress.update(1)
+    return rec, time.perf_counter() - start - rec.eval_seconds, opt_seconds
+
+
 def train_jax(name, lr, data_np, order, args, progress):
     """The whole step under jax.jit; Shampoo via the optax adapter, baselines via optax."""
     import jax
@@ -230,7 +300,7 @@ def train_jax(name, lr, data_np, order, args, progress):
 
 
 def sweep_values(name: str, count: int):
-    values = DEFAULT_SWEEPS[name]
+    values = ALL_SWEEPS[name]
     if count >= len(values):
         return values
     mid = len(values) // 2
@@ -244,10 +314,12 @@ def run(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
-    unknown = [n for n in names if n not in DEFAULT_SWEEPS]
+    names = [n.strip().replace("-", "_") for n in args.optimizers.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ALL_SWEEPS]
     if unknown:
-        raise SystemExit(f"--optimizers: unknown {unknown}; choose from {list(DEFAULT_SWEEPS)}")
+        raise SystemExit(f"--optimizers: unknown {unknown}; choose from {list(ALL_SWEEPS)}")
+    if args.framework == "jax" and any(n in EVA_SWEEPS for n in names):
+        raise SystemExit("--optimizers: the Eva family runs with --framework torch or numpy")
     if "adam" not in names:
         names.insert(0, "adam")  # Adam's final loss is the target
     data = load_digits()
@@ -257,7 +329,9 @@ def run(args) -> int:
         for lr in sweep_values(name, args.lrs):
             desc = f"{args.framework}:{name:>12} lr={lr:g}"
             with tqdm(total=args.steps, desc=desc, disable=args.no_progress, leave=True) as bar:
-                if args.framework == "jax":
+                if name in EVA_SWEEPS:
+                    rec, seconds, opt_seconds = train_eva_family(name, lr, data, order, args, bar)
+                elif args.framework == "jax":
                     rec, seconds, opt_seconds = train_jax(name, lr, data, order, args, bar)
                 else:
                     rec, seconds, opt_seconds = train_torch(
@@ -345,7 +419,8 @@ def plot(runs, best, target, path, framework: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    colors = dict(shampoo="tab:red", adam="tab:blue", adagrad="tab:green", sgd_momentum="tab:purple")
+    colors = dict(shampoo="tab:red", adam="tab:blue", adagrad="tab:green", sgd_momentum="tab:purple",
+                  eva="tab:orange", eva_s="tab:brown", eva_f="tab:pink", kfac="tab:gray", foof="tab:olive")
     for r in runs:
         is_best = best[r.optimizer] is r
         ax.plot(r.steps, r.losses, color=colors.get(r.optimizer), alpha=1.0 if is_best else 0.25,

@@ -52,3 +52,11 @@ def test_pipeline_benchmark(tmp_path):
     report = json.loads((tmp_path / "pipeline.json").read_text())
     assert set(report["step_ms"]) == {"none", "sync", "async"}
     assert report["digits"]["sync"][-1][0] == 20
+
+
+def test_memory_benchmark(tmp_path):
+    assert main(["memory", "--out", str(tmp_path)]) == 0
+    rows = {r["optimizer"]: r["bytes_per_parameter"] for r in json.loads((tmp_path / "memory.json").read_text())["rows"]}
+    # Adam keeps two float32 moments per parameter plus a counter; Eva's vectors add little to SGD's buffer.
+    assert 8.0 <= rows["adam"] < 8.01
+    assert 4.0 <= rows["eva"] < rows["kfac"]

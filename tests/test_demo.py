@@ -60,3 +60,16 @@ def test_demo_rejects_unknown_optimizer(tmp_path):
 
     with pytest.raises(SystemExit, match="unknown"):
         main(["demo", "--out", str(tmp_path), "--optimizers", "lbfgs"])
+
+
+def test_demo_runs_the_eva_family(tmp_path):
+    from bench.__main__ import main
+
+    assert main(["demo", "--out", str(tmp_path), "--steps", "20", "--eval-every", "10", "--lrs", "1",
+                 "--no-progress", "--optimizers", "eva,eva-s,eva-f,kfac,foof"]) == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert {r["optimizer"] for r in report["summary"]} == {"adam", "eva", "eva_s", "eva_f", "kfac", "foof"}
+    for run in report["runs"]:
+        assert len(run["losses"]) == 2 and all(0 < loss < 1 for loss in run["losses"])
+    with pytest.raises(SystemExit, match="Eva family runs with"):
+        main(["demo", "--out", str(tmp_path), "--framework", "jax", "--optimizers", "eva"])
