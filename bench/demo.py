@@ -36,9 +36,9 @@ DEFAULT_SWEEPS = {
 # The Eva family (torch and numpy frameworks; not in the default run). Ranges chosen so that each
 # best learning rate lies inside its sweep on this model (docs/eva.md).
 EVA_SWEEPS = {
-    "eva": (3e-1, 1.0, 3.0),
+    "eva": (1e-1, 3e-1, 1.0),
     "eva_s": (1.0, 3.0, 10.0),
-    "eva_f": (1.0, 3.0, 10.0),
+    "eva_f": (3.0, 10.0, 30.0),
     "kfac": (3e-1, 1.0, 3.0),
     "foof": (3.0, 10.0, 30.0),
 }

@@ -96,6 +96,13 @@ def param_leaves(params, spec, n, weight_decay):
     return tree.check_same_structure("params", params, spec)
 
 
+def check_variant_and_clip(variant, allowed, kl_clip):
+    """Validate ``variant`` against ``allowed`` and return ``kl_clip`` (> 0, or None)."""
+    if variant not in allowed:
+        raise ValueError(f"variant must be one of {', '.join(map(repr, allowed))}; got {variant!r}")
+    return None if kl_clip is None else check_real("kl_clip", kl_clip, low=0.0, low_open=True)
+
+
 def validate(learning_rate, damping, stat_decay, momentum, weight_decay):
     return (check_learning_rate(learning_rate), check_real("damping", damping, low=0.0, low_open=True),
             check_real("stat_decay", stat_decay, low=0.0, high=1.0, high_open=True),
@@ -145,10 +152,7 @@ def eva(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.0
     """
     learning_rate, damping, stat_decay, momentum, weight_decay = validate(
         learning_rate, damping, stat_decay, momentum, weight_decay)
-    if variant not in ("eva", "eva_f"):
-        raise ValueError(f"variant must be 'eva' or 'eva_f'; got {variant!r}")
-    if kl_clip is not None:
-        kl_clip = check_real("kl_clip", kl_clip, low=0.0, low_open=True)
+    kl_clip = check_variant_and_clip(variant, ("eva", "eva_f"), kl_clip)
     check_bool("two_sided", two_sided)
 
     def init(params):

@@ -15,8 +15,8 @@ from typing import NamedTuple
 
 from . import _xp, roots, tree
 from .base import GradientTransformation, check_leaves, learning_rate_at, record_hyperparameters
-from .eva import clipped_momentum_step, curvature_leaves, param_leaves, validate
-from .options import check_int, check_real
+from .eva import check_variant_and_clip, clipped_momentum_step, curvature_leaves, param_leaves, validate
+from .options import check_int
 
 __all__ = ["kfac", "KFACState"]
 
@@ -46,10 +46,7 @@ def kfac(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.
     """
     learning_rate, damping, stat_decay, momentum, weight_decay = validate(
         learning_rate, damping, stat_decay, momentum, weight_decay)
-    if variant not in ("kfac", "foof"):
-        raise ValueError(f"variant must be 'kfac' or 'foof'; got {variant!r}")
-    if kl_clip is not None:
-        kl_clip = check_real("kl_clip", kl_clip, low=0.0, low_open=True)
+    kl_clip = check_variant_and_clip(variant, ("kfac", "foof"), kl_clip)
     inverse_steps = check_int("inverse_steps", inverse_steps, low=1)
     # K-FAC splits the damping between its two factors; FOOF damps its one factor fully.
     factor_damping = math.sqrt(damping) if variant == "kfac" else damping
