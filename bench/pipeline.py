@@ -44,7 +44,6 @@ def _mean_step(tx, params, grads, steps, warmup):
 
 
 def _digits(steps: int, executor, seed=0):
-    import numpy as np
 
     import shampoo_core as sc
 

@@ -10,6 +10,7 @@ Splitting and merging are exact inverses.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 
@@ -68,6 +69,7 @@ class BlockPlan:
         return math.prod(self.shape)
 
 
+@functools.lru_cache(maxsize=4096)  # plans depend only on these arguments; updates ask every step
 def make_plan(
     shape: tuple[int, ...],
     block_size: int,

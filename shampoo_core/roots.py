@@ -272,7 +272,7 @@ def inverse_pth_root(
     lam_max = max_eigenvalue(xp, work)
     ridge = _ridge(epsilon, relative_epsilon, lam_max)
     best = None
-    for attempt in range(max_retries + 1):
+    for _ in range(max_retries + 1):
         x, error, iterations = _newton_once(
             xp, work, p, ridge, newton_tolerance, newton_max_iterations, error_growth
         )

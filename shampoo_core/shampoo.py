@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import warnings
 from typing import NamedTuple
 
@@ -106,10 +105,9 @@ class ShampooConfig:
     root_dtype: str | None
     inverse_failure_threshold: float
     nonfinite: str
-    cost_model: CostModel = dataclasses.field(compare=False)  # not part of the plan cache key
+    cost_model: CostModel = dataclasses.field(compare=False)  # configs compare by hyperparameters only
     async_preconditioners: object = dataclasses.field(compare=False, default=None)
 
-    @functools.lru_cache(maxsize=None)
     def plan(self, shape: tuple[int, ...]) -> blocking.BlockPlan:
         return blocking.make_plan(
             shape,
@@ -467,11 +465,17 @@ def _update_block(config, xp, block: BlockState, g, plan, schedule: _Schedule, k
         return tuple(statistics.accumulate(h, f, config.beta2) for h, f in zip(block.statistics, factors))
 
     block = block._replace(statistics=_select(xp, schedule.statistics, accumulate, block.statistics))
+    if schedule.roots is False and config.async_preconditioners is None:
+        return block  # the common step: no root work, nothing more to resolve
+
     exponent = config.exponent(plan)
     dtype_name = _dtype_name(_root_dtype(config, xp, g))
 
+    def results_of(stats):
+        return _root_results(config, stats, exponent, dtype_name)
+
     def compute(b):
-        return _apply_roots(config, xp, b, _root_results(config, b.statistics, exponent, dtype_name))
+        return _apply_roots(config, xp, b, results_of(b.statistics))
 
     executor = config.async_preconditioners
     if executor is not None:
@@ -481,11 +485,10 @@ def _update_block(config, xp, block: BlockState, g, plan, schedule: _Schedule, k
         if results is not None:
             block = _apply_roots(config, xp, block, results)
         if schedule.roots:
-            executor.submit(key, schedule.step, lambda stats: _root_results(config, stats, exponent, dtype_name),
-                            block.statistics)
+            executor.submit(key, schedule.step, results_of, block.statistics)
         return block
-    if isinstance(schedule.roots, bool):
-        return compute(block) if schedule.roots else block
+    if schedule.roots is True:
+        return compute(block)
     return _xp.cond(xp, schedule.roots, compute, lambda b: b, block)
 
 

@@ -5,7 +5,6 @@ import math
 import numpy as np
 from hypothesis import given, strategies as st
 
-from shampoo_core import _xp
 from shampoo_core.blocking import make_plan, merge_blocks, merge_small_dims, split_blocks
 from helpers import to_np, to_xp
 

@@ -1,6 +1,5 @@
 """Non-finite gradients, devices, extreme statistics, and a property test over random shapes."""
 
-import math
 
 import numpy as np
 import optree
