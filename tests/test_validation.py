@@ -44,7 +44,9 @@ def test_bad_hyperparameters(kwargs, error, match):
 def test_enums_and_strings_are_equivalent():
     a = sc.shampoo(graft_type=sc.GraftType.ADAM, root_method=sc.RootMethod.NEWTON)
     b = sc.shampoo(graft_type="ADAM", root_method="newton")
-    assert a.init and b.init
+    assert a.init.hyperparameters == b.init.hyperparameters
+    assert a.init.hyperparameters["graft_type"] == "adam"
+    assert a.init.hyperparameters["root_method"] == "newton"
 
 
 def test_first_order_bad_hyperparameters():
