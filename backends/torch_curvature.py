@@ -48,14 +48,15 @@ class CurvatureOptimizer:
         if out.requires_grad:  # the gradient of the layer output, when backward reaches it
             out.register_hook(lambda grad: self._grads.__setitem__(i, grad.detach()))
 
-    def _matrix(self, m, weight, bias):
+    @staticmethod
+    def _matrix(weight, bias):
         w = weight.reshape(weight.shape[0], -1)
         b = bias if bias is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
         return torch.cat([w, b[:, None]], dim=1)
 
     def _params(self):
         with torch.no_grad():
-            layers = [self._matrix(m, m.weight, m.bias) for m in self.layers]
+            layers = [self._matrix(m.weight, m.bias) for m in self.layers]
             return {"layers": layers, "others": [p.detach() for p in self.others]}
 
     def _samples(self, i, m):
@@ -89,7 +90,7 @@ class CurvatureOptimizer:
     def step(self) -> None:
         params = self._params()
         grads = {
-            "layers": [self._matrix(m, m.weight.grad, m.bias.grad if m.bias is not None else None)
+            "layers": [self._matrix(m.weight.grad, m.bias.grad if m.bias is not None else None)
                        for m in self.layers],
             "others": [p.grad for p in self.others],
         }

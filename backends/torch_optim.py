@@ -46,12 +46,13 @@ class Shampoo(torch.optim.Optimizer):
 
     def _transform(self, group):
         hp = {k: v for k, v in group.items() if k in _SHAMPOO_ARGS}
-        key = (id(group), tuple(sorted(hp.items(), key=lambda kv: kv[0])))
-        tx = self._transforms.get(key)
-        if tx is None:
-            tx = sc.shampoo(lambda count, group=group: group["lr"], **hp)
-            self._transforms[key] = tx
-        return tx
+        cached = self._transforms.get(id(group))
+        # Rebuilt only when a group's hyperparameters change (compared by value: they may be
+        # unhashable, e.g. a CostModel); the learning rate is read from the group every step.
+        if cached is None or cached[0] != hp:
+            cached = (hp, sc.shampoo(lambda count, group=group: group["lr"], **hp))
+            self._transforms[id(group)] = cached
+        return cached[1]
 
     def _structure(self, tx, p):
         key = (id(tx), tuple(p.shape), p.dtype, p.device)

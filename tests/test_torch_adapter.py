@@ -153,3 +153,16 @@ def test_sparse_gradients_rejected():
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(ValueError, match="sparse"):
         opt.step()
+
+
+def test_unhashable_hyperparameters_and_group_changes():
+    model, x, y = model_and_data()
+    opt = Shampoo(model.parameters(), lr=0.05, root_method="auto", cost_model=sc.CostModel(), **HP)
+    for _ in range(3):
+        opt.zero_grad()
+        loss_of(model, x, y).backward()
+        opt.step()
+    tx_before = opt._transform(opt.param_groups[0])
+    opt.param_groups[0]["graft_type"] = "sgd"  # a changed group rebuilds its transformation
+    assert opt._transform(opt.param_groups[0]) is not tx_before
+    assert opt._transform(opt.param_groups[0]) is opt._transform(opt.param_groups[0])
