@@ -1,8 +1,9 @@
 """Eva / K-FAC for torch models: curvature from module hooks, bias folded into the weight.
 
-``CurvatureOptimizer(model, tx, kind)`` wraps a transformation from ``sc.eva``/``sc.eva_s``-style
-(``kind="eva"``: vectors ā, ḡ) or ``sc.kfac`` (``kind="kfac"``: factors A, S; FOOF ignores S) and
-collects what it needs with forward and backward hooks on every ``nn.Linear`` and ``nn.Conv2d``:
+``CurvatureOptimizer(model, tx, kind)`` wraps a transformation from ``sc.eva`` (``kind="eva"``:
+vectors ā, ḡ), ``sc.kfac`` (``kind="kfac"``: factors A, S; FOOF ignores S) or ``sc.eva_s``
+(``kind=None``: gradients only, no hooks) and collects what it needs with forward and backward
+hooks on every ``nn.Linear`` and ``nn.Conv2d``:
 
 * a layer's weight (out, in[, kh, kw]) and bias are one matrix [W | b] of shape (out, n + 1),
   the bias being an extra input column of ones (Eva paper, Sec. 3);
@@ -27,19 +28,19 @@ class CurvatureOptimizer:
     """Drive ``tx`` (``sc.eva``/``sc.kfac``) from a torch model's hooks.
 
     Raises:
-        ValueError: ``kind`` not "eva" or "kfac"; a step before any forward/backward pass.
+        ValueError: ``kind`` not "eva", "kfac" or None; a step before any forward/backward pass.
     """
 
-    def __init__(self, model: torch.nn.Module, tx, kind: str = "eva"):
-        if kind not in ("eva", "kfac"):
-            raise ValueError(f"kind must be 'eva' or 'kfac'; got {kind!r}")
+    def __init__(self, model: torch.nn.Module, tx, kind: str | None = "eva"):
+        if kind not in ("eva", "kfac", None):
+            raise ValueError(f"kind must be 'eva', 'kfac' or None; got {kind!r}")
         self.model, self.tx, self.kind = model, tx, kind
         self.layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
         layer_params = {id(p) for m in self.layers for p in m.parameters(recurse=False)}
         self.others = [p for p in model.parameters() if id(p) not in layer_params]
         self._inputs: dict = {}
         self._grads: dict = {}
-        for i, m in enumerate(self.layers):
+        for i, m in enumerate(self.layers if kind is not None else ()):
             m.register_forward_hook(lambda mod, inp, out, i=i: self._record(i, inp[0], out))
         self.state = self.tx.init(self._params())
 
@@ -94,7 +95,10 @@ class CurvatureOptimizer:
                        for m in self.layers],
             "others": [p.grad for p in self.others],
         }
-        updates, self.state = self.tx.update(self.state, grads, params, curvature=self._curvature())
+        if self.kind is None:
+            updates, self.state = self.tx.update(self.state, grads, params)
+        else:
+            updates, self.state = self.tx.update(self.state, grads, params, curvature=self._curvature())
         for m, u in zip(self.layers, updates["layers"]):
             m.weight.add_(u[:, :-1].reshape(m.weight.shape))
             if m.bias is not None:

@@ -33,8 +33,8 @@ DEFAULT_SWEEPS = {
     "adagrad": (3e-3, 1e-2, 3e-2),
     "sgd_momentum": (1e-1, 3e-1, 1.0),
 }
-# The Eva family (torch and numpy frameworks; not in the default run). Ranges chosen so that each
-# best learning rate lies inside its sweep on this model (docs/eva.md).
+# The Eva family (not in the default run; torch and numpy: module hooks; jax: output taps under
+# jit). Ranges chosen so that each best learning rate lies inside its sweep here (docs/eva.md).
 EVA_SWEEPS = {
     "eva": (1e-1, 3e-1, 1.0),
     "eva_s": (1.0, 3.0, 10.0),
@@ -204,58 +204,119 @@ def train_torch(name, lr, data_np, order, args, progress, functional_numpy=False
     return rec, time.perf_counter() - start - rec.eval_seconds, opt_seconds
 
 
-def train_eva_family(name, lr, data_np, order, args, progress):
-    """Eva, Eva-s, Eva-f, K-FAC, FOOF: the core on torch tensors, curvature from autograd.
-
-    Weights are handed to the optimizer transposed, (out, in) as in ``nn.Linear``; ā is the batch
-    mean layer input, ḡ the batch mean per-sample gradient of the layer output (B times the
-    gradient of the mean loss), A = aᵀa/B and S = B·dzᵀdz their second moments. Biases get no
-    curvature (SGD with momentum).
-    """
-    import torch
-
+def _eva_transformation(name, lr):
     import shampoo_core as sc
 
-    data = torch.from_numpy(data_np)
-    params = {k: torch.from_numpy(v.copy()) for k, v in init_params(args.seed).items()}
-    tx = {
+    return {
         "eva": lambda: sc.eva(lr), "eva_f": lambda: sc.eva(lr, variant="eva_f"), "eva_s": lambda: sc.eva_s(lr),
         "kfac": lambda: sc.kfac(lr), "foof": lambda: sc.kfac(lr, variant="foof"),
     }[name]()
 
-    def to_opt(tree):
-        return {k: (v.mT if k.startswith("w") else v) for k, v in tree.items()}
 
-    state = tx.init(to_opt(params))
-    rec = _Recorder(args, lambda p: loss_fn(torch, p, data))
+# What each member of the Eva family needs from the layers: vectors, factors, or gradients only.
+EVA_KIND = {"eva": "eva", "eva_f": "eva", "eva_s": None, "kfac": "kfac", "foof": "kfac"}
+
+
+def train_eva_family(name, lr, data_np, order, args, progress):
+    """Eva, Eva-s, Eva-f, K-FAC, FOOF on an ``nn.Module`` through ``backends.torch_curvature``.
+
+    The module holds the same initial weights as the functional model (``nn.Linear`` stores them
+    as (out, in)); the hooks collect ā and ḡ (or A and S) from every layer, with the bias folded
+    in as an input column of ones, as in the Eva paper.
+    """
+    import torch
+
+    from backends.torch_curvature import CurvatureOptimizer
+
+    data = torch.from_numpy(data_np)
+    model = _torch_autoencoder(init_params(args.seed))
+    opt = CurvatureOptimizer(model, _eva_transformation(name, lr), kind=EVA_KIND[name])
+
+    def evaluate(m):
+        with torch.no_grad():
+            return torch.mean((m(data) - data) ** 2)
+
+    rec = _Recorder(args, evaluate)
     opt_seconds = 0.0
     start = time.perf_counter()
     for t, idx in enumerate(order, start=1):
-        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        model.zero_grad()
         x = data[idx]
-        record: list = []
-        loss = torch.mean((forward(torch, leaves, x, record) - x) ** 2)
-        out = torch.autograd.grad(loss, list(leaves.values()) + [z for _, z in record])
-        grads = dict(zip(leaves, out[: len(leaves)]))
+        torch.mean((model(x) - x) ** 2).backward()
         t0 = time.perf_counter()
-        with torch.no_grad():
-            batch = x.shape[0]
-            curvature = {k: None for k in params}
-            for i, ((a, _), dz) in enumerate(zip(record, out[len(leaves):])):
-                a, d = a.detach(), dz * batch
-                curvature[f"w{i}"] = {
-                    "eva": (d.mean(0), a.mean(0)), "eva_f": (d.mean(0), a.mean(0)), "eva_s": None,
-                    "kfac": (d.mT @ d / batch, a.mT @ a / batch), "foof": (None, a.mT @ a / batch),
-                }[name]
-            if name == "eva_s":
-                updates, state = tx.update(state, to_opt(grads), to_opt(params))
-            else:
-                updates, state = tx.update(state, to_opt(grads), to_opt(params), curvature=curvature)
-            params = sc.apply_updates(params, to_opt(updates))
+        opt.step()
         opt_seconds += time.perf_counter() - t0
-        rec.after(t, params)
+        rec.after(t, model)
         progress.update(1)
     return rec, time.perf_counter() - start - rec.eval_seconds, opt_seconds
+
+
+def _torch_autoencoder(params):
+    """``forward`` as an ``nn.Sequential`` of ``nn.Linear`` layers holding ``params``."""
+    import torch
+
+    n = len(LAYERS) - 1
+    modules = []
+    for i in range(n):
+        layer = torch.nn.Linear(LAYERS[i], LAYERS[i + 1])
+        with torch.no_grad():
+            layer.weight.copy_(torch.from_numpy(params[f"w{i}"].T.copy()))
+            layer.bias.copy_(torch.from_numpy(params[f"b{i}"]))
+        modules += [layer, torch.nn.Tanh() if i < n - 1 else torch.nn.Sigmoid()]
+    return torch.nn.Sequential(*modules)
+
+
+def train_eva_family_jax(name, lr, data_np, order, args, progress):
+    """The Eva family under ``jax.jit``: curvature from ``backends.jax_curvature`` output taps.
+
+    Each layer's parameters are one (out, in + 1) matrix [W | b] (the bias folded in, as in the
+    torch run); the whole step (gradients, curvature, update, apply) is one jitted function.
+    """
+    import jax
+
+    jax.config.update("jax_enable_x64", True)  # float64 K-FAC inverses; the model stays float32
+    import jax.numpy as jnp
+
+    from backends.jax_curvature import Taps, value_grads_and_curvature
+
+    n = len(LAYERS) - 1
+    p0 = init_params(args.seed)
+    import numpy as np
+
+    params = {f"l{i}": jnp.asarray(np.concatenate([p0[f"w{i}"].T, p0[f"b{i}"][:, None]], axis=1)) for i in range(n)}
+    data = jnp.asarray(data_np)
+    tx = _eva_transformation(name, lr)
+    kind = EVA_KIND[name]
+
+    def loss_with_taps(p, taps, x):
+        h = x
+        for i in range(n):
+            z = taps.dense(p[f"l{i}"], h)
+            h = jnp.tanh(z) if i < n - 1 else 1.0 / (1.0 + jnp.exp(-z))
+        return jnp.mean((h - x) ** 2)
+
+    @jax.jit
+    def step(p, s, idx):
+        x = data[idx]
+        if kind is None:
+            grads = jax.grad(lambda q: loss_with_taps(q, Taps(), x))(p)
+            updates, s = tx.update(s, grads, p)
+        else:
+            _, grads, curvature = value_grads_and_curvature(loss_with_taps, p, x, kind=kind)
+            updates, s = tx.update(s, grads, p, curvature=curvature)
+        return jax.tree_util.tree_map(jnp.add, p, updates), s
+
+    rec = _Recorder(args, jax.jit(lambda p: loss_with_taps(p, Taps(), data)))
+    state = tx.init(params)
+    start = time.perf_counter()
+    for t, idx in enumerate(order, start=1):
+        params, state = step(params, state, jnp.asarray(idx))
+        if t % args.eval_every == 0 or t == args.steps:
+            jax.block_until_ready(params)
+        rec.after(t, params)
+        progress.update(1)
+    jax.block_until_ready(params)
+    return rec, time.perf_counter() - start - rec.eval_seconds, None
 
 
 def train_jax(name, lr, data_np, order, args, progress):
@@ -318,8 +379,6 @@ def run(args) -> int:
     unknown = [n for n in names if n not in ALL_SWEEPS]
     if unknown:
         raise SystemExit(f"--optimizers: unknown {unknown}; choose from {list(ALL_SWEEPS)}")
-    if args.framework == "jax" and any(n in EVA_SWEEPS for n in names):
-        raise SystemExit("--optimizers: the Eva family runs with --framework torch or numpy")
     if "adam" not in names:
         names.insert(0, "adam")  # Adam's final loss is the target
     data = load_digits()
@@ -329,7 +388,9 @@ def run(args) -> int:
         for lr in sweep_values(name, args.lrs):
             desc = f"{args.framework}:{name:>12} lr={lr:g}"
             with tqdm(total=args.steps, desc=desc, disable=args.no_progress, leave=True) as bar:
-                if name in EVA_SWEEPS:
+                if name in EVA_SWEEPS and args.framework == "jax":
+                    rec, seconds, opt_seconds = train_eva_family_jax(name, lr, data, order, args, bar)
+                elif name in EVA_SWEEPS:
                     rec, seconds, opt_seconds = train_eva_family(name, lr, data, order, args, bar)
                 elif args.framework == "jax":
                     rec, seconds, opt_seconds = train_jax(name, lr, data, order, args, bar)

@@ -20,7 +20,6 @@ and so damps far more strongly along ā and ḡ.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 from . import _xp, tree
@@ -73,8 +72,20 @@ class EvaState(NamedTuple):
     right: tuple
 
 
-def _ema(old, new, decay: float, first: bool):
-    return new if first else decay * old + (1.0 - decay) * new
+def ema(xp, old, new, decay: float, first):
+    """Running average; the first update takes ``new`` as is (``first``: bool or 0-d bool array)."""
+    if isinstance(first, bool):
+        return new if first else decay * old + (1.0 - decay) * new
+    return xp.where(first, new, decay * old + (1.0 - decay) * new)
+
+
+def step_info(learning_rate, count):
+    """(count, first, lr) for this update: Python values when ``count`` can be read on the host,
+    0-d arrays when it is traced (``jax.jit``), so that no update reads device values back."""
+    concrete = _xp.concrete_int(count)
+    if concrete is not None:
+        return concrete, concrete == 0, learning_rate_at(learning_rate, concrete)
+    return count, count == 0, learning_rate(count) if callable(learning_rate) else learning_rate
 
 
 def _init(params, want_vectors):
@@ -116,17 +127,33 @@ def clipped_momentum_step(xp, vs, g_leaves, c_leaves, buffers, p_leaves, *, lr, 
     ν = min(1, sqrt(kl_clip / Σ_l lr²⟨V_l, G_l⟩)) over the leaves with curvature (``kl_clip=None``:
     ν = 1). Leaves without curvature use their gradient unscaled.
     """
-    nu = 1.0
-    if kl_clip is not None:
-        total = sum(float(xp.sum(v * g)) for v, g, c in zip(vs, g_leaves, c_leaves) if c is not None)
-        if total > 0.0 and lr > 0.0:
-            nu = min(1.0, math.sqrt(kl_clip / (lr * lr * total)))
+    nu = kl_scale(xp, vs, g_leaves, c_leaves, lr, kl_clip)
     updates, out = [], []
     for v, c, buf, p in zip(vs, c_leaves, buffers, p_leaves):
         buf = _sgd_step(xp, nu * v if c is not None else v, buf, p, momentum, weight_decay)
         updates.append((-lr) * buf)
         out.append(buf)
     return updates, out
+
+
+def kl_scale(xp, vs, g_leaves, c_leaves, lr, kl_clip):
+    """ν = min(1, sqrt(kl_clip / Σ_l lr²⟨V_l, G_l⟩)) as a 0-d array (1 where the sum is not > 0).
+
+    Computed on the device without a host read, so it runs under ``jax.jit`` and does not
+    synchronize a GPU stream.
+    """
+    if kl_clip is None:
+        return 1.0
+    terms = [xp.sum(v * g) for v, g, c in zip(vs, g_leaves, c_leaves) if c is not None]
+    if not terms:
+        return 1.0
+    quad = terms[0]
+    for t in terms[1:]:
+        quad = quad + t
+    quad = (lr * lr) * quad
+    ok = quad > 0.0
+    safe = xp.where(ok, quad, xp.ones_like(quad))
+    return xp.where(ok, xp.clip(xp.sqrt(kl_clip / safe), max=1.0), xp.ones_like(quad))
 
 
 def _sgd_step(xp, d, buf, p, momentum, weight_decay):
@@ -167,9 +194,7 @@ def eva(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.0
             c_leaves = [None] * len(g_leaves)
         else:
             c_leaves = curvature_leaves(curvature, spec)
-        count = int(state.count)
-        first = count == 0
-        lr = learning_rate_at(learning_rate, count)
+        _, first, lr = step_info(learning_rate, state.count)
         xp = _xp.namespace(*g_leaves)
         vs, lefts, rights = [], [], []
         for g, c, left, right, path in zip(g_leaves, c_leaves, state.left, state.right, paths):
@@ -182,7 +207,7 @@ def eva(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.0
             if tuple(g_bar.shape) != (g.shape[0],) or tuple(a_bar.shape) != (g.shape[1],):
                 raise ValueError(f"curvature{path} must be (g_bar of shape ({g.shape[0]},), a_bar of shape "
                                  f"({g.shape[1]},)); got {tuple(g_bar.shape)} and {tuple(a_bar.shape)}")
-            left, right = _ema(left, g_bar, stat_decay, first), _ema(right, a_bar, stat_decay, first)
+            left, right = ema(xp, left, g_bar, stat_decay, first), ema(xp, right, a_bar, stat_decay, first)
             if variant == "eva_f":
                 v = eva_f_precondition(xp, g, right, damping)
             elif two_sided:
@@ -229,14 +254,13 @@ def eva_s(learning_rate=0.1, *, damping: float = 0.03, stat_decay: float = 0.95,
         paths = tree.leaf_paths(grads)
         p_leaves = param_leaves(params, spec, len(g_leaves), weight_decay)
         check_leaves("grads", g_leaves, paths, reference=None if params is None else p_leaves)
-        count = int(state.count)
-        lr = learning_rate_at(learning_rate, count)
+        _, first, lr = step_info(learning_rate, state.count)
         xp = _xp.namespace(*g_leaves)
         updates, moms, lefts, rights = [], [], [], []
         for g, left, right, buf, p in zip(g_leaves, state.left, state.right, state.momentum, p_leaves):
             if left is not None:
-                left = _ema(left, xp.mean(g, axis=1), stat_decay, count == 0)
-                right = _ema(right, xp.mean(g, axis=0), stat_decay, count == 0)
+                left = ema(xp, left, xp.mean(g, axis=1), stat_decay, first)
+                right = ema(xp, right, xp.mean(g, axis=0), stat_decay, first)
                 d = eva_s_precondition(xp, g, left, right, damping)
             else:
                 d = g

@@ -14,8 +14,8 @@ import math
 from typing import NamedTuple
 
 from . import _xp, roots, tree
-from .base import GradientTransformation, check_leaves, learning_rate_at, record_hyperparameters
-from .eva import check_variant_and_clip, clipped_momentum_step, curvature_leaves, param_leaves, validate
+from .base import GradientTransformation, check_leaves, record_hyperparameters
+from .eva import check_variant_and_clip, clipped_momentum_step, curvature_leaves, ema, param_leaves, step_info, validate
 from .options import check_int
 
 __all__ = ["kfac", "KFACState"]
@@ -57,22 +57,35 @@ def kfac(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.
         xp = _xp.namespace(*leaves)
         dev = _xp.device_of(leaves[0])
 
-        def square(p, d, wanted=True):
-            return xp.zeros((d, d), dtype=p.dtype, device=dev) if p.ndim == 2 and wanted else None
-
-        def eye(p, d, wanted=True):
-            return xp.eye(d, dtype=p.dtype, device=dev) if p.ndim == 2 and wanted else None
-
         two = variant == "kfac"
+
+        def factor(p, axis, wanted, make):
+            return make(p.shape[axis], p.dtype) if p.ndim == 2 and wanted else None
+
+        def zeros(d, dtype):
+            return xp.zeros((d, d), dtype=dtype, device=dev)
+
+        def eye(d, dtype):
+            return xp.eye(d, dtype=dtype, device=dev)
+
         return KFACState(
             xp.asarray(0, dtype=xp.int32, device=dev), tuple(xp.zeros_like(p) for p in leaves),
-            tuple(square(p, p.shape[0], two) for p in leaves), tuple(square(p, p.shape[-1]) for p in leaves),
-            tuple(eye(p, p.shape[0], two) for p in leaves), tuple(eye(p, p.shape[-1]) for p in leaves),
+            tuple(factor(p, 0, two, zeros) for p in leaves), tuple(factor(p, 1, True, zeros) for p in leaves),
+            tuple(factor(p, 0, two, eye) for p in leaves), tuple(factor(p, 1, True, eye) for p in leaves),
         )
 
     def inverse(h):
         dtype = _xp.namespace(h).float64 if _xp.supports_float64(_xp.namespace(h), _xp.device_of(h)) else None
         return roots.inverse_pth_root(h, 1, epsilon=factor_damping, relative_epsilon=False, dtype=dtype).root
+
+    def _inverses(xp, recompute, factors, old):
+        def compute(fs):
+            return tuple(None if f is None else inverse(f) for f in fs)
+
+        if isinstance(recompute, bool):
+            return compute(factors) if recompute else old
+        # Traced step (jax.jit): decompose only on the steps that are due (lax.cond once registered).
+        return _xp.cond(xp, recompute, compute, lambda fs: old, factors)
 
     def update(state, grads, params=None, curvature=None):
         g_leaves, spec = tree.flatten(grads)
@@ -80,9 +93,8 @@ def kfac(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.
         p_leaves = param_leaves(params, spec, len(g_leaves), weight_decay)
         check_leaves("grads", g_leaves, paths, reference=None if params is None else p_leaves)
         c_leaves = [None] * len(g_leaves) if curvature is None else curvature_leaves(curvature, spec)
-        count = int(state.count)
-        first, recompute = count == 0, count % inverse_steps == 0
-        lr = learning_rate_at(learning_rate, count)
+        count, first, lr = step_info(learning_rate, state.count)
+        recompute = count % inverse_steps == 0
         xp = _xp.namespace(*g_leaves)
         vs, s_f, a_f, s_i, a_i = [], [], [], [], []
         for i, (g, c, path) in enumerate(zip(g_leaves, c_leaves, paths)):
@@ -92,12 +104,10 @@ def kfac(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.
                 if tuple(a_new.shape) != (g.shape[1],) * 2 or (s_fac is not None and tuple(s_new.shape) != (g.shape[0],) * 2):
                     raise ValueError(f"curvature{path} must be (S of shape ({g.shape[0]}, {g.shape[0]}), A of shape "
                                      f"({g.shape[1]}, {g.shape[1]}))")
-                a_fac = a_new if first else stat_decay * a_fac + (1.0 - stat_decay) * a_new
+                a_fac = ema(xp, a_fac, a_new, stat_decay, first)
                 if s_fac is not None:
-                    s_fac = s_new if first else stat_decay * s_fac + (1.0 - stat_decay) * s_new
-                if recompute:
-                    a_inv = inverse(a_fac)
-                    s_inv = inverse(s_fac) if s_fac is not None else None
+                    s_fac = ema(xp, s_fac, s_new, stat_decay, first)
+                a_inv, s_inv = _inverses(xp, recompute, (a_fac, s_fac), (a_inv, s_inv))
                 v = g @ a_inv
                 if s_inv is not None:
                     v = s_inv @ v

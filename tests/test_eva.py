@@ -156,3 +156,17 @@ def test_kfac_bad_input():
     state = tx.init(np.zeros((3, 2)))
     with pytest.raises(ValueError, match=r"curvature must be \(S of shape \(3, 3\), A of shape \(2, 2\)\)"):
         tx.update(state, np.ones((3, 2)), curvature=(np.eye(2), np.eye(3)))
+
+
+@pytest.mark.parametrize("make", [lambda: sc.kfac(0.1), lambda: sc.kfac(0.1, variant="foof"),
+                                  lambda: sc.eva(0.1), lambda: sc.eva_s(0.1)])
+def test_leaves_of_any_rank_without_curvature(make):
+    """0-d, 1-D and 3-D leaves get SGD with momentum; only 2-D leaves carry factors or vectors."""
+    params = {"s": np.ones(()), "b": np.ones(3), "t": np.ones((2, 3, 4)), "w": np.ones((3, 2))}
+    grads = {k: np.full(v.shape, 0.5) for k, v in params.items()}
+    tx = make()
+    state = tx.init(params)
+    u, state = tx.update(state, grads, params)
+    for k in ("s", "b", "t"):
+        np.testing.assert_allclose(u[k], -0.1 * grads[k])
+    assert int(state.count) == 1

@@ -63,3 +63,20 @@ def test_step_before_backward_is_an_error():
         opt.step()
     with pytest.raises(ValueError, match="kind"):
         CurvatureOptimizer(layer, sc.eva(0.1), kind="shampoo")
+
+
+def test_gradient_only_kind_runs_eva_s_on_folded_weights():
+    torch.manual_seed(2)
+    layer = torch.nn.Linear(4, 3).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+    w0, b0 = layer.weight.detach().clone(), layer.bias.detach().clone()
+    opt = CurvatureOptimizer(layer, sc.eva_s(0.1, momentum=0.0), kind=None)
+    torch.mean((layer(x) - y) ** 2).backward()
+    g = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], dim=1)
+    opt.step()
+    import array_api_compat.torch as xt
+
+    ev = __import__("importlib").import_module("shampoo_core.eva")
+    p = ev.eva_s_precondition(xt, g, g.mean(1), g.mean(0), 0.03)
+    torch.testing.assert_close(layer.weight.detach(), w0 - 0.1 * p[:, :-1], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(layer.bias.detach(), b0 - 0.1 * p[:, -1], rtol=1e-10, atol=1e-12)

@@ -1,0 +1,121 @@
+"""Eva / K-FAC on JAX: curvature from output taps, and whole jitted steps (no host reads)."""
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp  # noqa: E402
+
+import shampoo_core as sc  # noqa: E402
+from backends import jax_backend  # noqa: E402, F401  (registers lax.cond)
+from backends.jax_curvature import Taps, value_grads_and_curvature  # noqa: E402
+
+
+def mlp_loss(params, taps, x, y):
+    h = jnp.tanh(taps.dense(params["w1"], x))
+    return jnp.mean((taps.dense(params["w2"], h) * params["scale"] - y) ** 2)
+
+
+def problem(seed=0, batch=32):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((batch, 6)))
+    y = jnp.asarray(np.tanh(rng.standard_normal((batch, 6)) @ rng.standard_normal((6, 3))))
+    params = {"w1": jnp.asarray(rng.standard_normal((8, 7)) * 0.4), "w2": jnp.asarray(rng.standard_normal((3, 9)) * 0.4),
+              "scale": jnp.ones(())}
+    return params, x, y
+
+
+def test_linear_curvature_matches_hand_derivation():
+    rng = np.random.default_rng(2)
+    x, y = rng.standard_normal((16, 5)), rng.standard_normal((16, 3))
+    w = rng.standard_normal((3, 6))
+
+    def loss_fn(p, taps):
+        return jnp.mean((taps.dense(p["w"], jnp.asarray(x)) - jnp.asarray(y)) ** 2)
+
+    loss, grads, (curv_eva,) = [v if i < 2 else (v["w"],) for i, v in
+                                enumerate(value_grads_and_curvature(loss_fn, {"w": jnp.asarray(w)}))]
+    _, _, curv_kfac = value_grads_and_curvature(loss_fn, {"w": jnp.asarray(w)}, kind="kfac")
+    z = x @ w[:, :5].T + w[:, 5]
+    dz = 2 * (z - y) / (16 * 3)  # dL/dz of the mean loss
+    xa = np.concatenate([x, np.ones((16, 1))], axis=1)
+    np.testing.assert_allclose(float(loss), np.mean((z - y) ** 2), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(grads["w"]), dz.T @ xa, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(np.asarray(curv_eva[0]), (16 * dz).mean(0), rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(curv_eva[1]), xa.mean(0), rtol=1e-12)
+    s, a = curv_kfac["w"]
+    np.testing.assert_allclose(np.asarray(s), (16 * dz).T @ (16 * dz) / 16, rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(a), xa.T @ xa / 16, rtol=1e-12)
+
+
+def test_patches_count_as_samples():
+    """Input (batch, positions, n): ḡ sums output gradients over positions, ā averages inputs."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((4, 5, 3)))
+    w = jnp.asarray(rng.standard_normal((2, 4)))
+
+    def loss_fn(p, taps):
+        return jnp.mean(jnp.sum(taps.dense(p["w"], x) ** 2, axis=(1, 2)))
+
+    _, _, curv = value_grads_and_curvature(loss_fn, {"w": w})
+    z = np.asarray(x) @ np.asarray(w)[:, :3].T + np.asarray(w)[:, 3]  # (4, 5, 2)
+    per_sample = 2 * z  # d(sum z²)/dz, per sample (the loss is the batch mean)
+    np.testing.assert_allclose(np.asarray(curv["w"][0]), per_sample.sum(1).mean(0), rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(curv["w"][1][:3]), np.asarray(x).reshape(-1, 3).mean(0), rtol=1e-12)
+
+
+def test_taps_errors_and_plain_mode():
+    params, x, y = problem()
+    plain = mlp_loss(params, Taps(), x, y)
+    loss, _, curv = value_grads_and_curvature(mlp_loss, params, x, y)
+    np.testing.assert_allclose(float(loss), float(plain), rtol=1e-14)
+    assert curv["scale"] is None and curv["w1"][1].shape == (7,)
+    with pytest.raises(ValueError, match="parameter leaf passed unchanged"):
+        value_grads_and_curvature(lambda p, taps: jnp.sum(taps.dense(p["w1"] * 1.0, x)), params)
+    with pytest.raises(ValueError, match=r"w must have shape \(m, 7\)"):
+        Taps().dense(jnp.zeros((3, 6)), x)
+    with pytest.raises(ValueError, match="kind must be"):
+        value_grads_and_curvature(mlp_loss, params, x, y, kind="shampoo")
+
+
+@pytest.mark.parametrize("kind, make", [
+    ("eva", lambda: sc.eva(0.3)),
+    ("eva", lambda: sc.eva(0.3, variant="eva_f")),
+    ("eva", lambda: sc.eva(0.3, two_sided=True, kl_clip=None, damping=1.0)),
+    ("kfac", lambda: sc.kfac(0.3, inverse_steps=3)),
+    ("kfac", lambda: sc.kfac(0.3, variant="foof", inverse_steps=2)),
+])
+def test_jitted_step_equals_eager_and_learns(kind, make):
+    params, x, y = problem()
+    tx = make()
+
+    def step(p, s):
+        loss, grads, curv = value_grads_and_curvature(mlp_loss, p, x, y, kind=kind)
+        updates, s = tx.update(s, grads, p, curvature=curv)
+        return jax.tree_util.tree_map(lambda a, b: a + b, p, updates), s, loss
+
+    jitted = jax.jit(step)
+    p_eager = p_jit = params
+    s_eager = s_jit = tx.init(params)
+    losses = []
+    for _ in range(12):
+        p_eager, s_eager, _ = step(p_eager, s_eager)
+        p_jit, s_jit, loss = jitted(p_jit, s_jit)
+        losses.append(float(loss))
+    for k in params:
+        np.testing.assert_allclose(np.asarray(p_jit[k]), np.asarray(p_eager[k]), rtol=1e-9, atol=1e-12)
+    assert int(s_jit.count) == 12
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_eva_s_jits_with_a_schedule():
+    params, x, y = problem()
+    tx = sc.eva_s(lambda count: 0.5 / (1.0 + count))
+    grads = jax.grad(lambda p: mlp_loss(p, Taps(), x, y))(params)
+    s1 = s2 = tx.init(params)
+    for _ in range(3):
+        u1, s1 = tx.update(s1, grads, params)
+        u2, s2 = jax.jit(tx.update)(s2, grads, params)
+        for k in params:
+            np.testing.assert_allclose(np.asarray(u2[k]), np.asarray(u1[k]), rtol=1e-12, atol=1e-14)
