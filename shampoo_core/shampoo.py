@@ -391,10 +391,13 @@ def _schedule(config: ShampooConfig, count) -> _Schedule:
 
 
 def _select(xp, flag, new_fn, old):
-    """``new_fn()`` where ``flag`` holds, else ``old``; a Python flag decides without computing."""
+    """``new_fn()`` where ``flag`` holds, else ``old`` (a value, or a function computing it); a
+    Python flag decides without computing the other side."""
     if isinstance(flag, bool):
-        return new_fn() if flag else old
-    return optree.tree_map(lambda a, b: xp.where(flag, a, b), new_fn(), old)
+        if flag:
+            return new_fn()
+        return old() if callable(old) else old
+    return optree.tree_map(lambda a, b: xp.where(flag, a, b), new_fn(), old() if callable(old) else old)
 
 
 _WARNED_NO_FLOAT64: set = set()
@@ -461,8 +464,7 @@ def _apply_roots(config: ShampooConfig, xp, block: BlockState, results) -> Block
 
 def _update_block(config, xp, block: BlockState, g, plan, schedule: _Schedule, key) -> BlockState:
     def accumulate():
-        factors = statistics.kronecker_factors(xp, g, plan.preconditioned)
-        return tuple(statistics.accumulate(h, f, config.beta2) for h, f in zip(block.statistics, factors))
+        return statistics.update_statistics(xp, block.statistics, g, plan.preconditioned, config.beta2)
 
     block = block._replace(statistics=_select(xp, schedule.statistics, accumulate, block.statistics))
     if schedule.roots is False and config.async_preconditioners is None:
@@ -514,24 +516,33 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
 
     plan = config.plan(tuple(g.shape))
     new_blocks = s.blocks
-    u = direction
+    neg_lr = -schedule.learning_rate  # folded into each path's scalar factor: one pass fewer
+
+    def first_order():
+        return direction * neg_lr
+
+    u = None
     if plan.num_preconditioned:
         g_blocks = blocking.split_blocks(xp, g, plan)
         new_blocks = tuple(
             _update_block(config, xp, b, gb, plan, schedule, (index, j))
             for j, (b, gb) in enumerate(zip(s.blocks, g_blocks))
         )
-        u = _select(
-            xp, schedule.precondition,
-            lambda: _preconditioned_update(config, xp, new_blocks, f, direction, plan), direction,
-        )
+
+        def preconditioned():
+            return _preconditioned_update(config, xp, new_blocks, f, direction, plan, neg_lr)
+
+        u = _select(xp, schedule.precondition, preconditioned, first_order)
+    else:
+        u = first_order()
 
     if config.weight_decay > 0.0 and config.decoupled_weight_decay:
-        u = u + config.weight_decay * p
-    return (-schedule.learning_rate) * u, ParamState(new_m, new_graft, new_blocks)
+        u = u + (neg_lr * config.weight_decay) * p
+    return u, ParamState(new_m, new_graft, new_blocks)
 
 
-def _preconditioned_update(config, xp, blocks, f, direction, plan):
+def _preconditioned_update(config, xp, blocks, f, direction, plan, factor):
+    """Shampoo's direction for ``f``, grafted to the norm of ``direction``, times ``factor``."""
     f_blocks = blocking.split_blocks(xp, f, plan)
     pre = [
         preconditioner.precondition_block(xp, fb, b.preconditioners, plan.preconditioned)
@@ -539,15 +550,15 @@ def _preconditioned_update(config, xp, blocks, f, direction, plan):
     ]
     graft_type = config.graft_type
     if graft_type is GraftType.NONE:
-        return blocking.merge_blocks(xp, pre, plan)
+        return blocking.merge_blocks(xp, pre, plan) * factor
     floor = grafting.NORM_FLOOR
     if config.graft_granularity is GraftGranularity.BLOCK:
         d_blocks = blocking.split_blocks(xp, direction, plan)
         pre = [
-            pb * (grafting.graft_norm(xp, graft_type, db) / xp.clip(xp.linalg.vector_norm(pb), min=floor))
+            pb * (factor * grafting.graft_norm(xp, graft_type, db) / xp.clip(xp.linalg.vector_norm(pb), min=floor))
             for pb, db in zip(pre, d_blocks)
         ]
         return blocking.merge_blocks(xp, pre, plan)
-    p_norm = xp.sqrt(sum(xp.sum(pb * pb) for pb in pre))
-    scale = grafting.graft_norm(xp, graft_type, direction) / xp.clip(p_norm, min=floor)
-    return blocking.merge_blocks(xp, pre, plan) * scale
+    merged = blocking.merge_blocks(xp, pre, plan)
+    scale = grafting.graft_norm(xp, graft_type, direction) / xp.clip(xp.linalg.vector_norm(merged), min=floor)
+    return merged * (factor * scale)

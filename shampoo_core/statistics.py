@@ -6,7 +6,7 @@ G with itself over every other dimension: for a matrix, L = G Gᵀ (i = 0) and R
 
 from __future__ import annotations
 
-__all__ = ["kronecker_factors", "accumulate"]
+__all__ = ["kronecker_factors", "accumulate", "update_statistics"]
 
 
 def kronecker_factors(xp, g, preconditioned: tuple[bool, ...]) -> list:
@@ -32,6 +32,25 @@ def kronecker_factors(xp, g, preconditioned: tuple[bool, ...]) -> list:
         others = [j for j in dims if j != i]
         out.append(xp.tensordot(g, g, axes=(others, others)))
     return out
+
+
+def update_statistics(xp, stats, g, preconditioned: tuple[bool, ...], beta2: float) -> tuple:
+    """``accumulate`` of every statistic of block ``g``: β₂·H + (1 - β₂)·Gram(g) (Sec. 3, Alg. 1).
+
+    The factor (1 - β₂) is folded into the block as √(1 - β₂)·g: one pass over the block instead
+    of one over each statistic, which together hold Σ dᵢ² >= numel(g) entries.
+
+    Args:
+        stats: the block's ``(d_i, d_i)`` statistics, one per preconditioned dim.
+        g: the block, shape ``(d_0, ..., d_{k-1})``, the dtype of ``stats``.
+
+    Returns:
+        The updated statistics, as a tuple in the order of ``stats``.
+    """
+    if beta2 == 1.0:
+        return tuple(h + f for h, f in zip(stats, kronecker_factors(xp, g, preconditioned)))
+    scaled = g * (1.0 - beta2) ** 0.5
+    return tuple(beta2 * h + f for h, f in zip(stats, kronecker_factors(xp, scaled, preconditioned)))
 
 
 def accumulate(old, new, beta2: float):

@@ -198,12 +198,13 @@ def test_failed_root_keeps_previous_preconditioner(xp):
 
 
 def test_nonfinite_statistics_never_reach_preconditioner(xp):
-    # Finite float32 gradients whose Gram matrix overflows: the statistics become inf.
+    # Finite float32 gradients whose Gram matrix overflows even after the (1 - beta2) factor is
+    # folded in (sqrt(1e-3) * 1e22 squared > 3.4e38): the statistics become inf.
     tx = sc.shampoo(0.1, beta1=0.0, graft_type="none", start_preconditioning_step=1, preconditioning_compute_steps=1,
                     merge_small_dims=False)
     params = to_xp(xp, np.zeros((2, 2), dtype=np.float32))
     state = tx.init(params)
-    g = np.array([[3e20, 1.0], [1.0, 1.0]], dtype=np.float32)
+    g = np.array([[1e22, 1.0], [1.0, 1.0]], dtype=np.float32)
     _, state = tx.update(state, to_xp(xp, g), params)
     (block,) = state.params[0].blocks
     assert not np.all(np.isfinite(to_np(block.statistics[0])))
@@ -311,3 +312,23 @@ def test_scalar_and_nested_parameters(xp):
     assert set(u) == {"layers", "bias"} and isinstance(u["bias"], tuple)
     assert u["layers"][0]["s"].shape == ()
     assert np.isfinite(u["layers"][0]["s"]) and u["layers"][0]["s"] < 0
+
+
+@pytest.mark.parametrize("beta2", [0.999, 0.5, 1.0])
+def test_update_statistics_folds_the_decay_into_the_block(xp, beta2):
+    """β₂H + (1-β₂)·Gram(G) per dim, with (1-β₂) applied to the block: the same statistics up to
+    rounding, and a float32 entry of 3e20 (plain Gram 9e40, past float32's 3.4e38) stays finite
+    exactly when (1-β₂)·9e40 does (β₂ = 1 sums unscaled, as AdaGrad)."""
+    from shampoo_core import statistics
+
+    rng = np.random.default_rng(5)
+    g, h0, h1 = rng.standard_normal((3, 4)), rng.standard_normal((3, 3)), rng.standard_normal((4, 4))
+    new = statistics.update_statistics(xp, (to_xp(xp, h0), to_xp(xp, h1)), to_xp(xp, g), (True, True), beta2)
+    weight = 1.0 if beta2 == 1.0 else 1.0 - beta2  # beta2 = 1 sums (AdaGrad)
+    tol = 100 * eps(to_np(new[0]).dtype)
+    np.testing.assert_allclose(to_np(new[0]), beta2 * h0 + weight * g @ g.T, rtol=tol, atol=tol)
+    np.testing.assert_allclose(to_np(new[1]), beta2 * h1 + weight * g.T @ g, rtol=tol, atol=tol)
+    big = to_xp(xp, np.array([[3e20, 1.0], [1.0, 1.0]], dtype=np.float32))
+    zero = to_xp(xp, np.zeros((2, 2), dtype=np.float32))
+    (h,) = statistics.update_statistics(xp, (zero,), big, (True, False), beta2)
+    assert bool(np.all(np.isfinite(to_np(h)))) == (0 < (1 - beta2) * 9e40 < 3.4e38)
