@@ -38,9 +38,9 @@ DEFAULT_SWEEPS = {
 EVA_SWEEPS = {
     "eva": (1e-1, 3e-1, 1.0),
     "eva_s": (1.0, 3.0, 10.0),
-    "eva_f": (3.0, 10.0, 30.0),
+    "eva_f": (10.0, 30.0, 100.0),
     "kfac": (3e-1, 1.0, 3.0),
-    "foof": (3.0, 10.0, 30.0),
+    "foof": (10.0, 30.0, 100.0),
 }
 ALL_SWEEPS = {**DEFAULT_SWEEPS, **EVA_SWEEPS}
 # Shampoo's settings other than the learning rate (fixed, not tuned per run).

@@ -8,7 +8,9 @@ kernel and biases), float32, one BLAS thread. For each block size:
   dim of every block, its Gram matrix (the statistic) and its mode product (the preconditioning);
 * root step: the extra time of a step that recomputes every inverse root; amortized step time for
   roots every N = 1, 10, 100 steps is non-root + root / N;
-* ``torch.optim.AdamW`` on the same shapes, for scale.
+* ``torch.optim.AdamW`` on the same shapes, for scale;
+* the block matmuls of the largest gradient as a loop over blocks (what the step does) against one
+  batched matmul over the block grid (whether batching equal-shaped blocks would pay).
 """
 
 from __future__ import annotations
@@ -82,6 +84,34 @@ def floor_seconds(block_size: int, params, repeats: int) -> float:
     return total
 
 
+def batching_seconds(block_size: int, repeats: int, shape=(4096, 1024)) -> tuple[float, float]:
+    """(loop, batched): the block matmuls of one step on a ``shape`` float32 gradient (statistics
+    and two-sided preconditioning of every block), one 2-D matmul per block against one batched
+    matmul over the (rows, cols) block grid; the grid must divide ``shape``."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    g = rng.standard_normal(shape).astype(np.float32)
+    r, c = shape[0] // block_size, shape[1] // block_size
+    grid = g.reshape(r, block_size, c, block_size).transpose(0, 2, 1, 3)  # a view, as blocks are
+    left = rng.standard_normal((r, c, block_size, block_size)).astype(np.float32)
+    right = rng.standard_normal((r, c, block_size, block_size)).astype(np.float32)
+    blocks = [(grid[i, j], left[i, j], right[i, j]) for i in range(r) for j in range(c)]
+
+    def loop():
+        for b, lm, rm in blocks:
+            b @ b.T
+            b.T @ b
+            lm @ b @ rm
+
+    def batched():
+        grid @ grid.transpose(0, 1, 3, 2)
+        grid.transpose(0, 1, 3, 2) @ grid
+        left @ grid @ right
+
+    return _median(loop, repeats), _median(batched, repeats)
+
+
 def run(args) -> int:
     from .roots import _pin_threads
 
@@ -114,10 +144,17 @@ def run(args) -> int:
         row = dict(block_size=block_size, nonroot_ms=1e3 * nonroot, floor_ms=1e3 * floor,
                    ratio_to_floor=nonroot / floor, root_step_extra_ms=1e3 * root,
                    amortized_ms={n: 1e3 * (nonroot + root / n) for n in (1, 10, 100)})
+        big = max(params.values(), key=lambda p: p.size).shape
+        if len(big) == 2 and all(d % block_size == 0 and d > block_size for d in big):
+            loop, batched = batching_seconds(block_size, args.steps, big)
+            row.update(block_matmuls_loop_ms=1e3 * loop, block_matmuls_batched_ms=1e3 * batched)
         rows.append(row)
         print(f"block_size {block_size:5d}: non-root step {row['nonroot_ms']:8.1f} ms, floor {row['floor_ms']:8.1f} ms "
               f"({row['ratio_to_floor']:.2f}x); roots +{row['root_step_extra_ms']:.0f} ms; amortized N=1/10/100: "
               + " / ".join(f"{v:.0f}" for v in row["amortized_ms"].values()) + " ms", flush=True)
+        if "block_matmuls_loop_ms" in row:
+            print(f"    block matmuls of the {big[0]}x{big[1]} gradient: loop over blocks "
+                  f"{row['block_matmuls_loop_ms']:.1f} ms, one batched matmul {row['block_matmuls_batched_ms']:.1f} ms")
     adamw = _adamw_ms(params, grads, args.steps, args.threads)
     if adamw is not None:
         print(f"torch.optim.AdamW step: {adamw:.1f} ms")

@@ -35,6 +35,7 @@ def test_step_benchmark(tmp_path):
     for r in report["rows"]:
         assert r["floor_ms"] > 0 and r["nonroot_ms"] > 0
         assert r["amortized_ms"]["1"] >= r["amortized_ms"]["100"]
+        assert r["block_matmuls_loop_ms"] > 0 and r["block_matmuls_batched_ms"] > 0  # 64x256 splits evenly
 
 
 def test_adapters_benchmark(tmp_path):
