@@ -3,7 +3,7 @@
 K-FAC (Martens & Grosse 2015): for a layer weight G (m, n) = (out, in), running averages of
 S = E[ggᵀ] (m, m; output gradients) and A = E[aaᵀ] (n, n; layer inputs); every ``inverse_steps``
 steps the damped inverses (S + √γ I)⁻¹ and (A + √γ I)⁻¹ are recomputed by eigendecomposition
-(``shampoo_core.roots``, p = 1); V = (S + √γ I)⁻¹ G (A + √γ I)⁻¹. FOOF (Benzing 2022) keeps only
+(``shampoo_core.roots``, p = 1; a failed one keeps the previous inverse); V = (S + √γ I)⁻¹ G (A + √γ I)⁻¹. FOOF (Benzing 2022) keeps only
 the input side: V = G (A + γI)⁻¹. Then KL clipping over all layers and SGD with momentum, as in
 ``sc.eva``.
 """
@@ -74,13 +74,19 @@ def kfac(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.
             tuple(factor(p, 0, two, eye) for p in leaves), tuple(factor(p, 1, True, eye) for p in leaves),
         )
 
-    def inverse(h):
-        dtype = _xp.namespace(h).float64 if _xp.supports_float64(_xp.namespace(h), _xp.device_of(h)) else None
-        return roots.inverse_pth_root(h, 1, epsilon=factor_damping, relative_epsilon=False, dtype=dtype).root
+    def inverse(h, old):
+        """Damped inverse of ``h``; a failed decomposition (non-finite) keeps ``old``."""
+        xp = _xp.namespace(h)
+        dtype = xp.float64 if _xp.supports_float64(xp, _xp.device_of(h)) else None
+        result = roots.inverse_pth_root(h, 1, epsilon=factor_damping, relative_epsilon=False, dtype=dtype)
+        if isinstance(result.error, float):
+            return result.root if math.isfinite(result.error) else old
+        ok = xp.isfinite(result.error) & xp.all(xp.isfinite(result.root))
+        return xp.where(ok, result.root, old)
 
-    def _inverses(xp, recompute, factors, old):
+    def inverses(xp, recompute, factors, old):
         def compute(fs):
-            return tuple(None if f is None else inverse(f) for f in fs)
+            return tuple(None if f is None else inverse(f, o) for f, o in zip(fs, old))
 
         if isinstance(recompute, bool):
             return compute(factors) if recompute else old
@@ -107,7 +113,7 @@ def kfac(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.
                 a_fac = ema(xp, a_fac, a_new, stat_decay, first)
                 if s_fac is not None:
                     s_fac = ema(xp, s_fac, s_new, stat_decay, first)
-                a_inv, s_inv = _inverses(xp, recompute, (a_fac, s_fac), (a_inv, s_inv))
+                a_inv, s_inv = inverses(xp, recompute, (a_fac, s_fac), (a_inv, s_inv))
                 v = g @ a_inv
                 if s_inv is not None:
                     v = s_inv @ v

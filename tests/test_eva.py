@@ -170,3 +170,17 @@ def test_leaves_of_any_rank_without_curvature(make):
     for k in ("s", "b", "t"):
         np.testing.assert_allclose(u[k], -0.1 * grads[k])
     assert int(state.count) == 1
+
+
+def test_kfac_keeps_the_previous_inverse_when_a_factor_is_not_finite():
+    rng = np.random.default_rng(4)
+    g, s, a = rng.standard_normal((3, 2)), spd(rng, 3), spd(rng, 2)
+    tx = sc.kfac(0.1, kl_clip=None, momentum=0.0, inverse_steps=1, stat_decay=0.5)
+    state = tx.init(np.zeros((3, 2)))
+    _, state = tx.update(state, g, curvature=(s, a))
+    kept = state.a_inverse[0].copy()
+    bad = a.copy()
+    bad[0, 1] = bad[1, 0] = np.inf
+    u, state = tx.update(state, g, curvature=(s, bad))
+    np.testing.assert_array_equal(state.a_inverse[0], kept)
+    assert np.all(np.isfinite(u))
