@@ -306,17 +306,8 @@ def train_eva_family_jax(name, lr, data_np, order, args, progress):
             updates, s = tx.update(s, grads, p, curvature=curvature)
         return jax.tree_util.tree_map(jnp.add, p, updates), s
 
-    rec = _Recorder(args, jax.jit(lambda p: loss_with_taps(p, Taps(), data)))
-    state = tx.init(params)
-    start = time.perf_counter()
-    for t, idx in enumerate(order, start=1):
-        params, state = step(params, state, jnp.asarray(idx))
-        if t % args.eval_every == 0 or t == args.steps:
-            jax.block_until_ready(params)
-        rec.after(t, params)
-        progress.update(1)
-    jax.block_until_ready(params)
-    return rec, time.perf_counter() - start - rec.eval_seconds, None
+    return _run_jitted(step, params, tx.init(params), jax.jit(lambda p: loss_with_taps(p, Taps(), data)),
+                       order, args, progress)
 
 
 def train_jax(name, lr, data_np, order, args, progress):
@@ -346,9 +337,16 @@ def train_jax(name, lr, data_np, order, args, progress):
         updates, s = tx.update(grads, s, p)
         return optax.apply_updates(p, updates), s
 
-    evaluate = jax.jit(lambda p: loss_fn(jnp, p, data))
+    return _run_jitted(step, params, tx.init(params), jax.jit(lambda p: loss_fn(jnp, p, data)),
+                       order, args, progress)
+
+
+def _run_jitted(step, params, state, evaluate, order, args, progress):
+    """Drive a jitted ``step(params, state, idx)``; the optimizer's own time is not separable."""
+    import jax
+    import jax.numpy as jnp
+
     rec = _Recorder(args, evaluate)
-    state = tx.init(params)
     start = time.perf_counter()
     for t, idx in enumerate(order, start=1):
         params, state = step(params, state, jnp.asarray(idx))

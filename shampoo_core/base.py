@@ -10,6 +10,7 @@ __all__ = [
     "GradientTransformation",
     "apply_updates",
     "learning_rate_at",
+    "count_and_learning_rate",
     "check_leaves",
     "record_hyperparameters",
     "check_devices",
@@ -47,6 +48,19 @@ def learning_rate_at(learning_rate, count: int) -> float:
     if callable(learning_rate):
         return float(learning_rate(count))
     return float(learning_rate)
+
+
+def count_and_learning_rate(learning_rate, count):
+    """``(count, lr)`` for an update given the state's ``count`` of previous updates.
+
+    A Python int and float when ``count`` can be read on the host; the 0-d array itself and the
+    schedule evaluated on it when it is traced (``jax.jit``), so that no update reads device values
+    back.
+    """
+    concrete = _xp.concrete_int(count)
+    if concrete is not None:
+        return concrete, learning_rate_at(learning_rate, concrete)
+    return count, learning_rate(count) if callable(learning_rate) else learning_rate
 
 
 def check_leaves(name: str, leaves, paths, reference=None) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from . import _xp, tree
-from .base import GradientTransformation, check_leaves, learning_rate_at, record_hyperparameters
+from .base import GradientTransformation, check_leaves, count_and_learning_rate, record_hyperparameters
 from .options import check_bool, check_learning_rate, check_real
 
 __all__ = [
@@ -77,15 +77,6 @@ def ema(xp, old, new, decay: float, first):
     if isinstance(first, bool):
         return new if first else decay * old + (1.0 - decay) * new
     return xp.where(first, new, decay * old + (1.0 - decay) * new)
-
-
-def step_info(learning_rate, count):
-    """(count, first, lr) for this update: Python values when ``count`` can be read on the host,
-    0-d arrays when it is traced (``jax.jit``), so that no update reads device values back."""
-    concrete = _xp.concrete_int(count)
-    if concrete is not None:
-        return concrete, concrete == 0, learning_rate_at(learning_rate, concrete)
-    return count, count == 0, learning_rate(count) if callable(learning_rate) else learning_rate
 
 
 def _init(params, want_vectors):
@@ -147,10 +138,7 @@ def kl_scale(xp, vs, g_leaves, c_leaves, lr, kl_clip):
     terms = [xp.sum(v * g) for v, g, c in zip(vs, g_leaves, c_leaves) if c is not None]
     if not terms:
         return 1.0
-    quad = terms[0]
-    for t in terms[1:]:
-        quad = quad + t
-    quad = (lr * lr) * quad
+    quad = (lr * lr) * sum(terms[1:], terms[0])
     ok = quad > 0.0
     safe = xp.where(ok, quad, xp.ones_like(quad))
     return xp.where(ok, xp.clip(xp.sqrt(kl_clip / safe), max=1.0), xp.ones_like(quad))
@@ -194,7 +182,8 @@ def eva(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.0
             c_leaves = [None] * len(g_leaves)
         else:
             c_leaves = curvature_leaves(curvature, spec)
-        _, first, lr = step_info(learning_rate, state.count)
+        count, lr = count_and_learning_rate(learning_rate, state.count)
+        first = count == 0
         xp = _xp.namespace(*g_leaves)
         vs, lefts, rights = [], [], []
         for g, c, left, right, path in zip(g_leaves, c_leaves, state.left, state.right, paths):
@@ -254,7 +243,8 @@ def eva_s(learning_rate=0.1, *, damping: float = 0.03, stat_decay: float = 0.95,
         paths = tree.leaf_paths(grads)
         p_leaves = param_leaves(params, spec, len(g_leaves), weight_decay)
         check_leaves("grads", g_leaves, paths, reference=None if params is None else p_leaves)
-        _, first, lr = step_info(learning_rate, state.count)
+        count, lr = count_and_learning_rate(learning_rate, state.count)
+        first = count == 0
         xp = _xp.namespace(*g_leaves)
         updates, moms, lefts, rights = [], [], [], []
         for g, left, right, buf, p in zip(g_leaves, state.left, state.right, state.momentum, p_leaves):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from . import _xp, grafting, momentum, tree
-from .base import GradientTransformation, check_leaves, learning_rate_at, record_hyperparameters
+from .base import GradientTransformation, check_leaves, count_and_learning_rate, record_hyperparameters
 from .options import GraftType, check_bool, check_learning_rate, check_real
 
 __all__ = ["sgd", "adagrad", "adam", "FirstOrderState"]
@@ -55,12 +55,7 @@ def _transform(learning_rate, graft_type, *, beta1, beta2, epsilon, weight_decay
         elif weight_decay > 0.0:
             raise ValueError("params are required when weight_decay > 0")
         check_leaves("grads", g_leaves, paths, reference=p_leaves)
-        count = _xp.concrete_int(state.count)
-        if count is None:  # traced (jax.jit): the step stays an array
-            count = state.count
-            lr = learning_rate(count) if callable(learning_rate) else learning_rate
-        else:
-            lr = learning_rate_at(learning_rate, count)
+        count, lr = count_and_learning_rate(learning_rate, state.count)
         step = count + 1
         updates, moms, grafts = [], [], []
         for i, g in enumerate(g_leaves):

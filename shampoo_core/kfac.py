@@ -3,9 +3,9 @@
 K-FAC (Martens & Grosse 2015): for a layer weight G (m, n) = (out, in), running averages of
 S = E[ggᵀ] (m, m; output gradients) and A = E[aaᵀ] (n, n; layer inputs); every ``inverse_steps``
 steps the damped inverses (S + √γ I)⁻¹ and (A + √γ I)⁻¹ are recomputed by eigendecomposition
-(``shampoo_core.roots``, p = 1; a failed one keeps the previous inverse); V = (S + √γ I)⁻¹ G (A + √γ I)⁻¹. FOOF (Benzing 2022) keeps only
-the input side: V = G (A + γI)⁻¹. Then KL clipping over all layers and SGD with momentum, as in
-``sc.eva``.
+(``shampoo_core.roots``, p = 1; a failed one keeps the previous inverse);
+V = (S + √γ I)⁻¹ G (A + √γ I)⁻¹. FOOF (Benzing 2022) keeps only the input side:
+V = G (A + γI)⁻¹. Then KL clipping over all layers and SGD with momentum, as in ``sc.eva``.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import math
 from typing import NamedTuple
 
 from . import _xp, roots, tree
-from .base import GradientTransformation, check_leaves, record_hyperparameters
-from .eva import check_variant_and_clip, clipped_momentum_step, curvature_leaves, ema, param_leaves, step_info, validate
+from .base import GradientTransformation, check_leaves, count_and_learning_rate, record_hyperparameters
+from .eva import check_variant_and_clip, clipped_momentum_step, curvature_leaves, ema, param_leaves, validate
 from .options import check_int
 
 __all__ = ["kfac", "KFACState"]
@@ -81,8 +81,8 @@ def kfac(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.
         result = roots.inverse_pth_root(h, 1, epsilon=factor_damping, relative_epsilon=False, dtype=dtype)
         if isinstance(result.error, float):
             return result.root if math.isfinite(result.error) else old
-        ok = xp.isfinite(result.error) & xp.all(xp.isfinite(result.root))
-        return xp.where(ok, result.root, old)
+        # Traced: the error is already inf wherever the root is not finite (roots module).
+        return xp.where(xp.isfinite(result.error), result.root, old)
 
     def inverses(xp, recompute, factors, old):
         def compute(fs):
@@ -99,8 +99,8 @@ def kfac(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.
         p_leaves = param_leaves(params, spec, len(g_leaves), weight_decay)
         check_leaves("grads", g_leaves, paths, reference=None if params is None else p_leaves)
         c_leaves = [None] * len(g_leaves) if curvature is None else curvature_leaves(curvature, spec)
-        count, first, lr = step_info(learning_rate, state.count)
-        recompute = count % inverse_steps == 0
+        count, lr = count_and_learning_rate(learning_rate, state.count)
+        first, recompute = count == 0, count % inverse_steps == 0
         xp = _xp.namespace(*g_leaves)
         vs, s_f, a_f, s_i, a_i = [], [], [], [], []
         for i, (g, c, path) in enumerate(zip(g_leaves, c_leaves, paths)):

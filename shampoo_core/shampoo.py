@@ -27,7 +27,7 @@ import optree
 
 from . import _xp, blocking, grafting, momentum, preconditioner, roots, statistics, tree
 from .cost_model import CostModel
-from .base import GradientTransformation, check_devices, check_leaves, learning_rate_at, record_hyperparameters
+from .base import GradientTransformation, check_devices, check_leaves, count_and_learning_rate, record_hyperparameters
 from .options import (
     GraftGranularity,
     GraftType,
@@ -370,23 +370,17 @@ class _Schedule(NamedTuple):
 
 def _schedule(config: ShampooConfig, count) -> _Schedule:
     start, n, k = config.start_preconditioning_step, config.preconditioning_compute_steps, config.statistics_compute_steps
-    lr = config.learning_rate
-    concrete = _xp.concrete_int(count)
-    if concrete is not None:
-        count = concrete
-        step = count + 1
-        return _Schedule(
-            count, step, (step - 1) % k == 0, step >= start and (step - start) % n == 0, step >= start,
-            learning_rate_at(lr, count),
-        )
+    count, lr = count_and_learning_rate(config.learning_rate, count)
     step = count + 1
+    if isinstance(count, int):
+        return _Schedule(count, step, (step - 1) % k == 0, step >= start and (step - start) % n == 0, step >= start, lr)
     return _Schedule(
         count,
         step,
         True if k == 1 else (step - 1) % k == 0,
         (step >= start) & ((step - start) % n == 0),
         True if start <= 1 else step >= start,
-        lr(count) if callable(lr) else lr,
+        lr,
     )
 
 
@@ -463,8 +457,10 @@ def _apply_roots(config: ShampooConfig, xp, block: BlockState, results) -> Block
 
 
 def _update_block(config, xp, block: BlockState, g, plan, schedule: _Schedule, key) -> BlockState:
+    """``g``: the block of the gradient weighted by ``statistics.statistics_weight(beta2)``."""
+
     def accumulate():
-        return statistics.update_statistics(xp, block.statistics, g, plan.preconditioned, config.beta2)
+        return statistics.accumulate_weighted(xp, block.statistics, g, plan.preconditioned, config.beta2)
 
     block = block._replace(statistics=_select(xp, schedule.statistics, accumulate, block.statistics))
     if schedule.roots is False and config.async_preconditioners is None:
@@ -523,7 +519,9 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
 
     u = None
     if plan.num_preconditioned:
-        g_blocks = blocking.split_blocks(xp, g, plan)
+        weight = statistics.statistics_weight(config.beta2)
+        weighted = g * weight if weight != 1.0 and schedule.statistics is not False else g  # once per parameter
+        g_blocks = blocking.split_blocks(xp, weighted, plan)
         new_blocks = tuple(
             _update_block(config, xp, b, gb, plan, schedule, (index, j))
             for j, (b, gb) in enumerate(zip(s.blocks, g_blocks))

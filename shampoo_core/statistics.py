@@ -6,7 +6,9 @@ G with itself over every other dimension: for a matrix, L = G Gᵀ (i = 0) and R
 
 from __future__ import annotations
 
-__all__ = ["kronecker_factors", "accumulate", "update_statistics"]
+import math
+
+__all__ = ["kronecker_factors", "statistics_weight", "accumulate_weighted", "update_statistics"]
 
 
 def kronecker_factors(xp, g, preconditioned: tuple[bool, ...]) -> list:
@@ -34,8 +36,25 @@ def kronecker_factors(xp, g, preconditioned: tuple[bool, ...]) -> list:
     return out
 
 
+def statistics_weight(beta2: float) -> float:
+    """√(1 - β₂), the factor folded into a block before its Gram matrices (1 for β₂ = 1)."""
+    return 1.0 if beta2 == 1.0 else math.sqrt(1.0 - beta2)
+
+
+def accumulate_weighted(xp, stats, weighted, preconditioned: tuple[bool, ...], beta2: float) -> tuple:
+    """β₂·H + Gram(weighted) per statistic, for ``weighted = statistics_weight(β₂)·G``.
+
+    β₂ = 1 gives H + Gram(G), AdaGrad's sum. Shampoo weights a whole parameter once and then cuts
+    it into blocks, one pass instead of one small operation per block.
+    """
+    factors = kronecker_factors(xp, weighted, preconditioned)
+    if beta2 == 1.0:
+        return tuple(h + f for h, f in zip(stats, factors))
+    return tuple(beta2 * h + f for h, f in zip(stats, factors))
+
+
 def update_statistics(xp, stats, g, preconditioned: tuple[bool, ...], beta2: float) -> tuple:
-    """``accumulate`` of every statistic of block ``g``: β₂·H + (1 - β₂)·Gram(g) (Sec. 3, Alg. 1).
+    """Every statistic of block ``g`` updated: β₂·H + (1 - β₂)·Gram(g) (Sec. 3, Alg. 1).
 
     The factor (1 - β₂) is folded into the block as √(1 - β₂)·g: one pass over the block instead
     of one over each statistic, which together hold Σ dᵢ² >= numel(g) entries.
@@ -47,14 +66,5 @@ def update_statistics(xp, stats, g, preconditioned: tuple[bool, ...], beta2: flo
     Returns:
         The updated statistics, as a tuple in the order of ``stats``.
     """
-    if beta2 == 1.0:
-        return tuple(h + f for h, f in zip(stats, kronecker_factors(xp, g, preconditioned)))
-    scaled = g * (1.0 - beta2) ** 0.5
-    return tuple(beta2 * h + f for h, f in zip(stats, kronecker_factors(xp, scaled, preconditioned)))
-
-
-def accumulate(old, new, beta2: float):
-    """``old + new`` when ``beta2 == 1`` (AdaGrad sums), else ``beta2 * old + (1 - beta2) * new``."""
-    if beta2 == 1.0:
-        return old + new
-    return beta2 * old + (1.0 - beta2) * new
+    weight = statistics_weight(beta2)
+    return accumulate_weighted(xp, stats, g if weight == 1.0 else g * weight, preconditioned, beta2)
