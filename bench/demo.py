@@ -80,6 +80,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--framework", choices=("torch", "jax", "numpy"), default="torch",
                         help="how gradients and optimizers run (see the module docstring)")
+    parser.add_argument("--device", default="cpu", help="torch device of the model and data (--framework torch)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(func=run)
 
@@ -157,8 +158,9 @@ def train_torch(name, lr, data_np, order, args, progress, functional_numpy=False
     """torch autograd; Shampoo via the torch.optim adapter, or the core on NumPy (numpy framework)."""
     import torch
 
-    data = torch.from_numpy(data_np)
-    params = {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in init_params(args.seed).items()}
+    data = torch.from_numpy(data_np).to(args.device)
+    params = {k: torch.nn.Parameter(torch.from_numpy(v.copy()).to(args.device))
+              for k, v in init_params(args.seed).items()}
     rec = _Recorder(args, lambda p: loss_fn(torch, p, data).detach())
     opt_seconds = 0.0
     if name == "shampoo" and functional_numpy:
@@ -228,8 +230,8 @@ def train_eva_family(name, lr, data_np, order, args, progress):
 
     from backends.torch_curvature import CurvatureOptimizer
 
-    data = torch.from_numpy(data_np)
-    model = _torch_autoencoder(init_params(args.seed))
+    data = torch.from_numpy(data_np).to(args.device)
+    model = _torch_autoencoder(init_params(args.seed)).to(args.device)
     opt = CurvatureOptimizer(model, _eva_transformation(name, lr), kind=EVA_KIND[name])
 
     def evaluate(m):
@@ -369,10 +371,17 @@ def sweep_values(name: str, count: int):
 def run(args) -> int:
     from tqdm import tqdm
 
+    if args.device != "cpu" and args.framework != "torch":
+        raise SystemExit(f"--device {args.device}: only --framework torch places the model on a device "
+                         "(jax uses its default device; numpy is the host)")
     if args.framework in ("torch", "numpy"):
         import torch
 
         torch.set_num_threads(args.threads)
+        try:
+            torch.empty(0, device=args.device)  # fail before any training, not inside the first run
+        except (RuntimeError, AssertionError) as err:
+            raise SystemExit(f"--device {args.device}: {err}") from err
     names = [n.strip().replace("-", "_") for n in args.optimizers.split(",") if n.strip()]
     unknown = [n for n in names if n not in ALL_SWEEPS]
     if unknown:
@@ -421,7 +430,8 @@ def run(args) -> int:
     report = dict(
         config=dict(vars(args), func=None, layers=LAYERS, shampoo_settings=SHAMPOO_SETTINGS,
                     sweeps={n: list(sweep_values(n, args.lrs)) for n in names}),
-        machine=dict(python=platform.python_version(), framework=args.framework, versions=_versions(args.framework),
+        machine=dict(python=platform.python_version(), framework=args.framework, device=args.device,
+                     versions=_versions(args.framework),
                      threads=args.threads, cpu_count=os.cpu_count()),
         target_loss=target, adam_steps_to_target=adam_steps, summary=rows,
         runs=[dataclasses.asdict(r) for r in runs],

@@ -1,7 +1,9 @@
 """``python -m bench pipeline``: roots in background threads vs none vs synchronous (Sec. 5).
 
 Step time: model-like shapes (``bench step``'s layout at ``--scale``), float32, roots every
-``--every`` steps, mean over ``--steps`` steps after a warm-up, three ways in one run:
+``--every`` steps, mean over ``--steps`` steps after a warm-up, three ways, interleaved in
+``--rounds`` rounds (so that drift of a shared machine hits all three alike); the ratios are the
+medians of the per-round ratios:
 
 * none: roots only once, before timing (the cost of a step without root computation);
 * sync: roots computed inside ``update`` on their steps;
@@ -26,6 +28,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--every", type=int, default=10, help="preconditioning_compute_steps")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--staleness", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved repetitions of the three runs")
     parser.add_argument("--train-steps", type=int, default=2000, help="digits run length (0 skips it)")
     parser.add_argument("--threads", type=int, default=1, help="BLAS threads of the main thread")
     parser.set_defaults(func=run)
@@ -85,22 +88,30 @@ def run(args) -> int:
     grads = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
     common = dict(block_size=args.block_size, start_preconditioning_step=1)
     warmup = args.every + 1
-    results = {}
-    results["none"] = _mean_step(sc.shampoo(1e-3, preconditioning_compute_steps=10**9, **common),
-                                 params, grads, args.steps, warmup)
-    results["sync"] = _mean_step(sc.shampoo(1e-3, preconditioning_compute_steps=args.every, **common),
-                                 params, grads, args.steps, warmup)
-    with sc.AsyncPreconditioners(max_workers=1, max_staleness=args.every) as ex:
-        results["async"] = _mean_step(
-            sc.shampoo(1e-3, preconditioning_compute_steps=args.every, async_preconditioners=ex, **common),
-            params, grads, args.steps, warmup)
-    none = results["none"][0]
-    print(f"{sum(p.size for p in params.values())} parameters, block_size {args.block_size}, roots every {args.every}")
-    for k, (mean, median) in results.items():
-        print(f"  {k:<6} mean {mean:8.2f} ms/step  median {median:8.2f}  ({mean / none:.2f}x no-root)")
+    modes = ("none", "sync", "async")
+    rounds = []
+    for _ in range(args.rounds):
+        result = {"none": _mean_step(sc.shampoo(1e-3, preconditioning_compute_steps=10**9, **common),
+                                     params, grads, args.steps, warmup),
+                  "sync": _mean_step(sc.shampoo(1e-3, preconditioning_compute_steps=args.every, **common),
+                                     params, grads, args.steps, warmup)}
+        with sc.AsyncPreconditioners(max_workers=1, max_staleness=args.every) as ex:
+            result["async"] = _mean_step(
+                sc.shampoo(1e-3, preconditioning_compute_steps=args.every, async_preconditioners=ex, **common),
+                params, grads, args.steps, warmup)
+        rounds.append(result)
+    step_ms = {k: dict(mean=statistics.median(r[k][0] for r in rounds),
+                       median=statistics.median(r[k][1] for r in rounds)) for k in modes}
+    over_none = {k: statistics.median(r[k][0] / r["none"][0] for r in rounds) for k in modes}
+    print(f"{sum(p.size for p in params.values())} parameters, block_size {args.block_size}, roots every {args.every}, "
+          f"{args.rounds} rounds (medians)")
+    for k in modes:
+        spread = [r[k][0] / r["none"][0] for r in rounds]
+        print(f"  {k:<6} mean {step_ms[k]['mean']:8.2f} ms/step  median {step_ms[k]['median']:8.2f}  "
+              f"({over_none[k]:.2f}x no-root; rounds {min(spread):.2f}-{max(spread):.2f})")
     report = dict(threads=threads, shapes=shapes, block_size=args.block_size, every=args.every,
-                  steps=args.steps, step_ms={k: dict(mean=m, median=md) for k, (m, md) in results.items()},
-                  async_over_none=results["async"][0] / none, sync_over_none=results["sync"][0] / none)
+                  steps=args.steps, rounds=[{k: dict(mean=m, median=md) for k, (m, md) in r.items()} for r in rounds],
+                  step_ms=step_ms, async_over_none=over_none["async"], sync_over_none=over_none["sync"])
     if args.train_steps:
         sync_curve = _digits(args.train_steps, None)
         with sc.AsyncPreconditioners(max_staleness=args.staleness, deterministic=True) as ex:

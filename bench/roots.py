@@ -245,7 +245,7 @@ def run(args) -> int:
     return 0
 
 
-_BACKENDS = {"": "array_api_compat.numpy", "torch": "array_api_compat.torch", "jax.jit": "jax.numpy",
+_BACKENDS = {"": "array_api_compat.numpy", "numpy": "array_api_compat.numpy", "torch": "array_api_compat.torch", "jax.jit": "jax.numpy",
              "cupy": "array_api_compat.cupy"}
 
 
@@ -287,7 +287,7 @@ def _target(rows):
     return best
 
 
-def _plot(rows, path) -> None:
+def _plot(rows, path, title="Inverse p-th root: time vs n (CPU; GPU methods when a GPU is present)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -303,7 +303,7 @@ def _plot(rows, path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("n")
     ax.set_ylabel("median ms per inverse root (κ = 1e6)")
-    ax.set_title("Inverse p-th root: time vs n (CPU; GPU methods when a GPU is present)")
+    ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

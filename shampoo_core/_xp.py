@@ -109,4 +109,10 @@ def to_numpy(x):
     try:
         return np.from_dlpack(x, device="cpu", copy=True)
     except (TypeError, BufferError, RuntimeError, ValueError):
-        return np.array(x, copy=True)
+        pass
+    # Producers without cross-device DLPack export (older CuPy, torch): copy to the host first.
+    try:
+        x = array_api_compat.to_device(x, "cpu")
+    except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError):
+        pass
+    return np.array(x, copy=True)

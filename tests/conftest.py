@@ -47,6 +47,15 @@ def _jax():
     return xp
 
 
+def _torch_cuda():
+    torch = importlib.import_module("torch")
+    if not torch.cuda.is_available():
+        raise ImportError("no CUDA device")
+    import array_api_compat.torch as xp
+
+    return DeviceNamespace(xp, torch.device("cuda"))
+
+
 def _cupy():
     cupy = importlib.import_module("cupy")
     if cupy.cuda.runtime.getDeviceCount() < 1:
@@ -88,6 +97,7 @@ BACKENDS = {
     "array_api_strict:no_float64": _strict_device("no_float64"),
     "torch": _torch,
     "jax": _jax,
+    "torch:cuda": _torch_cuda,
     "cupy": _cupy,
 }
 

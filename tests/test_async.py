@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import shampoo_core as sc
+from shampoo_core import _xp
 from shampoo_core import roots as roots_module
 from helpers import to_np, to_xp
 
@@ -111,19 +112,27 @@ def test_worker_error_surfaces_in_caller(monkeypatch):
         assert isinstance(info.value.__cause__, MemoryError)
 
 
-def test_host_copies_give_the_same_roots():
-    torch = pytest.importorskip("torch")
-    import array_api_compat.torch as xt
+@pytest.mark.parametrize("backend", ["torch", "torch:cuda", "cupy"])
+def test_host_copies_give_the_same_roots(backend):
+    """host=True: roots from NumPy copies of device statistics come back on that device."""
+    from conftest import BACKENDS
 
+    try:
+        xp = BACKENDS[backend]()
+    except Exception as err:
+        pytest.skip(f"{backend} unavailable: {type(err).__name__}: {err}")
     gs = grads(6)
     outs = []
     for host in (False, True):
         with sc.AsyncPreconditioners(max_staleness=1, deterministic=True, host=host) as ex:
-            states, updates = run(sc.shampoo(1.0, async_preconditioners=ex, **HP), xt, gs)
-        x = states[-1].params[0].blocks[0].preconditioners[0]
-        assert isinstance(x, torch.Tensor)
+            states, updates = run(sc.shampoo(1.0, async_preconditioners=ex, **HP), xp, gs)
+        block = states[-1].params[0].blocks[0]
+        for x, h in zip(block.preconditioners, block.statistics):
+            assert type(x) is type(h)
+            assert _xp.device_of(x) == _xp.device_of(h)
+            assert not np.array_equal(to_np(x), np.eye(x.shape[0]))  # a root was swapped in
         outs.append(updates)
-    # NumPy's and torch's LAPACK round differently; κ <= 1/epsilon amplifies float64 rounding.
+    # NumPy's and the backend's solvers round differently; κ <= 1/epsilon amplifies float64 rounding.
     tol = 100 * np.finfo(np.float64).eps / HP["epsilon"]
     for a, b in zip(*outs):
         np.testing.assert_allclose(a, b, rtol=tol, atol=tol)

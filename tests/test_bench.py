@@ -49,9 +49,10 @@ def test_pipeline_benchmark(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("sklearn")
     assert main(["pipeline", "--out", str(tmp_path), "--scale", "32", "--block-size", "16", "--every", "3",
-                 "--steps", "4", "--train-steps", "20", "--staleness", "2"]) == 0
+                 "--steps", "4", "--train-steps", "20", "--staleness", "2", "--rounds", "2"]) == 0
     report = json.loads((tmp_path / "pipeline.json").read_text())
     assert set(report["step_ms"]) == {"none", "sync", "async"}
+    assert len(report["rounds"]) == 2 and report["async_over_none"] > 0
     assert report["digits"]["sync"][-1][0] == 20
 
 
@@ -61,3 +62,31 @@ def test_memory_benchmark(tmp_path):
     # Adam keeps two float32 moments per parameter plus a counter; Eva's vectors add little to SGD's buffer.
     assert 8.0 <= rows["adam"] < 8.01
     assert 4.0 <= rows["eva"] < rows["kfac"]
+
+
+def test_gpu_benchmark_harness_on_the_cpu(tmp_path):
+    """``bench gpu`` runs its device harness on NumPy and reports absent GPU backends as skipped."""
+    model_path = tmp_path / "model.json"
+    assert main(["gpu", "--out", str(tmp_path), "--backends", "numpy,cupy,torch:cuda", "--sizes", "16,32",
+                 "--batches", "4x8,3x16", "--scale", "32", "--block-size", "16", "--every", "2", "--steps", "3",
+                 "--repeats", "2", "--budget", "0.05", "--save-cost-model", str(model_path)]) == 0
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    import importlib.util
+
+    if importlib.util.find_spec("cupy") is None:
+        assert "cupy" in report["skipped"]
+    methods = {r["method"] for r in report["roots"]}
+    assert {"plain eigh f64 (numpy)", "core eigh f64 (numpy)", "core newton f32 (numpy)"} <= methods
+    for r in report["roots"]:
+        assert r["seconds"] > 0 and r["matmul_units"] > 0
+        if r["dtype"] == "float64":
+            assert r["rel_error"] < 1e-8
+    assert [(r["count"], r["n"]) for r in report["batched"]] == [(4, 8), (3, 16)]
+    for r in report["batched"]:
+        assert r["max_relative_eigenvalue_difference"] < 1e-12  # same eigenvalues either way
+    assert set(report["step"]["numpy"]) == {"none", "device_roots", "host_roots_async"}
+    assert (tmp_path / "gpu.png").stat().st_size > 0
+    import shampoo_core as sc
+
+    model = sc.CostModel.load(model_path)
+    assert [n for n, _ in model.timings["array_api_compat.numpy"]["float64"]] == [16, 32]

@@ -82,3 +82,25 @@ def test_demo_runs_the_eva_family_through_hooks_and_taps(tmp_path):
     if "jax" in losses:
         for name, values in losses["torch"].items():
             np.testing.assert_allclose(losses["jax"][name], values, rtol=1e-3)
+
+
+def test_device_is_for_the_torch_framework_only(tmp_path):
+    from bench.__main__ import main
+
+    with pytest.raises(SystemExit, match="--device cuda"):
+        main(["demo", "--out", str(tmp_path), "--framework", "numpy", "--device", "cuda"])
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("torch") or not __import__("torch").cuda.is_available(),
+                    reason="no CUDA device")
+def test_demo_on_cuda_reaches_the_cpu_losses(reports, tmp_path):
+    from bench.__main__ import main
+
+    assert main(["demo", "--out", str(tmp_path), "--steps", "30", "--eval-every", "10", "--lrs", "1",
+                 "--no-progress", "--optimizers", "shampoo,adam,eva", "--device", "cuda"]) == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["machine"]["device"] == "cuda"
+    cpu = {r["optimizer"]: r["losses"] for r in reports["torch"][0]["runs"]}
+    for r in report["runs"]:
+        if r["optimizer"] in cpu:  # float32 on another device: rounding, not different steps
+            np.testing.assert_allclose(r["losses"], cpu[r["optimizer"]], rtol=1e-3)
