@@ -3,8 +3,9 @@
 The JAX counterpart of ``backends.torch_curvature``. Model code routes each layer to be curved
 through ``taps.dense(w, x)``; ``w`` is a parameter leaf of shape (m, n + 1) = [weight | bias], the
 bias being an extra input column of ones (Eva paper, Sec. 3), and ``x`` is the layer input of shape
-(batch, ..., n) (extra axes, e.g. conv patch positions from
-``jax.lax.conv_general_dilated_patches``, count as samples). The layer output is
+(batch, ..., n) (extra axes count as samples). Convolutions go through ``taps.conv2d(w, x,
+kernel_size)``, which cuts ``x`` into patches and applies ``dense`` to them, so the curvature of a
+kernel is that of a dense layer over patch positions (as ``backends.torch_curvature`` does). The layer output is
 ``x @ w[:, :n].T + w[:, n]`` plus a zero "tap" whose gradient is the gradient of the layer output,
 so one ``jax.value_and_grad`` gives the parameter gradients and every layer's output gradients.
 
@@ -60,6 +61,25 @@ class Taps:
         if self._perturbations is not None:
             y = y + self._perturbations[index]
         return y
+
+    def conv2d(self, w, x, kernel_size, *, stride=(1, 1), padding="VALID"):
+        """2-D convolution of ``x`` (batch, c, h, w) NCHW with ``w`` (m, c·kh·kw + 1) = [kernel | bias].
+
+        The kernel is flattened channel-major, ``kernel.reshape(m, c * kh * kw)`` of an OIHW
+        kernel (m, c, kh, kw), the order of ``jax.lax.conv_general_dilated_patches``' features.
+        ``stride`` and ``padding`` are those of ``jax.lax.conv_general_dilated``.
+
+        Returns:
+            (batch, m, h', w'), the convolution plus the bias.
+
+        Raises:
+            ValueError: ``x`` is not 4-D, or ``w`` does not match (see :meth:`dense`).
+        """
+        if x.ndim != 4:
+            raise ValueError(f"x must be (batch, channels, height, width); got shape {tuple(x.shape)}")
+        patches = jax.lax.conv_general_dilated_patches(x, tuple(kernel_size), tuple(stride), padding)
+        y = self.dense(w, jnp.moveaxis(patches, 1, -1))  # (batch, h', w', m)
+        return jnp.moveaxis(y, -1, 1)
 
 
 def _statistics(kind, a, g):

@@ -119,3 +119,65 @@ def test_eva_s_jits_with_a_schedule():
         u2, s2 = jax.jit(tx.update)(s2, grads, params)
         for k in params:
             np.testing.assert_allclose(np.asarray(u2[k]), np.asarray(u1[k]), rtol=1e-12, atol=1e-14)
+
+
+def conv_problem(seed=4):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((6, 2, 7, 7)))
+    kernel = rng.standard_normal((3, 2, 3, 3)) * 0.3  # OIHW
+    bias = rng.standard_normal(3) * 0.1
+    w = jnp.asarray(np.concatenate([kernel.reshape(3, -1), bias[:, None]], axis=1))
+    return x, kernel, bias, w
+
+
+@pytest.mark.parametrize("stride, padding", [((1, 1), "VALID"), ((2, 2), "SAME")])
+def test_conv2d_is_the_convolution_and_its_curvature_is_over_patches(stride, padding):
+    x, kernel, bias, w = conv_problem()
+    expected = jax.lax.conv_general_dilated(x, jnp.asarray(kernel), stride, padding) + bias[None, :, None, None]
+    y = Taps().conv2d(w, x, (3, 3), stride=stride, padding=padding)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(expected), rtol=1e-12, atol=1e-12)
+
+    def loss_fn(p, taps):
+        return jnp.mean(jnp.sum(taps.conv2d(p["w"], x, (3, 3), stride=stride, padding=padding) ** 2, axis=(1, 2, 3)))
+
+    _, grads, curv = value_grads_and_curvature(loss_fn, {"w": w})
+    _, _, curv_kfac = value_grads_and_curvature(loss_fn, {"w": w}, kind="kfac")
+    patches = np.moveaxis(np.asarray(jax.lax.conv_general_dilated_patches(x, (3, 3), stride, padding)), 1, -1)
+    pa = np.concatenate([patches.reshape(-1, 18), np.ones((patches[..., 0].size, 1))], axis=1)
+    per_sample = 2 * np.moveaxis(np.asarray(y), 1, -1)  # d(sum y²)/dy per sample, (6, h', w', 3)
+    np.testing.assert_allclose(np.asarray(curv["w"][0]), per_sample.sum((1, 2)).mean(0), rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(curv["w"][1]), pa.mean(0), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(np.asarray(curv_kfac["w"][1]), pa.T @ pa / pa.shape[0], rtol=1e-12, atol=1e-14)
+    # The weight gradient is the dense layer's over patch positions.
+    ps = per_sample.reshape(-1, 3) / 6
+    np.testing.assert_allclose(np.asarray(grads["w"]), ps.T @ pa, rtol=1e-10, atol=1e-12)
+
+
+def test_conv2d_errors_and_jitted_eva_on_a_conv_net():
+    x, _, _, w = conv_problem()
+    with pytest.raises(ValueError, match="x must be"):
+        Taps().conv2d(w, x[0], (3, 3))
+    with pytest.raises(ValueError, match=r"w must have shape \(m, 19\)"):
+        Taps().conv2d(w[:, 1:], x, (3, 3))
+    rng = np.random.default_rng(5)
+    params = {"conv": w, "head": jnp.asarray(rng.standard_normal((1, 3 * 25 + 1)) * 0.1)}
+    target = jnp.asarray(rng.standard_normal((6, 1)))
+
+    def loss_fn(p, taps, x, y):
+        h = jnp.tanh(taps.conv2d(p["conv"], x, (3, 3)))
+        return jnp.mean((taps.dense(p["head"], h.reshape(h.shape[0], -1)) - y) ** 2)
+
+    tx = sc.eva(0.1)
+
+    @jax.jit
+    def step(p, s):
+        loss, grads, curv = value_grads_and_curvature(loss_fn, p, x, target)
+        updates, s = tx.update(s, grads, p, curvature=curv)
+        return jax.tree_util.tree_map(lambda a, b: a + b, p, updates), s, loss
+
+    state = tx.init(params)
+    losses = []
+    for _ in range(30):
+        params, state, loss = step(params, state)
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0]
