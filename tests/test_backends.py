@@ -43,3 +43,33 @@ def test_updates_agree_with_numpy(xp, dtype, root_method):
         for k in SHAPES:
             assert a[k].dtype == np.dtype(dtype)
             np.testing.assert_allclose(a[k], b[k], rtol=tol, atol=tol * 0.1)
+
+
+class _DeviceOnlyArray:
+    """An array whose DLPack export refuses the host (as a device array of an older library does)."""
+
+    def __init__(self, data):
+        self._data = data
+
+    def __dlpack__(self, **kwargs):
+        raise BufferError("cannot export to the CPU through DLPack")
+
+    def __dlpack_device__(self):
+        return (2, 0)  # kDLCUDA
+
+    def to_device(self, device, stream=None):
+        assert device == "cpu"
+        return self._data
+
+
+def test_to_numpy_copies_device_arrays_to_the_host(xp):
+    """Host copies (checkpoints, host roots) of arrays that DLPack cannot export to the CPU."""
+    from shampoo_core import _xp
+
+    a = np.arange(6.0).reshape(2, 3)
+    host = _xp.to_numpy(_DeviceOnlyArray(a))
+    assert isinstance(host, np.ndarray) and host.dtype == np.float64
+    np.testing.assert_array_equal(host, a)
+    assert not np.shares_memory(host, a)  # a copy: later changes on the device cannot reach it
+    x = to_xp(xp, a)
+    np.testing.assert_array_equal(_xp.to_numpy(x), a)
