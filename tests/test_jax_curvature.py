@@ -17,6 +17,17 @@ def mlp_loss(params, taps, x, y):
     return jnp.mean((taps.dense(params["w2"], h) * params["scale"] - y) ** 2)
 
 
+def make_step(tx, loss_fn, *args, kind="eva"):
+    """One training step: curvature from the taps, the transformation's update, applied."""
+
+    def step(p, s):
+        loss, grads, curv = value_grads_and_curvature(loss_fn, p, *args, kind=kind)
+        updates, s = tx.update(s, grads, p, curvature=curv)
+        return jax.tree_util.tree_map(lambda a, b: a + b, p, updates), s, loss
+
+    return step
+
+
 def problem(seed=0, batch=32):
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal((batch, 6)))
@@ -89,12 +100,7 @@ def test_taps_errors_and_plain_mode():
 def test_jitted_step_equals_eager_and_learns(kind, make):
     params, x, y = problem()
     tx = make()
-
-    def step(p, s):
-        loss, grads, curv = value_grads_and_curvature(mlp_loss, p, x, y, kind=kind)
-        updates, s = tx.update(s, grads, p, curvature=curv)
-        return jax.tree_util.tree_map(lambda a, b: a + b, p, updates), s, loss
-
+    step = make_step(tx, mlp_loss, x, y, kind=kind)
     jitted = jax.jit(step)
     p_eager = p_jit = params
     s_eager = s_jit = tx.init(params)
@@ -168,13 +174,7 @@ def test_conv2d_errors_and_jitted_eva_on_a_conv_net():
         return jnp.mean((taps.dense(p["head"], h.reshape(h.shape[0], -1)) - y) ** 2)
 
     tx = sc.eva(0.1)
-
-    @jax.jit
-    def step(p, s):
-        loss, grads, curv = value_grads_and_curvature(loss_fn, p, x, target)
-        updates, s = tx.update(s, grads, p, curvature=curv)
-        return jax.tree_util.tree_map(lambda a, b: a + b, p, updates), s, loss
-
+    step = jax.jit(make_step(tx, loss_fn, x, target))
     state = tx.init(params)
     losses = []
     for _ in range(30):
