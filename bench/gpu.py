@@ -22,8 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import statistics
-import time
 
 
 def add_arguments(parser) -> None:
@@ -135,6 +133,8 @@ def batched_vs_loop(backend: Backend, count: int, n: int, repeats: int, budget: 
     """Eigenvalues of ``count`` SPD n×n blocks: a loop of 2-D eigh calls vs one batched call."""
     import numpy as np
 
+    from shampoo_core import _xp
+
     xp = backend.xp
     rng = np.random.default_rng(count * n)
     g = rng.standard_normal((count, n, 2 * n))
@@ -149,8 +149,8 @@ def batched_vs_loop(backend: Backend, count: int, n: int, repeats: int, budget: 
 
     loop_s, w_loop = _time(backend, loop, repeats, budget)
     batched_s, w_batched = _time(backend, batched, repeats, budget)
-    w_loop = np.stack([_to_np(w) for w in w_loop])
-    difference = float(np.max(np.abs(w_loop - _to_np(w_batched))) / np.max(np.abs(w_loop)))
+    w_loop = np.stack([_xp.to_numpy(w) for w in w_loop])
+    difference = float(np.max(np.abs(w_loop - _xp.to_numpy(w_batched))) / np.max(np.abs(w_loop)))
     row = dict(backend=backend.name, count=count, n=n, loop_seconds=loop_s, batched_seconds=batched_s,
                loop_over_batched=loop_s / batched_s, max_relative_eigenvalue_difference=difference)
     print(f"{backend.name:<10} {count:>4} blocks of {n:<4} loop {1e3 * loop_s:9.3f} ms  "
@@ -159,35 +159,20 @@ def batched_vs_loop(backend: Backend, count: int, n: int, repeats: int, budget: 
     return row
 
 
-def _to_np(x):
-    from shampoo_core import _xp
-
-    return _xp.to_numpy(x)
-
-
 def step_times(backend: Backend, shapes: dict, block_size: int, every: int, steps: int, host_workers: int = 1) -> dict:
     """Mean and median ms per Shampoo step on ``backend``: no root work, device roots, host roots."""
-    import numpy as np
-
     import shampoo_core as sc
 
-    rng = np.random.default_rng(0)
-    params = {k: backend.asarray((rng.standard_normal(s) * 0.02).astype(np.float32)) for k, s in shapes.items()}
-    grads = {k: backend.asarray(rng.standard_normal(s).astype(np.float32)) for k, s in shapes.items()}
+    from .pipeline import mean_step
+    from .step import model_problem
+
+    params, grads = ({k: backend.asarray(v) for k, v in tree.items()} for tree in model_problem(shapes))
     common = dict(block_size=block_size, start_preconditioning_step=1)
 
     def measure(tx):
-        state = tx.init(params)
-        for _ in range(every + 1):  # the first root step and a full root period: no cold start timed
-            _, state = tx.update(state, grads, params)
-        backend.sync()
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            _, state = tx.update(state, grads, params)
-            backend.sync()
-            times.append(1e3 * (time.perf_counter() - t0))
-        return dict(mean_ms=statistics.fmean(times), median_ms=statistics.median(times))
+        # Warm-up: the first root step and a full root period, so no cold start is timed.
+        mean, median = mean_step(tx, params, grads, steps, every + 1, sync=backend.sync)
+        return dict(mean_ms=mean, median_ms=median)
 
     out = {"none": measure(sc.shampoo(1e-3, preconditioning_compute_steps=10**9, **common)),
            "device_roots": measure(sc.shampoo(1e-3, preconditioning_compute_steps=every, **common))}
@@ -204,12 +189,12 @@ def step_times(backend: Backend, shapes: dict, block_size: int, every: int, step
 
 def run(args) -> int:
     from .roots import _pin_threads, cost_model_from
-    from .step import SHAPES
+    from .step import scaled_shapes
 
     thread_info = _pin_threads(args.threads)
     sizes = [int(x) for x in args.sizes.split(",") if x]
     batches = [tuple(int(x) for x in b.split("x")) for b in args.batches.split(",") if b]
-    shapes = {k: tuple(max(d // args.scale, 1) if d >= 64 else d for d in s) for k, s in SHAPES.items()}
+    shapes = scaled_shapes(args.scale)
     report = dict(threads=thread_info, skipped={}, roots=[], batched=[], step={})
     for name in [b.strip() for b in args.backends.split(",") if b.strip()]:
         try:

@@ -34,14 +34,20 @@ def add_arguments(parser) -> None:
     parser.set_defaults(func=run)
 
 
-def _mean_step(tx, params, grads, steps, warmup):
+def mean_step(tx, params, grads, steps, warmup, sync=lambda: None):
+    """(mean, median) ms per ``tx.update`` over ``steps`` steps after ``warmup`` untimed ones.
+
+    ``sync`` waits for a device's queued work, inside each timed step.
+    """
     state = tx.init(params)
     for _ in range(warmup):
         _, state = tx.update(state, grads, params)
+    sync()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         _, state = tx.update(state, grads, params)
+        sync()
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.fmean(times), 1e3 * statistics.median(times)
 
@@ -76,27 +82,23 @@ def run(args) -> int:
     from .roots import _pin_threads
 
     threads = _pin_threads(args.threads)
-    import numpy as np
-
     import shampoo_core as sc
 
-    from .step import SHAPES
+    from .step import model_problem, scaled_shapes
 
-    shapes = {k: tuple(max(d // args.scale, 1) if d >= 64 else d for d in s) for k, s in SHAPES.items()}
-    rng = np.random.default_rng(0)
-    params = {k: (rng.standard_normal(s) * 0.02).astype(np.float32) for k, s in shapes.items()}
-    grads = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    shapes = scaled_shapes(args.scale)
+    params, grads = model_problem(shapes)
     common = dict(block_size=args.block_size, start_preconditioning_step=1)
     warmup = args.every + 1
     modes = ("none", "sync", "async")
     rounds = []
     for _ in range(args.rounds):
-        result = {"none": _mean_step(sc.shampoo(1e-3, preconditioning_compute_steps=10**9, **common),
+        result = {"none": mean_step(sc.shampoo(1e-3, preconditioning_compute_steps=10**9, **common),
                                      params, grads, args.steps, warmup),
-                  "sync": _mean_step(sc.shampoo(1e-3, preconditioning_compute_steps=args.every, **common),
+                  "sync": mean_step(sc.shampoo(1e-3, preconditioning_compute_steps=args.every, **common),
                                      params, grads, args.steps, warmup)}
         with sc.AsyncPreconditioners(max_workers=1, max_staleness=args.every) as ex:
-            result["async"] = _mean_step(
+            result["async"] = mean_step(
                 sc.shampoo(1e-3, preconditioning_compute_steps=args.every, async_preconditioners=ex, **common),
                 params, grads, args.steps, warmup)
         rounds.append(result)

@@ -25,8 +25,25 @@ SHAPES = {
     "mlp_in": (1024, 4096), "mlp_out": (4096, 1024),
     "conv": (128, 64, 3, 3), "bias_1024": (1024,), "bias_4096": (4096,), "norm": (1024,),
 }
+
+
+def scaled_shapes(scale: int) -> dict:
+    """``SHAPES`` with every dim of 64 or more divided by ``scale`` (kernel sizes kept)."""
+    return {k: tuple(max(d // scale, 1) if d >= 64 else d for d in s) for k, s in SHAPES.items()}
+
+
+def model_problem(shapes: dict, seed: int = 0):
+    """float32 NumPy ``(params, grads)`` of ``shapes``: N(0, 0.02²) weights, N(0, 1) gradients."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    params = {k: (rng.standard_normal(s) * 0.02).astype(np.float32) for k, s in shapes.items()}
+    grads = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    return params, grads
+
+
 # The same layout 16x smaller per dim, for smoke tests.
-SMALL_SHAPES = {k: tuple(max(d // 16, 1) if d >= 64 else d for d in s) for k, s in SHAPES.items()}
+SMALL_SHAPES = scaled_shapes(16)
 
 
 def add_arguments(parser) -> None:
@@ -116,14 +133,10 @@ def run(args) -> int:
     from .roots import _pin_threads
 
     threads = _pin_threads(args.threads)
-    import numpy as np
-
     import shampoo_core as sc
 
-    rng = np.random.default_rng(0)
     shapes = SMALL_SHAPES if args.small else SHAPES
-    params = {k: (rng.standard_normal(s) * 0.02).astype(np.float32) for k, s in shapes.items()}
-    grads = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    params, grads = model_problem(shapes)
     n_params = sum(p.size for p in params.values())
     rows = []
     for block_size in [int(b) for b in args.block_sizes.split(",") if b]:

@@ -98,6 +98,35 @@ def param_leaves(params, spec, n, weight_decay):
     return tree.check_same_structure("params", params, spec)
 
 
+class UpdateInputs(NamedTuple):
+    """What every Eva-family ``update`` starts from (see :func:`begin_update`)."""
+
+    g_leaves: list
+    spec: object
+    paths: list
+    p_leaves: list  # ``None`` entries when params are not given
+    c_leaves: list  # curvature per leaf, ``None`` where a leaf has none
+    count: object  # updates before this one: int, or a 0-d array when traced
+    learning_rate: object
+    xp: object
+
+
+def begin_update(state, grads, params, curvature, learning_rate, weight_decay) -> UpdateInputs:
+    """Flatten and check ``grads``, ``params`` and ``curvature``; resolve the count and learning rate.
+
+    Raises:
+        ValueError: params missing while ``weight_decay > 0``, leaves that do not match, or
+            curvature of another structure than ``grads``.
+    """
+    g_leaves, spec = tree.flatten(grads)
+    paths = tree.leaf_paths(grads)
+    p_leaves = param_leaves(params, spec, len(g_leaves), weight_decay)
+    check_leaves("grads", g_leaves, paths, reference=None if params is None else p_leaves)
+    c_leaves = [None] * len(g_leaves) if curvature is None else curvature_leaves(curvature, spec)
+    count, lr = count_and_learning_rate(learning_rate, state.count)
+    return UpdateInputs(g_leaves, spec, paths, p_leaves, c_leaves, count, lr, _xp.namespace(*g_leaves))
+
+
 def check_variant_and_clip(variant, allowed, kl_clip):
     """Validate ``variant`` against ``allowed`` and return ``kl_clip`` (> 0, or None)."""
     if variant not in allowed:
@@ -174,17 +203,9 @@ def eva(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.0
         return _init(params, lambda p: p.ndim == 2)
 
     def update(state, grads, params=None, curvature=None):
-        g_leaves, spec = tree.flatten(grads)
-        paths = tree.leaf_paths(grads)
-        p_leaves = param_leaves(params, spec, len(g_leaves), weight_decay)
-        check_leaves("grads", g_leaves, paths, reference=None if params is None else p_leaves)
-        if curvature is None:
-            c_leaves = [None] * len(g_leaves)
-        else:
-            c_leaves = curvature_leaves(curvature, spec)
-        count, lr = count_and_learning_rate(learning_rate, state.count)
+        g_leaves, spec, paths, p_leaves, c_leaves, count, lr, xp = begin_update(
+            state, grads, params, curvature, learning_rate, weight_decay)
         first = count == 0
-        xp = _xp.namespace(*g_leaves)
         vs, lefts, rights = [], [], []
         for g, c, left, right, path in zip(g_leaves, c_leaves, state.left, state.right, paths):
             if c is None or left is None:
@@ -239,13 +260,9 @@ def eva_s(learning_rate=0.1, *, damping: float = 0.03, stat_decay: float = 0.95,
         return _init(params, lambda p: p.ndim == 2)
 
     def update(state, grads, params=None):
-        g_leaves, spec = tree.flatten(grads)
-        paths = tree.leaf_paths(grads)
-        p_leaves = param_leaves(params, spec, len(g_leaves), weight_decay)
-        check_leaves("grads", g_leaves, paths, reference=None if params is None else p_leaves)
-        count, lr = count_and_learning_rate(learning_rate, state.count)
+        g_leaves, spec, _, p_leaves, _, count, lr, xp = begin_update(
+            state, grads, params, None, learning_rate, weight_decay)
         first = count == 0
-        xp = _xp.namespace(*g_leaves)
         updates, moms, lefts, rights = [], [], [], []
         for g, left, right, buf, p in zip(g_leaves, state.left, state.right, state.momentum, p_leaves):
             if left is not None:

@@ -14,8 +14,8 @@ import math
 from typing import NamedTuple
 
 from . import _xp, roots, tree
-from .base import GradientTransformation, check_leaves, count_and_learning_rate, record_hyperparameters
-from .eva import check_variant_and_clip, clipped_momentum_step, curvature_leaves, ema, param_leaves, validate
+from .base import GradientTransformation, check_leaves, record_hyperparameters
+from .eva import begin_update, check_variant_and_clip, clipped_momentum_step, ema, validate
 from .options import check_int
 
 __all__ = ["kfac", "KFACState"]
@@ -94,14 +94,9 @@ def kfac(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.
         return _xp.cond(xp, recompute, compute, lambda fs: old, factors)
 
     def update(state, grads, params=None, curvature=None):
-        g_leaves, spec = tree.flatten(grads)
-        paths = tree.leaf_paths(grads)
-        p_leaves = param_leaves(params, spec, len(g_leaves), weight_decay)
-        check_leaves("grads", g_leaves, paths, reference=None if params is None else p_leaves)
-        c_leaves = [None] * len(g_leaves) if curvature is None else curvature_leaves(curvature, spec)
-        count, lr = count_and_learning_rate(learning_rate, state.count)
+        g_leaves, spec, paths, p_leaves, c_leaves, count, lr, xp = begin_update(
+            state, grads, params, curvature, learning_rate, weight_decay)
         first, recompute = count == 0, count % inverse_steps == 0
-        xp = _xp.namespace(*g_leaves)
         vs, s_f, a_f, s_i, a_i = [], [], [], [], []
         for i, (g, c, path) in enumerate(zip(g_leaves, c_leaves, paths)):
             s_fac, a_fac, s_inv, a_inv = state.s_factor[i], state.a_factor[i], state.s_inverse[i], state.a_inverse[i]

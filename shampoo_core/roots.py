@@ -104,6 +104,12 @@ def _matrix_power(m, k: int):
     return result
 
 
+def _newton_step(eye, x, m, p: int):
+    """One coupled Newton step: T = ((p+1)I - M)/p; X ← X T; M ← Tᵖ M."""
+    t = ((p + 1.0) * eye - m) * (1.0 / p)
+    return x @ t, _matrix_power(t, p) @ m
+
+
 def _newton_once(xp, a, p: int, ridge: float, tolerance: float, max_iterations: int, error_growth: float):
     n = a.shape[0]
     eye = _xp.eye_like(xp, n, a)
@@ -118,9 +124,7 @@ def _newton_once(xp, a, p: int, ridge: float, tolerance: float, max_iterations: 
     distance = _xp.scalar(xp.linalg.vector_norm(m - eye))
     iterations = 0
     while iterations < max_iterations and error > tolerance:
-        t = ((p + 1.0) * eye - m) * (1.0 / p)
-        new_x = x @ t
-        new_m = _matrix_power(t, p) @ m
+        new_x, new_m = _newton_step(eye, x, m, p)
         new_distance = _xp.scalar(xp.linalg.vector_norm(new_m - eye))
         # In exact arithmetic ‖M - I‖_F decreases monotonically (each eigenvalue of M moves toward
         # 1), while max|M - I| may rise early on; so only the Frobenius norm detects stagnation.
@@ -137,10 +141,17 @@ def _newton_once(xp, a, p: int, ridge: float, tolerance: float, max_iterations: 
 LAZY_NEWTON_ITERATIONS = 32
 
 
+def _lazy_ridge(xp, epsilon: float, relative: bool, lam_max):
+    """:func:`_ridge` for a 0-d array ``lam_max`` (no host read)."""
+    if not relative:
+        return epsilon
+    return xp.where(lam_max > 0.0, epsilon * lam_max, epsilon * xp.ones_like(lam_max))
+
+
 def _lazy_eigh_root(xp, a, p: float, epsilon: float, relative: bool):
     w, q = xp.linalg.eigh(symmetrize(xp, a))
     lam_max = xp.clip(xp.max(w), min=0.0)
-    ridge = xp.where(lam_max > 0.0, epsilon * lam_max, epsilon * xp.ones_like(lam_max)) if relative else epsilon
+    ridge = _lazy_ridge(xp, epsilon, relative, lam_max)
     w = xp.clip(w, min=0.0) + ridge
     root = (q * w ** (-1.0 / p)) @ q.mT
     error = xp.where(xp.all(xp.isfinite(root)), 0.0 * lam_max, xp.inf * xp.ones_like(lam_max))
@@ -166,7 +177,7 @@ def _lazy_newton_root(xp, a, p: int, epsilon: float, relative: bool, tolerance: 
     eye = _xp.eye_like(xp, n, a)
     a = symmetrize(xp, a)
     lam_max = _lazy_max_eigenvalue(xp, a)
-    ridge = xp.where(lam_max > 0.0, epsilon * lam_max, epsilon * xp.ones_like(lam_max)) if relative else epsilon
+    ridge = _lazy_ridge(xp, epsilon, relative, lam_max)
     a = a + ridge * eye
     z = (1.0 + p) / (2.0 * xp.linalg.vector_norm(a))
     m = z * a
@@ -175,9 +186,7 @@ def _lazy_newton_root(xp, a, p: int, epsilon: float, relative: bool, tolerance: 
     distance = xp.linalg.vector_norm(m - eye)
     active = error > tolerance
     for _ in range(LAZY_NEWTON_ITERATIONS):
-        t = ((p + 1.0) * eye - m) * (1.0 / p)
-        new_x = x @ t
-        new_m = _matrix_power(t, p) @ m
+        new_x, new_m = _newton_step(eye, x, m, p)
         new_distance = xp.linalg.vector_norm(new_m - eye)
         accept = active & (new_distance < error_growth * distance)  # see _newton_once
         x = xp.where(accept, new_x, x)

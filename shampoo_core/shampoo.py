@@ -318,7 +318,6 @@ def shampoo(
     return record_hyperparameters(tx, "shampoo", values)
 
 
-
 def _reference_leaf(s: ParamState):
     if s.momentum is not None:
         return s.momentum

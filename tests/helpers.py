@@ -65,3 +65,12 @@ def require_float64(xp):
         import pytest
 
         pytest.skip(f"float64 is not available on {device}")
+
+
+def train(step, params, state, steps: int):
+    """``steps`` calls of ``step(params, state) -> (params, state, loss)``; losses as floats."""
+    losses = []
+    for _ in range(steps):
+        params, state, loss = step(params, state)
+        losses.append(float(loss))
+    return params, state, losses

@@ -11,6 +11,7 @@ import jax.numpy as jnp  # noqa: E402
 import shampoo_core as sc  # noqa: E402
 from backends import optax_adapter  # noqa: E402
 from shampoo_core import _xp  # noqa: E402
+from helpers import train  # noqa: E402
 
 HP = dict(block_size=4, start_preconditioning_step=3, preconditioning_compute_steps=2,
           statistics_compute_steps=1, beta2=0.99, graft_type="adam", nonfinite="skip", epsilon=1e-3)
@@ -68,11 +69,7 @@ def test_whole_training_step_jits_and_learns():
         u, s = tx.update(g, s, p)
         return optax.apply_updates(p, u), s, value
 
-    state = tx.init(params)
-    losses = []
-    for _ in range(60):
-        params, state, value = step(params, state)
-        losses.append(float(value))
+    params, state, losses = train(step, params, tx.init(params), 60)
     assert losses[-1] < 0.2 * losses[0]
     assert int(state.count) == 60
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp  # noqa: E402
 import shampoo_core as sc  # noqa: E402
 from backends import jax_backend  # noqa: E402, F401  (registers lax.cond)
 from backends.jax_curvature import Taps, value_grads_and_curvature  # noqa: E402
+from helpers import train  # noqa: E402
 
 
 def mlp_loss(params, taps, x, y):
@@ -175,9 +176,5 @@ def test_conv2d_errors_and_jitted_eva_on_a_conv_net():
 
     tx = sc.eva(0.1)
     step = jax.jit(make_step(tx, loss_fn, x, target))
-    state = tx.init(params)
-    losses = []
-    for _ in range(30):
-        params, state, loss = step(params, state)
-        losses.append(float(loss))
+    _, _, losses = train(step, params, tx.init(params), 30)
     assert losses[-1] < 0.5 * losses[0]
