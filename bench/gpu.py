@@ -121,7 +121,9 @@ def root_rows(backend: Backend, sizes, kappa: float, p: int, repeats: int, budge
                 x = _xp.to_numpy(root).astype(np.float64)
                 error = float(np.linalg.norm(x - exact) / np.linalg.norm(exact))
                 method = label if label.startswith("plain") else f"{label} ({backend.name})"
-                rows.append(dict(method=method, backend=backend.name, n=n, batch=1, kappa=kappa, p=p,
+                core = None if label.startswith("plain") else label.split()[1]
+                rows.append(dict(method=method, backend=backend.name, root_method=core, namespace=xp.__name__,
+                                 device=_xp.device_kind(a), n=n, batch=1, kappa=kappa, p=p,
                                  dtype=dtype, seconds=seconds, matmul_seconds=floor,
                                  matmul_units=seconds / floor, rel_error=error))
                 print(f"{method:<28} n={n:<5} {1e3 * seconds:9.3f} ms {seconds / floor:8.1f} matmuls"
@@ -188,7 +190,7 @@ def step_times(backend: Backend, shapes: dict, block_size: int, every: int, step
 
 
 def run(args) -> int:
-    from .roots import _pin_threads, cost_model_from
+    from .roots import _pin_threads, _print_crossovers, cost_model_from
     from .step import scaled_shapes
 
     thread_info = _pin_threads(args.threads)
@@ -212,9 +214,7 @@ def run(args) -> int:
         model = cost_model_from(report["roots"])
         pathlib.Path(args.save_cost_model).parent.mkdir(parents=True, exist_ok=True)
         model.save(args.save_cost_model)
-        for backend in model.timings:
-            for dtype in model.timings[backend]:
-                print(f"auto on {backend} {dtype}: {model.crossovers(backend, dtype)}")
+        _print_crossovers(model)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu.json").write_text(json.dumps(report, indent=2))

@@ -14,6 +14,7 @@ import os
 import pathlib
 import statistics
 import time
+from typing import NamedTuple
 
 
 def add_arguments(parser) -> None:
@@ -70,13 +71,26 @@ def _median_time(fn, repeats: int, budget: float, sync=lambda r: None):
     return statistics.median(times), out
 
 
+class Method(NamedTuple):
+    """One timed root method. ``make(a64, p)`` returns a callable giving (root as float64 NumPy,
+    iterations). Core methods name their ``root_method``, namespace and device kind, which key the
+    cost model; the others (plain LAPACK and SciPy drivers) leave them ``None``."""
+
+    dtype: str
+    make: object
+    root_method: str | None = None
+    namespace: str | None = None
+    device: str | None = None
+
+
 def methods():
-    """name -> (dtype, make(a64, p) -> callable returning (root as float64 NumPy, iterations))."""
+    """name -> :class:`Method`."""
     import numpy as np
     import scipy.linalg as sla
 
     import array_api_compat.numpy as xnp
     import shampoo_core as sc
+    from shampoo_core import _xp
 
     def lapack_root(driver, dtype):
         def make(a, p):
@@ -91,7 +105,7 @@ def methods():
 
         return make
 
-    def core(method, dtype, xp=xnp, to_np=np.asarray, sync=None):
+    def core(method, dtype, xp=xnp, to_np=np.asarray):
         def make(a, p):
             a_t = xp.asarray(a.astype(dtype))
 
@@ -101,26 +115,26 @@ def methods():
 
             return go
 
-        return make
+        return Method(dtype, make, method, xp.__name__, _xp.device_kind(xp.zeros(1)))
 
     table = {
-        "numpy eigh f64 (plain LAPACK)": ("float64", lambda a, p: _plain_numpy_eigh(a, p)),
-        "core eigh f64": ("float64", core("eigh", "float64")),
-        "core eigh f32": ("float32", core("eigh", "float32")),
-        "scipy evd f64": ("float64", lapack_root("evd", np.float64)),
-        "scipy evd f32": ("float32", lapack_root("evd", np.float32)),
-        "scipy evr f64": ("float64", lapack_root("evr", np.float64)),
-        "scipy evr f32": ("float32", lapack_root("evr", np.float32)),
-        "core newton f64": ("float64", core("newton", "float64")),
-        "core newton f32": ("float32", core("newton", "float32")),
+        "numpy eigh f64 (plain LAPACK)": Method("float64", lambda a, p: _plain_numpy_eigh(a, p)),
+        "core eigh f64": core("eigh", "float64"),
+        "core eigh f32": core("eigh", "float32"),
+        "scipy evd f64": Method("float64", lapack_root("evd", np.float64)),
+        "scipy evd f32": Method("float32", lapack_root("evd", np.float32)),
+        "scipy evr f64": Method("float64", lapack_root("evr", np.float64)),
+        "scipy evr f32": Method("float32", lapack_root("evr", np.float32)),
+        "core newton f64": core("newton", "float64"),
+        "core newton f32": core("newton", "float32"),
     }
     try:
         import torch
         import array_api_compat.torch as xt
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        table["core newton f64 (torch)"] = ("float64", core("newton", "float64", xt, lambda x: x.numpy()))
-        table["core eigh f64 (torch)"] = ("float64", core("eigh", "float64", xt, lambda x: x.numpy()))
+        table["core newton f64 (torch)"] = core("newton", "float64", xt, lambda x: x.numpy())
+        table["core eigh f64 (torch)"] = core("eigh", "float64", xt, lambda x: x.numpy())
     except ImportError:
         pass
     try:
@@ -139,10 +153,11 @@ def methods():
 
                 return go
 
-            return make
+            # jit runs on JAX's default device, which is a GPU where one is present
+            return Method("float64", make, method, jnp.__name__, _xp.device_kind(jnp.zeros(1)))
 
-        table["core newton f64 (jax.jit)"] = ("float64", jax_core("newton"))
-        table["core eigh f64 (jax.jit)"] = ("float64", jax_core("eigh"))
+        table["core newton f64 (jax.jit)"] = jax_core("newton")
+        table["core eigh f64 (jax.jit)"] = jax_core("eigh")
     except ImportError:
         pass
     try:
@@ -150,8 +165,8 @@ def methods():
         import array_api_compat.cupy as xc
 
         if cupy.cuda.runtime.getDeviceCount() > 0:
-            table["core eigh f64 (cupy)"] = ("float64", core("eigh", "float64", xc, lambda x: x.get()))
-            table["core newton f64 (cupy)"] = ("float64", core("newton", "float64", xc, lambda x: x.get()))
+            table["core eigh f64 (cupy)"] = core("eigh", "float64", xc, lambda x: x.get())
+            table["core newton f64 (cupy)"] = core("newton", "float64", xc, lambda x: x.get())
     except Exception:  # no CuPy or no CUDA device
         pass
     return table
@@ -192,7 +207,8 @@ def run(args) -> int:
     rows = []
 
     def measure(n, kappa, p, name, batch=1):
-        dtype, make = table[name]
+        method = table[name]
+        dtype, make = method.dtype, method.make
         key = (n, dtype)
         if key not in floors:
             floors[key] = _matmul_floor(n, dtype, args.repeats, args.budget)
@@ -204,7 +220,8 @@ def run(args) -> int:
 
         t, outs = _median_time(go, args.repeats, args.budget)
         errors = [np.linalg.norm(x - exact) / np.linalg.norm(exact) for (x, _), (_, exact) in zip(outs, cases)]
-        row = dict(method=name, n=n, batch=batch, kappa=kappa, p=p, dtype=dtype, seconds=t,
+        row = dict(method=name, root_method=method.root_method, namespace=method.namespace,
+                   device=method.device, n=n, batch=batch, kappa=kappa, p=p, dtype=dtype, seconds=t,
                    seconds_per_block=t / batch, matmul_seconds=floors[key],
                    matmul_units=t / batch / floors[key], rel_error=float(max(errors)),
                    iterations=max(it for _, it in outs))
@@ -236,39 +253,38 @@ def run(args) -> int:
     if args.save_cost_model:
         model = cost_model_from(rows)
         model.save(args.save_cost_model)
-        for backend in model.timings:
-            for dtype in model.timings[backend]:
-                print(f"auto on {backend} {dtype}: {model.crossovers(backend, dtype)}")
+        _print_crossovers(model)
     if not args.no_plot:
         _plot(rows, out / "roots.png")
     print(f"written to {out}/roots.json" + ("" if args.no_plot else " and roots.png"))
     return 0
 
 
-_BACKENDS = {"": "array_api_compat.numpy", "numpy": "array_api_compat.numpy", "torch": "array_api_compat.torch", "jax.jit": "jax.numpy",
-             "cupy": "array_api_compat.cupy"}
-
-
 def cost_model_from(rows):
-    """CostModel over the core's methods that reached 1e-6 relative accuracy at every κ <= 1e6."""
+    """CostModel over the core's methods that reached 1e-6 relative accuracy at every κ <= 1e6,
+    keyed by the namespace and device kind each was measured on (rows without them are not the
+    core's and are left out)."""
     from shampoo_core import CostModel
 
     timings: dict = {}
     groups: dict = {}
     for r in rows:
-        parts = r["method"].split(" ", 3)
-        if parts[0] != "core" or r["batch"] != 1 or r["kappa"] > 1e6:
+        if not r.get("root_method") or r["batch"] != 1 or r["kappa"] > 1e6:
             continue
-        suffix = parts[3].strip("()") if len(parts) > 3 else ""
-        key = (_BACKENDS.get(suffix, suffix), r["dtype"], r["n"], parts[1])
+        key = (r["namespace"], r["device"], r["dtype"], r["n"], r["root_method"])
         groups.setdefault(key, []).append(r)
-    for (backend, dtype, n, method), rs in sorted(groups.items()):
+    for (namespace, device, dtype, n, method), rs in sorted(groups.items()):
         if all(r["rel_error"] <= 1e-6 for r in rs):
-            table = timings.setdefault(backend, {}).setdefault(dtype, [])
+            table = timings.setdefault(namespace, {}).setdefault(device, {}).setdefault(dtype, [])
             if not table or table[-1][0] != n:
                 table.append([n, {}])
             table[-1][1][method] = max(r["seconds"] for r in rs)
     return CostModel(timings)
+
+
+def _print_crossovers(model) -> None:
+    for backend, device, dtype in model.entries():
+        print(f"auto on {backend} ({device}) {dtype}: {model.crossovers(backend, dtype, device)}")
 
 
 def _target(rows):

@@ -13,6 +13,8 @@ import optree
 __all__ = [
     "namespace",
     "device_of",
+    "device_kind",
+    "register_device_kind",
     "is_real_floating",
     "supports_float64",
     "eye_like",
@@ -26,6 +28,8 @@ __all__ = [
 
 # Namespace name -> cond(pred, true_fn, false_fn, operand); registered by backends (JAX: lax.cond).
 _CONDS: dict = {}
+# Namespace name -> fn(array) -> device kind, for arrays whose device cannot be read (traced JAX).
+_DEVICE_KINDS: dict = {}
 
 
 def namespace(*arrays):
@@ -36,6 +40,37 @@ def namespace(*arrays):
 def device_of(x):
     """Device on which ``x`` lives (``array_api_compat.device``)."""
     return array_api_compat.device(x)
+
+
+def device_kind(x) -> str:
+    """The kind of device ``x`` lives on: ``"cpu"``, ``"cuda"`` (CuPy, torch), ``"gpu"``/``"tpu"``
+    (JAX platforms), ``"mps"``, ...; ``"unknown"`` where it cannot be told (a traced array whose
+    library registered no rule with :func:`register_device_kind`).
+
+    Host libraries (NumPy, array_api_strict, Dask) are ``"cpu"`` whatever their device objects.
+    """
+    if array_api_compat.is_cupy_array(x):
+        return "cuda"
+    if array_api_compat.is_numpy_array(x) or array_api_compat.is_dask_array(x):
+        return "cpu"
+    xp = namespace(x)
+    if array_api_compat.is_array_api_strict_namespace(xp):
+        return "cpu"
+    dev = device_of(x)
+    if dev is None:
+        fn = _DEVICE_KINDS.get(getattr(xp, "__name__", ""))
+        return fn(x) if fn is not None else "unknown"
+    for attr in ("type", "platform"):  # torch.device.type; jax.Device.platform
+        kind = getattr(dev, attr, None)
+        if isinstance(kind, str):
+            return kind
+    return str(dev)
+
+
+def register_device_kind(namespace_name: str, fn) -> None:
+    """Register ``fn(x) -> str`` giving the device kind of arrays of ``namespace_name`` whose device
+    cannot be read (``backends.jax_backend``: traced arrays run on JAX's default backend)."""
+    _DEVICE_KINDS[namespace_name] = fn
 
 
 def is_real_floating(xp, x) -> bool:

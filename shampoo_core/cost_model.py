@@ -1,11 +1,14 @@
-"""Choosing the inverse-root method per (backend, size, dtype) from measured costs.
+"""Choosing the inverse-root method per (backend, device, size, dtype) from measured costs.
 
-A cost model maps a backend (the namespace's module name, e.g. ``"array_api_compat.numpy"``) and
-a root dtype to measured seconds per method at several sizes n, keeping only methods that met
-the accuracy requirement when measured (``python -m bench roots --save-cost-model FILE``). For a
-statistic of size n the method of the nearest measured size (in log n) with the lowest time is
-chosen. Backends or dtypes without measurements get ``"eigh"``, which is backward stable and the
-fastest method measured on CPUs (docs/performance.md).
+A cost model maps a backend (the namespace's module name, e.g. ``"array_api_compat.torch"``), a
+device kind (``"cpu"``, ``"cuda"``, JAX's ``"gpu"``; see :func:`shampoo_core._xp.device_kind`)
+and a root dtype to measured seconds per method at several sizes n, keeping only methods that met
+the accuracy requirement when measured (``python -m bench roots --save-cost-model FILE``, and
+``python -m bench gpu`` for accelerators). The device is part of the key because the same library
+has different crossovers on a CPU and on a GPU, where matmuls are relatively cheaper than
+eigensolvers. For a statistic of size n the method of the nearest measured size (in log n) with
+the lowest time is chosen. A (backend, device, dtype) without measurements gets ``"eigh"``, which
+is backward stable and the fastest method measured on CPUs (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -14,48 +17,71 @@ import dataclasses
 import json
 import math
 
-__all__ = ["CostModel", "DEFAULT_METHOD"]
+__all__ = ["CostModel", "DEFAULT_METHOD", "FORMAT_VERSION"]
 
 DEFAULT_METHOD = "eigh"
+FORMAT_VERSION = 2  # 1 had no device level: timings[backend][dtype]
 
 
 @dataclasses.dataclass(frozen=True)
 class CostModel:
-    """``timings[backend][dtype]`` is a list of ``[n, {method: seconds}]``, n ascending."""
+    """``timings[backend][device][dtype]`` is a list of ``[n, {method: seconds}]``, n ascending."""
 
     timings: dict = dataclasses.field(default_factory=dict)
 
-    def choose(self, backend: str, n: int, dtype: str) -> str:
-        """The fastest qualifying method at the measured size nearest to ``n``."""
-        table = self.timings.get(backend, {}).get(dtype)
+    def table(self, backend: str, device: str, dtype: str) -> list:
+        """The measured ``[n, {method: seconds}]`` rows (empty where nothing was measured)."""
+        return self.timings.get(backend, {}).get(device, {}).get(dtype, [])
+
+    def choose(self, backend: str, n: int, dtype: str, device: str = "cpu") -> str:
+        """The fastest qualifying method at the measured size nearest to ``n`` on ``device``."""
+        table = self.table(backend, device, dtype)
         if not table:
             return DEFAULT_METHOD
         _, costs = min(table, key=lambda row: abs(math.log(row[0]) - math.log(max(n, 1))))
         return min(costs, key=costs.get) if costs else DEFAULT_METHOD
 
-    def crossovers(self, backend: str, dtype: str) -> list:
+    def crossovers(self, backend: str, dtype: str, device: str = "cpu") -> list:
         """``[(n, method)]`` where the chosen method changes, for documentation."""
         out, last = [], None
-        for n, _ in self.timings.get(backend, {}).get(dtype, []):
-            method = self.choose(backend, n, dtype)
+        for n, _ in self.table(backend, device, dtype):
+            method = self.choose(backend, n, dtype, device)
             if method != last:
                 out.append((n, method))
                 last = method
         return out
 
+    def entries(self) -> list:
+        """Every measured ``(backend, device, dtype)``."""
+        return [(b, d, t) for b, devices in self.timings.items() for d, dtypes in devices.items() for t in dtypes]
+
+    def merged(self, other: "CostModel") -> "CostModel":
+        """This model with ``other``'s tables added (``other`` wins where both measured a key)."""
+        timings = json.loads(json.dumps(self.timings))
+        for backend, device, dtype in other.entries():
+            timings.setdefault(backend, {}).setdefault(device, {})[dtype] = other.table(backend, device, dtype)
+        return CostModel(timings)
+
     def save(self, path) -> None:
         with open(path, "w") as f:
-            json.dump({"format_version": 1, "timings": self.timings}, f, indent=2)
+            json.dump({"format_version": FORMAT_VERSION, "timings": self.timings}, f, indent=2)
 
     @classmethod
     def load(cls, path) -> "CostModel":
         """Read a model written by :meth:`save`.
 
         Raises:
-            ValueError: not a cost model file of a known format version.
+            ValueError: not a cost model file, or one of another format version (version 1 files,
+                without the device level, must be measured again).
         """
         with open(path) as f:
             data = json.load(f)
-        if not isinstance(data, dict) or data.get("format_version") != 1 or "timings" not in data:
-            raise ValueError(f"{path} is not a shampoo_core cost model (format_version 1)")
+        if not isinstance(data, dict) or "timings" not in data or "format_version" not in data:
+            raise ValueError(f"{path} is not a shampoo_core cost model")
+        if data["format_version"] != FORMAT_VERSION:
+            raise ValueError(
+                f"{path} is a cost model of format_version {data['format_version']!r}; this version reads "
+                f"{FORMAT_VERSION} (timings per backend, device and dtype): measure it again with "
+                f"`python -m bench roots --save-cost-model`"
+            )
         return cls(data["timings"])

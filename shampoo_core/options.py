@@ -49,7 +49,7 @@ class RootMethod(str, enum.Enum):
 
     EIGH = "eigh"
     NEWTON = "newton"
-    AUTO = "auto"  # per (backend, size, dtype) from a measured CostModel
+    AUTO = "auto"  # per (backend, device kind, size, dtype) from a measured CostModel
 
 
 def parse_enum(name: str, value, enum_type):

@@ -172,8 +172,8 @@ def shampoo(
         exponent_override: root order p to use instead of 2k.
         merge_small_dims: merge adjacent dims while the product stays <= block_size.
         skip_preconditioning_dim_size_gt: dims larger than this get no statistic (one-sided).
-        root_method: "eigh", "newton", or "auto" (per statistic size, backend and dtype, the
-            fastest accurate method of ``cost_model``; eigh where nothing was measured).
+        root_method: "eigh", "newton", or "auto" (per statistic size, backend, device kind and
+            dtype, the fastest accurate method of ``cost_model``; eigh where nothing was measured).
         cost_model: a :class:`~shampoo_core.cost_model.CostModel` for ``root_method="auto"``.
         async_preconditioners: an :class:`~shampoo_core.async_roots.AsyncPreconditioners` to
             compute roots in background threads while steps use the previous ones (eager arrays
@@ -431,7 +431,7 @@ def _root_results(config: ShampooConfig, stats, exponent, dtype_name: str) -> li
         xp = _xp.namespace(h)
         method = config.root_method.value
         if config.root_method is RootMethod.AUTO:
-            method = config.cost_model.choose(xp.__name__, h.shape[0], dtype_name)
+            method = config.cost_model.choose(xp.__name__, h.shape[0], dtype_name, _xp.device_kind(h))
         out.append(roots.inverse_pth_root(
             h, exponent, epsilon=config.epsilon, relative_epsilon=config.relative_epsilon,
             method=method, dtype=getattr(xp, dtype_name),

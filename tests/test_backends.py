@@ -73,3 +73,25 @@ def test_to_numpy_copies_device_arrays_to_the_host(xp):
     assert not np.shares_memory(host, a)  # a copy: later changes on the device cannot reach it
     x = to_xp(xp, a)
     np.testing.assert_array_equal(_xp.to_numpy(x), a)
+
+
+_DEVICE_KINDS = {"numpy": "cpu", "array_api_strict": "cpu", "array_api_strict:device1": "cpu",
+                 "array_api_strict:no_float64": "cpu", "torch": "cpu", "jax": "cpu", "torch:cuda": "cuda",
+                 "cupy": "cuda"}
+
+
+def test_device_kind(xp, request):
+    """The device kind keys the cost model of ``root_method="auto"``: a CPU table must not be
+    used for a GPU statistic of the same library."""
+    from shampoo_core import _xp
+
+    from conftest import BACKENDS
+
+    assert set(_DEVICE_KINDS) == set(BACKENDS)
+    name = request.node.callspec.params["xp"]
+    expected = _DEVICE_KINDS[name]
+    if name == "jax":
+        import jax
+
+        expected = jax.default_backend()  # eager JAX arrays live on the default device
+    assert _xp.device_kind(to_xp(xp, np.ones(3, dtype=np.float32))) == expected

@@ -122,3 +122,13 @@ def test_first_order_optimizers_jit():
             u2, s2 = jax.jit(tx.update)(s2, g, params)
             for k in params:
                 np.testing.assert_allclose(np.asarray(u2[k]), np.asarray(u1[k]), rtol=1e-12, atol=1e-14)
+
+
+def test_device_kind_of_traced_arrays(monkeypatch):
+    """Under jit a statistic has no readable device: ``backends.jax_backend`` says JAX's default
+    backend; without a registered rule the kind is "unknown" and ``auto`` falls back to eigh."""
+    seen = []
+    jax.jit(lambda x: seen.append(_xp.device_kind(x)) or x)(jnp.ones(3))
+    monkeypatch.setattr(_xp, "_DEVICE_KINDS", {})
+    jax.jit(lambda x: seen.append(_xp.device_kind(x)) or x)(jnp.ones(4))
+    assert seen == [jax.default_backend(), "unknown"]

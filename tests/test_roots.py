@@ -151,8 +151,8 @@ def test_non_square_rejected():
 def test_auto_follows_the_cost_model(monkeypatch):
     from shampoo_core import roots as roots_module
 
-    model = sc.CostModel({"array_api_compat.numpy": {"float64": [[8, {"eigh": 2.0, "newton": 1.0}],
-                                                                  [64, {"eigh": 1.0, "newton": 3.0}]]}})
+    model = sc.CostModel({"array_api_compat.numpy": {"cpu": {"float64": [[8, {"eigh": 2.0, "newton": 1.0}],
+                                                                         [64, {"eigh": 1.0, "newton": 3.0}]]}}})
     assert model.crossovers("array_api_compat.numpy", "float64") == [(8, "newton"), (64, "eigh")]
     assert model.choose("array_api_compat.torch", 8, "float64") == "eigh"  # nothing measured
     used = []
@@ -171,10 +171,60 @@ def test_auto_follows_the_cost_model(monkeypatch):
     assert sorted(used) == [(6, "newton"), (60, "eigh")]
 
 
-def test_cost_model_round_trip(tmp_path):
-    model = sc.CostModel({"jax.numpy": {"float32": [[128, {"eigh": 0.1}]]}})
+def test_cost_model_is_keyed_by_device():
+    """A CPU measurement says nothing about a GPU: each device kind has its own table."""
+    cpu = [[128, {"eigh": 1.0, "newton": 9.0}], [1024, {"eigh": 100.0, "newton": 800.0}]]
+    gpu = [[128, {"eigh": 5.0, "newton": 1.0}], [1024, {"eigh": 20.0, "newton": 30.0}]]
+    model = sc.CostModel({"array_api_compat.torch": {"cpu": {"float64": cpu}, "cuda": {"float64": gpu}}})
+    torch_ns = "array_api_compat.torch"
+    assert model.choose(torch_ns, 128, "float64") == "eigh"
+    assert model.choose(torch_ns, 128, "float64", "cuda") == "newton"
+    assert model.crossovers(torch_ns, "float64", "cuda") == [(128, "newton"), (1024, "eigh")]
+    assert model.choose(torch_ns, 128, "float64", "mps") == "eigh"  # nothing measured there
+    assert model.choose(torch_ns, 128, "float32", "cuda") == "eigh"
+    assert sorted(model.entries()) == [(torch_ns, "cpu", "float64"), (torch_ns, "cuda", "float64")]
+
+
+def test_auto_uses_the_table_of_the_statistics_device(monkeypatch, xp):
+    """``root_method="auto"`` looks up the device kind of each statistic, not only its library."""
+    from shampoo_core import _xp
+    from shampoo_core import roots as roots_module
+
+    a = to_xp(xp, np.ones((4, 6), dtype=np.float32))
+    kind = _xp.device_kind(a)
+    ns = _xp.namespace(a).__name__
+    float64 = _xp.supports_float64(_xp.namespace(a), _xp.device_of(a))
+    dtype = "float64" if float64 else "float32"
+    other = "cpu" if kind != "cpu" else "cuda"
+    model = sc.CostModel({ns: {kind: {dtype: [[4, {"newton": 1.0, "eigh": 2.0}]]},
+                               other: {dtype: [[4, {"newton": 2.0, "eigh": 1.0}]]}}})
+    used = []
+    real = roots_module.inverse_pth_root
+
+    def spy(h, p, **kw):
+        used.append(kw["method"])
+        return real(h, p, **kw)
+
+    monkeypatch.setattr(roots_module, "inverse_pth_root", spy)
+    tx = sc.shampoo(0.1, root_method="auto", cost_model=model, start_preconditioning_step=1,
+                    merge_small_dims=False)
+    tx.update(tx.init(a), a, a)
+    assert used == ["newton", "newton"]
+
+
+def test_cost_model_round_trip_and_merge(tmp_path):
+    model = sc.CostModel({"jax.numpy": {"gpu": {"float32": [[128, {"eigh": 0.1}]]}}})
     model.save(tmp_path / "m.json")
     assert sc.CostModel.load(tmp_path / "m.json") == model
+    cpu = sc.CostModel({"jax.numpy": {"cpu": {"float32": [[128, {"newton": 0.2}]]}},
+                        "array_api_compat.numpy": {"cpu": {"float64": [[64, {"eigh": 0.3}]]}}})
+    both = model.merged(cpu)
+    assert both.choose("jax.numpy", 128, "float32", "gpu") == "eigh"
+    assert both.choose("jax.numpy", 128, "float32", "cpu") == "newton"
+    assert len(both.entries()) == 3 and len(model.entries()) == 1  # merged copies; the operands are unchanged
     (tmp_path / "bad.json").write_text("[]")
     with pytest.raises(ValueError, match="not a shampoo_core cost model"):
         sc.CostModel.load(tmp_path / "bad.json")
+    (tmp_path / "v1.json").write_text('{"format_version": 1, "timings": {"jax.numpy": {"float32": []}}}')
+    with pytest.raises(ValueError, match="format_version 1.*measure it again"):
+        sc.CostModel.load(tmp_path / "v1.json")
