@@ -29,6 +29,9 @@ class CostModel:
 
     timings: dict = dataclasses.field(default_factory=dict)
 
+    def __post_init__(self):
+        _check_timings(self.timings)
+
     def table(self, backend: str, device: str, dtype: str) -> list:
         """The measured ``[n, {method: seconds}]`` rows (empty where nothing was measured)."""
         return self.timings.get(backend, {}).get(device, {}).get(dtype, [])
@@ -85,3 +88,42 @@ class CostModel:
                 f"`python -m bench roots --save-cost-model`"
             )
         return cls(data["timings"])
+
+
+_METHODS = ("eigh", "newton")
+
+
+def _check_timings(timings) -> None:
+    """Raise ValueError naming the first entry of ``timings`` that is not
+    ``{backend: {device: {dtype: [[n, {method: seconds}], ...]}}}`` with n ascending."""
+
+    def fail(where: str, what: str):
+        raise ValueError(f"CostModel timings{where}: {what}")
+
+    if not isinstance(timings, dict):
+        fail("", f"expected a dict {{backend: {{device: {{dtype: rows}}}}}}; got {type(timings).__name__}")
+    for backend, devices in timings.items():
+        if not isinstance(devices, dict):
+            fail(f"[{backend!r}]", f"expected a dict of device kinds; got {type(devices).__name__}")
+        for device, dtypes in devices.items():
+            if not isinstance(dtypes, dict):
+                fail(f"[{backend!r}][{device!r}]", f"expected a dict of dtypes; got {type(dtypes).__name__} "
+                     "(format 1 tables had no device level)")
+            for dtype, rows in dtypes.items():
+                where = f"[{backend!r}][{device!r}][{dtype!r}]"
+                if not isinstance(rows, list):
+                    fail(where, f"expected a list of [n, {{method: seconds}}]; got {type(rows).__name__}")
+                last = 0
+                for i, row in enumerate(rows):
+                    if not (isinstance(row, (list, tuple)) and len(row) == 2 and isinstance(row[1], dict)):
+                        fail(f"{where}[{i}]", f"expected [n, {{method: seconds}}]; got {row!r}")
+                    n, costs = row
+                    if isinstance(n, bool) or not isinstance(n, int) or n <= last:
+                        fail(f"{where}[{i}]", f"sizes must be integers >= 1 in ascending order; got {n!r}")
+                    last = n
+                    for method, seconds in costs.items():
+                        if method not in _METHODS:
+                            fail(f"{where}[{i}]", f"unknown method {method!r}; expected one of {_METHODS}")
+                        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not (
+                                math.isfinite(seconds) and seconds >= 0):
+                            fail(f"{where}[{i}]", f"seconds of {method!r} must be finite and >= 0; got {seconds!r}")

@@ -228,3 +228,19 @@ def test_cost_model_round_trip_and_merge(tmp_path):
     (tmp_path / "v1.json").write_text('{"format_version": 1, "timings": {"jax.numpy": {"float32": []}}}')
     with pytest.raises(ValueError, match="format_version 1.*measure it again"):
         sc.CostModel.load(tmp_path / "v1.json")
+
+
+@pytest.mark.parametrize(
+    "timings, match",
+    [
+        ([], "expected a dict"),
+        ({"jax.numpy": {"float32": [[128, {"eigh": 0.1}]]}}, r"\['jax.numpy'\]\['float32'\].*no device level"),
+        ({"np": {"cpu": {"float64": [[64, {"eigh": 1.0}], [32, {"eigh": 1.0}]]}}}, r"\[1\].*ascending"),
+        ({"np": {"cpu": {"float64": [[64, {"qr": 1.0}]]}}}, "unknown method 'qr'"),
+        ({"np": {"cpu": {"float64": [[64, {"eigh": float("nan")}]]}}}, "finite and >= 0"),
+        ({"np": {"cpu": {"float64": [64, {"eigh": 1.0}]}}}, r"\[0\]: expected \[n"),
+    ],
+)
+def test_cost_model_rejects_malformed_timings(timings, match):
+    with pytest.raises(ValueError, match=match):
+        sc.CostModel(timings)
