@@ -1,13 +1,17 @@
-"""Command line entry: ``python -m bench demo [options]``."""
+"""Command line entry: ``python -m bench COMMAND [options]``, or the console script
+``shampoo-bench COMMAND [options]`` that installing the package adds."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    prog = "python -m bench" if script in ("", "__main__.py", "-c") else script
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     from . import adapters, demo, gpu, memory, pipeline, roots, step
 

@@ -91,3 +91,24 @@ def test_gpu_benchmark_harness_on_the_cpu(tmp_path):
 
     model = sc.CostModel.load(model_path)
     assert [n for n, _ in model.table("array_api_compat.numpy", "cpu", "float64")] == [16, 32]
+
+
+def test_console_script_runs_the_bench_commands():
+    """Installing the package adds ``shampoo-bench``, the same commands as ``python -m bench``."""
+    import importlib.metadata
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    try:
+        importlib.metadata.distribution("shampoo-core")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("shampoo-core is not installed in this environment")
+    (entry,) = importlib.metadata.entry_points(group="console_scripts", name="shampoo-bench")
+    assert entry.load() is main
+    script = shutil.which("shampoo-bench", path=os.path.dirname(sys.executable))
+    assert script, "shampoo-bench is not next to this Python"
+    out = subprocess.run([script, "roots", "--help"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("usage: shampoo-bench roots")
+    assert "--save-cost-model" in out.stdout
