@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optree
 
 from backends import jax_backend  # noqa: F401  (lax.cond gates K-FAC's decompositions under jit)
+from shampoo_core.curvature import layer_curvature
 
 __all__ = ["Taps", "value_grads_and_curvature"]
 
@@ -84,14 +85,8 @@ class Taps:
 
 def _statistics(kind, a, g):
     """Curvature of one layer from its input ``a`` (batch, ..., n) and output gradient ``g``."""
-    batch = a.shape[0]
-    a = a.reshape(-1, a.shape[-1])
-    a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1)
-    g = g.reshape(-1, g.shape[-1]) * batch  # per-sample gradients of a batch-mean loss
-    if kind == "eva":
-        positions = a.shape[0] // batch
-        return g.mean(0) * positions, a.mean(0)  # positions summed for ḡ, averaged for ā
-    return g.T @ g / g.shape[0], a.T @ a / a.shape[0]
+    rows_a, rows_g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+    return layer_curvature(jnp, kind, rows_a, rows_g, a.shape[0])
 
 
 def value_grads_and_curvature(loss_fn, params, *args, kind: str = "eva"):

@@ -18,8 +18,11 @@ Call ``step()`` after ``loss.backward()``; the model's parameters are updated in
 
 from __future__ import annotations
 
+import array_api_compat.torch as xp
 import torch
 import torch.nn.functional as F
+
+from shampoo_core.curvature import layer_curvature
 
 __all__ = ["CurvatureOptimizer"]
 
@@ -61,17 +64,14 @@ class CurvatureOptimizer:
             return {"layers": layers, "others": [p.detach() for p in self.others]}
 
     def _samples(self, i, m):
-        """(input rows with a trailing 1, per-sample output-gradient rows), one row per sample."""
+        """(input rows, output-gradient rows), one row per sample (conv: per position)."""
         a, g = self._inputs[i], self._grads[i]
-        batch = a.shape[0]
         if isinstance(m, torch.nn.Conv2d):
             a = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
             a = a.transpose(1, 2).reshape(-1, a.shape[1])  # (batch * positions, in * kh * kw)
-            g = g.reshape(batch, g.shape[1], -1).transpose(1, 2).reshape(-1, g.shape[1])
-        else:
-            a, g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
-        a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], dim=1)
-        return a, g * batch
+            g = g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2).reshape(-1, g.shape[1])
+            return a, g
+        return a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
 
     def _curvature(self):
         out = []
@@ -79,12 +79,7 @@ class CurvatureOptimizer:
             if i not in self._inputs or i not in self._grads:
                 raise ValueError("step() needs a forward and a backward pass through the model first")
             a, g = self._samples(i, m)
-            positions = a.shape[0] // self._inputs[i].shape[0]
-            if self.kind == "eva":
-                # Per-sample output gradients are summed over positions (conv), inputs averaged.
-                out.append((g.mean(0) * positions, a.mean(0)))
-            else:
-                out.append((g.mT @ g / g.shape[0], a.mT @ a / a.shape[0]))
+            out.append(layer_curvature(xp, self.kind, a, g, self._inputs[i].shape[0]))
         return {"layers": out, "others": [None] * len(self.others)}
 
     @torch.no_grad()

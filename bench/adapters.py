@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import pathlib
 import statistics
-import time
 
 from .demo import SHAMPOO_SETTINGS, init_params
+from .timing import call_times
 
 
 def add_arguments(parser) -> None:
@@ -23,16 +23,8 @@ def add_arguments(parser) -> None:
     parser.set_defaults(func=run)
 
 
-def _time(step, n: int, warmup: int, sync=lambda: None):
-    for _ in range(warmup):
-        step()
-    sync()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
+def _time(step, n: int, warmup: int, sync=None):
+    times, _ = call_times(step, n, warmup=warmup, sync=sync)
     return 1e3 * statistics.median(times), 1e3 * statistics.fmean(times)
 
 

@@ -87,7 +87,7 @@ def load_backend(name: str) -> Backend:
 def _time(backend: Backend, fn, repeats: int, budget: float):
     from .roots import _median_time
 
-    return _median_time(fn, repeats, budget, sync=lambda _: backend.sync())
+    return _median_time(fn, repeats, budget, sync=backend.sync)
 
 
 def root_rows(backend: Backend, sizes, kappa: float, p: int, repeats: int, budget: float) -> list:

@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 import pathlib
 import statistics
-import time
+
+from .timing import call_times
 
 
 def add_arguments(parser) -> None:
@@ -34,21 +35,17 @@ def add_arguments(parser) -> None:
     parser.set_defaults(func=run)
 
 
-def mean_step(tx, params, grads, steps, warmup, sync=lambda: None):
+def mean_step(tx, params, grads, steps, warmup, sync=None):
     """(mean, median) ms per ``tx.update`` over ``steps`` steps after ``warmup`` untimed ones.
 
     ``sync`` waits for a device's queued work, inside each timed step.
     """
-    state = tx.init(params)
-    for _ in range(warmup):
-        _, state = tx.update(state, grads, params)
-    sync()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        _, state = tx.update(state, grads, params)
-        sync()
-        times.append(time.perf_counter() - t0)
+    state = [tx.init(params)]
+
+    def step():
+        _, state[0] = tx.update(state[0], grads, params)
+
+    times, _ = call_times(step, steps, warmup=warmup, sync=sync)
     return 1e3 * statistics.fmean(times), 1e3 * statistics.median(times)
 
 

@@ -13,8 +13,9 @@ import json
 import os
 import pathlib
 import statistics
-import time
 from typing import NamedTuple
+
+from .timing import call_times
 
 
 def add_arguments(parser) -> None:
@@ -57,17 +58,9 @@ def matrix_with_spectrum(n: int, kappa: float, p: float, seed: int = 0):
     return (q * lam) @ q.T, (q * lam ** (-1.0 / p)) @ q.T
 
 
-def _median_time(fn, repeats: int, budget: float, sync=lambda r: None):
-    sync(fn())  # warm-up (and JIT compilation)
-    times = []
-    t_end = time.perf_counter() + budget
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        sync(out)
-        times.append(time.perf_counter() - t0)
-        if time.perf_counter() > t_end and len(times) >= 2:
-            break
+def _median_time(fn, repeats: int, budget: float, sync=None):
+    """(median seconds, last output) of at most ``repeats`` calls within ``budget`` seconds."""
+    times, out = call_times(fn, repeats, sync=sync, budget=budget)
     return statistics.median(times), out
 
 

@@ -20,6 +20,8 @@ import pathlib
 import statistics
 import time
 
+from .timing import call_times
+
 SHAPES = {
     "attn_q": (1024, 1024), "attn_k": (1024, 1024), "attn_v": (1024, 1024),
     "mlp_in": (1024, 4096), "mlp_out": (4096, 1024),
@@ -56,13 +58,7 @@ def add_arguments(parser) -> None:
 
 
 def _median(fn, n):
-    fn()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(call_times(fn, n)[0])
 
 
 def floor_seconds(block_size: int, params, repeats: int) -> float:

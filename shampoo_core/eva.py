@@ -173,6 +173,14 @@ def kl_scale(xp, vs, g_leaves, c_leaves, lr, kl_clip):
     return xp.where(ok, xp.clip(xp.sqrt(kl_clip / safe), max=1.0), xp.ones_like(quad))
 
 
+def _finish(state, inputs: UpdateInputs, vs, lefts, rights, *, kl_clip, momentum, weight_decay):
+    """The step of ``sc.eva``/``sc.eva_s`` from the directions ``vs``: updates and the new state."""
+    updates, moms = clipped_momentum_step(
+        inputs.xp, vs, inputs.g_leaves, inputs.c_leaves, state.momentum, inputs.p_leaves,
+        lr=inputs.learning_rate, kl_clip=kl_clip, momentum=momentum, weight_decay=weight_decay)
+    return tree.unflatten(inputs.spec, updates), EvaState(state.count + 1, tuple(moms), tuple(lefts), tuple(rights))
+
+
 def _sgd_step(xp, d, buf, p, momentum, weight_decay):
     if weight_decay > 0.0:
         d = d + weight_decay * p
@@ -203,8 +211,8 @@ def eva(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.0
         return _init(params, lambda p: p.ndim == 2)
 
     def update(state, grads, params=None, curvature=None):
-        g_leaves, spec, paths, p_leaves, c_leaves, count, lr, xp = begin_update(
-            state, grads, params, curvature, learning_rate, weight_decay)
+        inputs = begin_update(state, grads, params, curvature, learning_rate, weight_decay)
+        g_leaves, _, paths, _, c_leaves, count, _, xp = inputs
         first = count == 0
         vs, lefts, rights = [], [], []
         for g, c, left, right, path in zip(g_leaves, c_leaves, state.left, state.right, paths):
@@ -227,10 +235,8 @@ def eva(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.0
             vs.append(v)
             lefts.append(left)
             rights.append(right)
-        updates, moms = clipped_momentum_step(xp, vs, g_leaves, c_leaves, state.momentum, p_leaves, lr=lr,
-                                              kl_clip=kl_clip, momentum=momentum, weight_decay=weight_decay)
-        new = EvaState(state.count + 1, tuple(moms), tuple(lefts), tuple(rights))
-        return tree.unflatten(spec, updates), new
+        return _finish(state, inputs, vs, lefts, rights, kl_clip=kl_clip, momentum=momentum,
+                       weight_decay=weight_decay)
 
     return record_hyperparameters(GradientTransformation(init, update), variant, dict(
         learning_rate=learning_rate, damping=damping, kl_clip=kl_clip, stat_decay=stat_decay, momentum=momentum,
@@ -260,23 +266,20 @@ def eva_s(learning_rate=0.1, *, damping: float = 0.03, stat_decay: float = 0.95,
         return _init(params, lambda p: p.ndim == 2)
 
     def update(state, grads, params=None):
-        g_leaves, spec, _, p_leaves, _, count, lr, xp = begin_update(
-            state, grads, params, None, learning_rate, weight_decay)
-        first = count == 0
-        updates, moms, lefts, rights = [], [], [], []
-        for g, left, right, buf, p in zip(g_leaves, state.left, state.right, state.momentum, p_leaves):
+        inputs = begin_update(state, grads, params, None, learning_rate, weight_decay)
+        g_leaves, xp, first = inputs.g_leaves, inputs.xp, inputs.count == 0
+        ds, lefts, rights = [], [], []
+        for g, left, right in zip(g_leaves, state.left, state.right):
             if left is not None:
                 left = ema(xp, left, xp.mean(g, axis=1), stat_decay, first)
                 right = ema(xp, right, xp.mean(g, axis=0), stat_decay, first)
-                d = eva_s_precondition(xp, g, left, right, damping)
-            else:
-                d = g
-            buf = _sgd_step(xp, d, buf, p, momentum, weight_decay)
-            updates.append((-lr) * buf)
-            moms.append(buf)
+                g = eva_s_precondition(xp, g, left, right, damping)
+            ds.append(g)
             lefts.append(left)
             rights.append(right)
-        return tree.unflatten(spec, updates), EvaState(state.count + 1, tuple(moms), tuple(lefts), tuple(rights))
+        # No curvature leaves, so no KL clipping: SGD with momentum on each direction.
+        return _finish(state, inputs, ds, lefts, rights, kl_clip=None, momentum=momentum,
+                       weight_decay=weight_decay)
 
     return record_hyperparameters(GradientTransformation(init, update), "eva_s", dict(
         learning_rate=learning_rate, damping=damping, stat_decay=stat_decay, momentum=momentum,

@@ -120,18 +120,20 @@ def _newton_once(xp, a, p: int, ridge: float, tolerance: float, max_iterations: 
     z = (1.0 + p) / (2.0 * norm)
     m = z * a
     x = z ** (1.0 / p) * eye
-    error = _xp.scalar(xp.max(xp.abs(m - eye)))
-    distance = _xp.scalar(xp.linalg.vector_norm(m - eye))
+    residual = m - eye
+    error = _xp.scalar(xp.max(xp.abs(residual)))
+    distance = _xp.scalar(xp.linalg.vector_norm(residual))
     iterations = 0
     while iterations < max_iterations and error > tolerance:
         new_x, new_m = _newton_step(eye, x, m, p)
-        new_distance = _xp.scalar(xp.linalg.vector_norm(new_m - eye))
+        residual = new_m - eye
+        new_distance = _xp.scalar(xp.linalg.vector_norm(residual))
         # In exact arithmetic ‖M - I‖_F decreases monotonically (each eigenvalue of M moves toward
         # 1), while max|M - I| may rise early on; so only the Frobenius norm detects stagnation.
         if not new_distance < error_growth * distance:
             break  # diverging or stagnating in rounding: keep the previous iterate
         x, m, distance = new_x, new_m, new_distance
-        error = _xp.scalar(xp.max(xp.abs(m - eye)))
+        error = _xp.scalar(xp.max(xp.abs(residual)))
         iterations += 1
     return x, error, iterations
 
@@ -182,17 +184,19 @@ def _lazy_newton_root(xp, a, p: int, epsilon: float, relative: bool, tolerance: 
     z = (1.0 + p) / (2.0 * xp.linalg.vector_norm(a))
     m = z * a
     x = z ** (1.0 / p) * eye
-    error = xp.max(xp.abs(m - eye))
-    distance = xp.linalg.vector_norm(m - eye)
+    residual = m - eye
+    error = xp.max(xp.abs(residual))
+    distance = xp.linalg.vector_norm(residual)
     active = error > tolerance
     for _ in range(LAZY_NEWTON_ITERATIONS):
         new_x, new_m = _newton_step(eye, x, m, p)
-        new_distance = xp.linalg.vector_norm(new_m - eye)
+        residual = new_m - eye
+        new_distance = xp.linalg.vector_norm(residual)
         accept = active & (new_distance < error_growth * distance)  # see _newton_once
         x = xp.where(accept, new_x, x)
         m = xp.where(accept, new_m, m)
         distance = xp.where(accept, new_distance, distance)
-        error = xp.where(accept, xp.max(xp.abs(m - eye)), error)
+        error = xp.where(accept, xp.max(xp.abs(residual)), error)
         active = accept & (error > tolerance)
     error = xp.where(xp.all(xp.isfinite(x)), error, xp.inf * xp.ones_like(error))
     return x, error, lam_max

@@ -184,3 +184,32 @@ def test_kfac_keeps_the_previous_inverse_when_a_factor_is_not_finite():
     u, state = tx.update(state, g, curvature=(s, bad))
     np.testing.assert_array_equal(state.a_inverse[0], kept)
     assert np.all(np.isfinite(u))
+
+
+def test_layer_curvature_from_sample_rows(xp):
+    """ā is the mean input with a trailing 1; ḡ the batch mean of per-sample output gradients
+    summed over positions; K-FAC's A and S the second moments over all rows."""
+    from shampoo_core.curvature import layer_curvature
+
+    rng = np.random.default_rng(0)
+    batch, positions, n, m = 3, 2, 4, 5
+    a = rng.standard_normal((batch * positions, n)).astype(np.float32)
+    g = rng.standard_normal((batch * positions, m)).astype(np.float32)
+    a1 = np.concatenate([a, np.ones((batch * positions, 1), np.float32)], axis=1)
+    per_sample = g * batch  # gradients of a batch-mean loss, scaled to per-sample gradients
+    expected = {
+        "eva": (per_sample.reshape(batch, positions, m).sum(1).mean(0), a1.mean(0)),
+        "kfac": (per_sample.T @ per_sample / (batch * positions), a1.T @ a1 / (batch * positions)),
+    }
+    for kind, (left, right) in expected.items():
+        got = layer_curvature(_xp_module(xp), kind, to_xp(xp, a), to_xp(xp, g), batch)
+        np.testing.assert_allclose(to_np(got[0]), left, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(to_np(got[1]), right, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="kind must be 'eva' or 'kfac'"):
+        layer_curvature(_xp_module(xp), "eva_s", to_xp(xp, a), to_xp(xp, g), batch)
+
+
+def _xp_module(xp):
+    from shampoo_core import _xp
+
+    return _xp.namespace(to_xp(xp, np.zeros(1, np.float32)))
