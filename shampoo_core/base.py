@@ -12,6 +12,8 @@ __all__ = [
     "learning_rate_at",
     "count_and_learning_rate",
     "check_leaves",
+    "check_leaf_count",
+    "check_against_state",
     "record_hyperparameters",
     "check_devices",
 ]
@@ -85,6 +87,46 @@ def check_leaves(name: str, leaves, paths, reference=None) -> None:
                 )
             if leaf.dtype != ref.dtype:
                 raise ValueError(f"{name}{path} has dtype {leaf.dtype}; expected {ref.dtype}")
+
+
+def check_leaf_count(name: str, leaves, expected: int) -> None:
+    """Raise ValueError unless there is one leaf per parameter the state was built for."""
+    if len(leaves) != expected:
+        raise ValueError(f"{name} has {len(leaves)} leaves but the optimizer state was built for {expected} parameters")
+
+
+def check_against_state(grads, paths, expected, references, params=None) -> None:
+    """Check grads (and params) against what ``init`` built the state for, before any of it is used.
+
+    Without this check a float64 gradient would silently promote a float32 state, a gradient of
+    another shape would fail deep inside in a broadcast with no leaf named, and one on another
+    device would fail in the array library's own words, or not at all.
+
+    Args:
+        grads, paths: the flattened gradient leaves (already checked by :func:`check_leaves`)
+            and their paths; ``params``: the parameter leaves, or ``None``.
+        expected: one ``(shape, dtype)`` per parameter the state was built for, read from its
+            arrays; ``None`` for what the state does not determine (a stateless SGD leaf).
+        references: one state array per parameter (its device is the leaf's), or ``None``.
+
+    Raises:
+        ValueError: another number of leaves, or a leaf of another shape, dtype or device,
+            naming it.
+    """
+    check_leaf_count("grads", grads, len(expected))
+    for leaf, path, (shape, dtype) in zip(grads, paths, expected):
+        if shape is not None and tuple(leaf.shape) != tuple(shape):
+            raise ValueError(f"grads{path} has shape {tuple(leaf.shape)}; the state holds {tuple(shape)}")
+        if dtype is not None and leaf.dtype != dtype:
+            raise ValueError(f"grads{path} has dtype {leaf.dtype}; the state holds {dtype}")
+    check_devices("grads", grads, paths, references)
+    if params is not None:
+        check_devices("params", params, paths, references)
+
+
+def shape_and_dtype(array) -> tuple:
+    """``(shape, dtype)`` of a state array with a parameter's shape, ``(None, None)`` for ``None``."""
+    return (None, None) if array is None else (tuple(array.shape), array.dtype)
 
 
 def record_hyperparameters(tx: GradientTransformation, optimizer: str, values: dict) -> GradientTransformation:

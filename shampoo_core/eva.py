@@ -23,7 +23,15 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from . import _xp, tree
-from .base import GradientTransformation, check_leaves, count_and_learning_rate, record_hyperparameters
+from .base import (
+    GradientTransformation,
+    check_against_state,
+    check_leaf_count,
+    check_leaves,
+    count_and_learning_rate,
+    record_hyperparameters,
+    shape_and_dtype,
+)
 from .options import check_bool, check_learning_rate, check_real
 
 __all__ = [
@@ -115,13 +123,17 @@ def begin_update(state, grads, params, curvature, learning_rate, weight_decay) -
     """Flatten and check ``grads``, ``params`` and ``curvature``; resolve the count and learning rate.
 
     Raises:
-        ValueError: params missing while ``weight_decay > 0``, leaves that do not match, or
-            curvature of another structure than ``grads``.
+        ValueError: params missing while ``weight_decay > 0``, leaves that do not match the
+            params or the state (number, shape, dtype), or curvature of another structure than
+            ``grads``.
     """
     g_leaves, spec = tree.flatten(grads)
     paths = tree.leaf_paths(grads)
+    check_leaf_count("grads", g_leaves, len(state.momentum))
     p_leaves = param_leaves(params, spec, len(g_leaves), weight_decay)
     check_leaves("grads", g_leaves, paths, reference=None if params is None else p_leaves)
+    check_against_state(g_leaves, paths, [shape_and_dtype(m) for m in state.momentum], state.momentum,
+                        None if params is None else p_leaves)
     c_leaves = [None] * len(g_leaves) if curvature is None else curvature_leaves(curvature, spec)
     count, lr = count_and_learning_rate(learning_rate, state.count)
     return UpdateInputs(g_leaves, spec, paths, p_leaves, c_leaves, count, lr, _xp.namespace(*g_leaves))

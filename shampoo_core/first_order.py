@@ -11,7 +11,15 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from . import _xp, grafting, momentum, tree
-from .base import GradientTransformation, check_leaves, count_and_learning_rate, record_hyperparameters
+from .base import (
+    GradientTransformation,
+    check_against_state,
+    check_leaf_count,
+    check_leaves,
+    count_and_learning_rate,
+    record_hyperparameters,
+    shape_and_dtype,
+)
 from .options import GraftType, check_bool, check_learning_rate, check_real
 
 __all__ = ["sgd", "adagrad", "adam", "FirstOrderState"]
@@ -47,14 +55,15 @@ def _transform(learning_rate, graft_type, *, beta1, beta2, epsilon, weight_decay
     def update(state, grads, params=None):
         g_leaves, spec = tree.flatten(grads)
         paths = tree.leaf_paths(grads)
-        if len(g_leaves) != len(state.graft):
-            raise ValueError(f"grads has {len(g_leaves)} leaves; the state has {len(state.graft)}")
+        check_leaf_count("grads", g_leaves, len(state.graft))
         p_leaves = None
         if params is not None:
             p_leaves = tree.check_same_structure("params", params, spec)
         elif weight_decay > 0.0:
             raise ValueError("params are required when weight_decay > 0")
         check_leaves("grads", g_leaves, paths, reference=p_leaves)
+        refs = [m if m is not None else a.accumulator for m, a in zip(state.momentum, state.graft)]
+        check_against_state(g_leaves, paths, [shape_and_dtype(r) for r in refs], refs, p_leaves)
         count, lr = count_and_learning_rate(learning_rate, state.count)
         step = count + 1
         updates, moms, grafts = [], [], []

@@ -27,7 +27,15 @@ import optree
 
 from . import _xp, blocking, grafting, momentum, preconditioner, roots, statistics, tree
 from .cost_model import CostModel
-from .base import GradientTransformation, check_devices, check_leaves, count_and_learning_rate, record_hyperparameters
+from .base import (
+    GradientTransformation,
+    check_against_state,
+    check_leaf_count,
+    check_leaves,
+    count_and_learning_rate,
+    record_hyperparameters,
+    shape_and_dtype,
+)
 from .options import (
     GraftGranularity,
     GraftType,
@@ -248,11 +256,7 @@ def shampoo(
     def update(state: ShampooState, grads, params=None):
         g_leaves, spec = tree.flatten(grads)
         paths = tree.leaf_paths(grads)
-        if len(g_leaves) != len(state.params):
-            raise ValueError(
-                f"grads has {len(g_leaves)} leaves but the optimizer state was built for "
-                f"{len(state.params)} parameters"
-            )
+        check_leaf_count("grads", g_leaves, len(state.params))
         p_leaves = None
         if params is not None:
             p_leaves = tree.check_same_structure("params", params, spec)
@@ -260,12 +264,10 @@ def shampoo(
         elif config.weight_decay > 0.0:
             raise ValueError("params are required when weight_decay > 0")
         check_leaves("grads", g_leaves, paths, reference=p_leaves)
+        check_against_state(g_leaves, paths, [_expected_leaf(s) for s in state.params],
+                            [_reference_leaf(s) for s in state.params], p_leaves)
         for g, s, path in zip(g_leaves, state.params, paths):
-            _check_against_state(g, s, path)
-        refs = [_reference_leaf(s) for s in state.params]
-        check_devices("grads", g_leaves, paths, refs)
-        if p_leaves is not None:
-            check_devices("params", p_leaves, paths, refs)
+            _check_blocks(config, g, s, path)
         if not g_leaves:
             return grads, state
         xp = _xp.namespace(*g_leaves)
@@ -326,10 +328,28 @@ def _reference_leaf(s: ParamState):
     return s.blocks[0].failures if s.blocks else None
 
 
-def _check_against_state(g, s: ParamState, path: str) -> None:
+def _expected_leaf(s: ParamState) -> tuple:
+    """``(shape, dtype)`` of the parameter ``s`` was built for, as far as its arrays tell."""
     ref = s.momentum if s.momentum is not None else s.graft.accumulator
-    if ref is not None and tuple(ref.shape) != tuple(g.shape):
-        raise ValueError(f"grads{path} has shape {tuple(g.shape)}; the state holds {tuple(ref.shape)}")
+    if ref is not None:
+        return shape_and_dtype(ref)
+    # Without momentum or a grafting accumulator the statistics still fix the dtype; the shape is
+    # checked against the blocks by _check_blocks.
+    return (None, s.blocks[0].statistics[0].dtype) if s.blocks else (None, None)
+
+
+def _check_blocks(config: ShampooConfig, g, s: ParamState, path: str) -> None:
+    """The blocks of ``g``'s shape must be those the state holds statistics for."""
+    plan = config.plan(tuple(g.shape))
+    want = []
+    if plan.num_preconditioned:
+        want = [tuple(d for d, pre in zip(shape, plan.preconditioned) if pre) for shape in plan.block_shapes]
+    got = [tuple(h.shape[0] for h in b.statistics) for b in s.blocks]
+    if want != got:
+        raise ValueError(
+            f"grads{path} of shape {tuple(g.shape)} splits into blocks with statistics of sizes {want}; "
+            f"the state holds {got}"
+        )
 
 
 def _init_param(config: ShampooConfig, p) -> ParamState:

@@ -53,14 +53,28 @@ def test_nonfinite_skip_leaves_state_unchanged(xp, bad_value):
         np.testing.assert_array_equal(to_np(u1[k]), to_np(u2[k]))
 
 
-def test_device_mismatch_is_reported():
+@pytest.mark.parametrize("make", [
+    lambda: sc.shampoo(0.1), lambda: sc.adam(0.1), lambda: sc.sgd(0.1, momentum=0.9),
+    lambda: sc.eva(0.1), lambda: sc.eva_s(0.1), lambda: sc.kfac(0.1),
+], ids=["shampoo", "adam", "sgd", "eva", "eva_s", "kfac"])
+def test_device_mismatch_is_reported(make):
     strict = pytest.importorskip("array_api_strict")
-    tx = sc.shampoo(0.1)
+    tx = make()
     params = strict.asarray(np.ones((3, 3)))
     state = tx.init(params)
     other = strict.asarray(np.ones((3, 3)), device=strict.Device("device1"))
-    with pytest.raises(ValueError, match="is on device .*device1.*the optimizer state is on"):
+    with pytest.raises(ValueError, match=r"grads is on device .*device1.*the optimizer state is on"):
         tx.update(state, other, params)
+    with pytest.raises(ValueError, match=r"params is on device .*device1.*the optimizer state is on"):
+        tx.update(state, params, other)
+
+
+def test_full_matrix_device_mismatch_is_reported():
+    strict = pytest.importorskip("array_api_strict")
+    tx = sc.full_matrix_adagrad(0.1)
+    state = tx.init(strict.asarray(np.ones(3)))
+    with pytest.raises(ValueError, match=r"grads is on device .*device1.*the optimizer state is on"):
+        tx.update(state, strict.asarray(np.ones(3), device=strict.Device("device1")))
 
 
 def test_state_follows_parameter_device():

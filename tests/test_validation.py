@@ -78,6 +78,39 @@ def test_mismatched_grads(xp):
         tx.update(state, {"w": to_xp(xp, np.ones((2, 3))), "b": to_xp(xp, np.ones(2))})
 
 
+OPTIMIZERS = {
+    "shampoo": lambda: sc.shampoo(1e-2, block_size=4),
+    "shampoo_stateless_graft": lambda: sc.shampoo(1e-2, block_size=4, beta1=0.0, graft_type="sgd"),
+    "adam": lambda: sc.adam(1e-2),
+    "adagrad": lambda: sc.adagrad(1e-2),
+    "sgd_momentum": lambda: sc.sgd(1e-2, momentum=0.9),
+    "full_matrix_adagrad": lambda: sc.full_matrix_adagrad(1e-2),
+    "eva": lambda: sc.eva(1e-2),
+    "eva_s": lambda: sc.eva_s(1e-2),
+    "kfac": lambda: sc.kfac(1e-2),
+}
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_grads_must_match_the_state_without_params(xp, name):
+    """Without params to compare against, grads are checked against the state itself: a float64
+    gradient must not promote a float32 state, another shape must not reach a broadcast."""
+    tx = OPTIMIZERS[name]()
+    params = to_xp(xp, {"w": np.ones((4, 2), np.float32), "b": np.ones(3, np.float32)})
+    state = tx.init(params)
+    with pytest.raises(ValueError, match="grads has 1 leaves but the optimizer state was built for 2"):
+        tx.update(state, to_xp(xp, {"w": np.ones((4, 2), np.float32)}))
+    if name != "full_matrix_adagrad":  # it sees only vec(G): a reshape with as many entries is its business
+        with pytest.raises(ValueError, match=r"grads\['w'\] (has shape|of shape) \(2, 4\)"):
+            tx.update(state, to_xp(xp, {"w": np.ones((2, 4), np.float32), "b": np.ones(3, np.float32)}))
+    with pytest.raises(ValueError, match=r"grads\['w'\] has 6 entries|grads\['w'\] (has shape|of shape) \(3, 2\)"):
+        tx.update(state, to_xp(xp, {"w": np.ones((3, 2), np.float32), "b": np.ones(3, np.float32)}))
+    updates, new_state = tx.update(state, to_xp(xp, {"w": np.ones((4, 2), np.float32), "b": np.ones(3, np.float32)}))
+    assert updates["b"].dtype == params["b"].dtype
+    with pytest.raises(ValueError, match=r"grads\['b'\] has dtype .*float64.*; the state holds .*float32"):
+        tx.update(state, to_xp(xp, {"w": np.ones((4, 2), np.float32), "b": np.ones(3, np.float64)}))
+
+
 def test_weight_decay_needs_params(xp):
     tx = sc.shampoo(weight_decay=0.1)
     p = to_xp(xp, np.ones(3))
