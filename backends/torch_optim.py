@@ -19,7 +19,7 @@ import shampoo_core as sc
 __all__ = ["Shampoo"]
 
 # Schedulers and other tools add their own keys to param groups (e.g. "initial_lr").
-_SHAMPOO_ARGS = frozenset(inspect.signature(sc.shampoo).parameters) - {"learning_rate"}
+_DEFAULTS = {k: v.default for k, v in inspect.signature(sc.shampoo).parameters.items() if k != "learning_rate"}
 
 
 class Shampoo(torch.optim.Optimizer):
@@ -33,7 +33,7 @@ class Shampoo(torch.optim.Optimizer):
 
     Raises:
         ValueError / TypeError: invalid hyperparameters (at construction, naming the argument);
-            sparse gradients (at ``step``).
+            at ``step``, see :meth:`step`.
     """
 
     def __init__(self, params, lr: float = 1e-3, **hyperparameters):
@@ -42,47 +42,93 @@ class Shampoo(torch.optim.Optimizer):
         sc.shampoo(lr, **hyperparameters)  # validate eagerly, naming the bad argument
         super().__init__(params, dict(lr=lr, **hyperparameters))
         self._transforms: dict = {}
-        self._structures: dict = {}
+        self._stepped: dict = {}  # id(group) -> the hyperparameters of its last completed step
 
-    def _transform(self, group):
-        hp = {k: v for k, v in group.items() if k in _SHAMPOO_ARGS}
+    def _transform(self, group) -> "_GroupTransform":
+        hp = {k: v for k, v in group.items() if k in _DEFAULTS}
         cached = self._transforms.get(id(group))
         # Rebuilt only when a group's hyperparameters change (compared by value: they may be
         # unhashable, e.g. a CostModel); the learning rate is read from the group every step.
-        if cached is None or cached[0] != hp:
-            cached = (hp, sc.shampoo(lambda count, group=group: group["lr"], **hp))
-            self._transforms[id(group)] = cached
-        return cached[1]
-
-    def _structure(self, tx, p):
-        key = (id(tx), tuple(p.shape), p.dtype, p.device)
-        spec = self._structures.get(key)
-        if spec is None:
-            spec = self._structures[key] = optree.tree_structure(tx.init(p.detach()))
-        return spec
+        if cached is None or cached.hyperparameters != hp:
+            tx = sc.shampoo(lambda count, group=group: group["lr"], **hp)
+            cached = self._transforms[id(group)] = _GroupTransform(hp, tx, {}, self._stepped.get(id(group), hp))
+        return cached
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One optimizer step; ``closure`` re-evaluates the model and returns the loss."""
+        """One optimizer step; ``closure`` re-evaluates the model and returns the loss.
+
+        The inputs of every parameter are checked before any parameter is updated, so a step
+        rejected for its inputs leaves the parameters and the state as they were.
+
+        Raises:
+            ValueError: a sparse gradient; a non-finite gradient in a group with
+                ``nonfinite="raise"`` (the default); or a parameter's stored state does not have
+                the layout its group's hyperparameters give (``beta1``, ``graft_type``,
+                ``block_size`` and others decide which arrays the state holds), e.g. after
+                changing one of them mid-run or loading a state dict made with other values.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            tx = self._transform(group)
-            for p in group["params"]:
+        work = []
+        for g_index, group in enumerate(self.param_groups):
+            gt = self._transform(group)
+            for p_index, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
+                where = f"param_groups[{g_index}]['params'][{p_index}]"
                 if p.grad.is_sparse:
-                    raise ValueError("Shampoo does not support sparse gradients")
+                    raise ValueError(f"{where}: Shampoo does not support sparse gradients")
+                if gt.hyperparameters.get("nonfinite", _DEFAULTS["nonfinite"]) == "raise" and not bool(
+                    torch.isfinite(p.grad).all()
+                ):
+                    raise ValueError(f"the gradient of {where} has non-finite values (nonfinite='raise'); "
+                                     "no parameter was updated")
                 packed = self.state[p]
-                if packed:
-                    leaves = [packed[f"leaf{i}"] for i in range(len(packed))]
-                    functional = optree.tree_unflatten(self._structure(tx, p), leaves)
-                else:
-                    functional = tx.init(p.detach())
-                updates, functional = tx.update(functional, p.grad.detach(), p.detach())
-                p.add_(updates)
-                packed.clear()
-                packed.update({f"leaf{i}": t for i, t in enumerate(optree.tree_leaves(functional))})
+                functional = gt.unpack(p, [packed.get(f"leaf{i}") for i in range(len(packed))]) if packed else None
+                work.append((gt, p, functional))
+        for gt, p, functional in work:
+            if functional is None:
+                functional = gt.tx.init(p.detach())
+            updates, functional = gt.tx.update(functional, p.grad.detach(), p.detach())
+            p.add_(updates)
+            packed = self.state[p]
+            packed.clear()
+            packed.update({f"leaf{i}": t for i, t in enumerate(optree.tree_leaves(functional))})
+        for group in self.param_groups:
+            self._stepped[id(group)] = self._transforms[id(group)].hyperparameters
         return loss
+
+
+class _GroupTransform:
+    """A param group's functional optimizer and the state layout it gives each parameter shape."""
+
+    def __init__(self, hyperparameters: dict, tx, layouts: dict, stepped: dict):
+        self.hyperparameters = hyperparameters
+        self.tx = tx
+        self._layouts = layouts  # (shape, dtype, device) -> (treespec, leaf shapes)
+        self._stepped = stepped  # the hyperparameters of the group's last completed step
+
+    def unpack(self, p, leaves: list):
+        """The functional state of ``p`` from its stored leaves, checked against the layout."""
+        key = (tuple(p.shape), p.dtype, p.device)
+        layout = self._layouts.get(key)
+        if layout is None:
+            template = self.tx.init(p.detach())
+            layout = self._layouts[key] = (
+                optree.tree_structure(template), [tuple(t.shape) for t in optree.tree_leaves(template)]
+            )
+        spec, shapes = layout
+        if any(t is None for t in leaves) or [tuple(t.shape) for t in leaves] != shapes:
+            before, now = {**_DEFAULTS, **self._stepped}, {**_DEFAULTS, **self.hyperparameters}
+            changed = ", ".join(f"{k} {before[k]!r} -> {now[k]!r}" for k in now if before[k] != now[k])
+            raise ValueError(
+                f"the stored optimizer state of a parameter of shape {tuple(p.shape)} ({len(leaves)} "
+                f"arrays) does not have the layout its group's hyperparameters give ({len(shapes)} arrays "
+                "of fixed shapes; beta1, graft_type, block_size and others decide it)"
+                + (f"; changed since the group's last step: {changed}" if changed else "")
+                + ". Keep those values, or start a new optimizer for the new ones."
+            )
+        return optree.tree_unflatten(spec, leaves)

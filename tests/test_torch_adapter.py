@@ -168,6 +168,66 @@ def test_unhashable_hyperparameters_and_group_changes():
     assert opt._transform(opt.param_groups[0]) is opt._transform(opt.param_groups[0])
 
 
+def _steps(model, opt, x, y, n):
+    for _ in range(n):
+        opt.zero_grad()
+        loss_of(model, x, y).backward()
+        opt.step()
+
+
+def _snapshot(model, opt):
+    return ([p.detach().clone() for p in model.parameters()],
+            {id(p): {k: t.clone() for k, t in st.items()} for p, st in opt.state.items()})
+
+
+def _assert_unchanged(model, opt, snapshot):
+    params, states = snapshot
+    for p, b in zip(model.parameters(), params):
+        assert torch.equal(p.detach(), b)
+    for p, st in opt.state.items():
+        assert st.keys() == states[id(p)].keys()
+        assert all(torch.equal(t, states[id(p)][k]) for k, t in st.items())
+
+
+def test_layout_changing_hyperparameter_is_named_and_changes_nothing():
+    model, x, y = model_and_data()
+    opt = Shampoo(model.parameters(), lr=0.05, **HP)
+    _steps(model, opt, x, y, 2)
+    snapshot = _snapshot(model, opt)
+    opt.param_groups[0]["beta1"] = 0.0  # no momentum array: another state layout
+    with pytest.raises(ValueError, match=r"does not have the layout .* beta1 0\.9 -> 0\.0"):
+        _steps(model, opt, x, y, 1)
+    _assert_unchanged(model, opt, snapshot)
+    opt.param_groups[0]["beta1"] = 0.9
+    opt.param_groups[0]["beta2"] = 0.9  # same layout: takes effect at the next step
+    _steps(model, opt, x, y, 1)
+
+
+def test_state_dict_of_other_block_size_is_refused():
+    model, x, y = model_and_data()
+    opt = Shampoo(model.parameters(), lr=0.05, **HP)
+    _steps(model, opt, x, y, 2)
+    other = Shampoo(model.parameters(), lr=0.05, **{**HP, "block_size": 2})
+    other.load_state_dict(opt.state_dict())  # torch copies the group values too: block_size 4
+    other.param_groups[0]["block_size"] = 2
+    with pytest.raises(ValueError, match="does not have the layout"):
+        _steps(model, other, x, y, 1)
+
+
+def test_nonfinite_gradient_updates_no_parameter():
+    model, x, y = model_and_data()
+    opt = Shampoo(model.parameters(), lr=0.05, **HP)
+    _steps(model, opt, x, y, 2)
+    snapshot = _snapshot(model, opt)
+    opt.zero_grad()
+    loss_of(model, x, y).backward()
+    last = list(model.parameters())[-1]
+    last.grad[0] = float("nan")
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[3\] has non-finite values"):
+        opt.step()
+    _assert_unchanged(model, opt, snapshot)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_parameters_keep_their_state_on_the_gpu():
     model, x, y = model_and_data()
