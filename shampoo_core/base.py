@@ -106,8 +106,10 @@ def check_against_state(grads, paths, expected, references, params=None) -> None
         grads, paths: the flattened gradient leaves (already checked by :func:`check_leaves`)
             and their paths; ``params``: the parameter leaves, or ``None``.
         expected: one ``(shape, dtype)`` per parameter the state was built for, read from its
-            arrays; ``None`` for what the state does not determine (a stateless SGD leaf).
-        references: one state array per parameter (its device is the leaf's), or ``None``.
+            arrays; either may be ``None`` where the state does not determine it (a stateless
+            SGD leaf has ``(None, None)``).
+        references: one state array per parameter, on that parameter's device, or ``None``
+            where the state holds none.
 
     Raises:
         ValueError: another number of leaves, or a leaf of another shape, dtype or device,
