@@ -11,15 +11,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from . import _xp, grafting, momentum, tree
-from .base import (
-    GradientTransformation,
-    check_against_state,
-    check_leaf_count,
-    check_leaves,
-    count_and_learning_rate,
-    record_hyperparameters,
-    shape_and_dtype,
-)
+from .base import (GradientTransformation, check_against_state, check_leaf_count, check_leaves,
+                   count_and_learning_rate, record_hyperparameters, shape_and_dtype)
 from .options import GraftType, check_bool, check_learning_rate, check_real
 
 __all__ = ["sgd", "adagrad", "adam", "FirstOrderState"]

@@ -10,13 +10,8 @@ import math
 from typing import NamedTuple
 
 from . import _xp, roots, tree
-from .base import (
-    GradientTransformation,
-    check_against_state,
-    check_leaves,
-    learning_rate_at,
-    record_hyperparameters,
-)
+from .base import (GradientTransformation, check_against_state, check_leaves, learning_rate_at,
+                   record_hyperparameters)
 from .options import check_int, check_learning_rate, check_real
 
 __all__ = ["full_matrix_adagrad", "FullMatrixState"]

@@ -27,15 +27,8 @@ import optree
 
 from . import _xp, blocking, grafting, momentum, preconditioner, roots, statistics, tree
 from .cost_model import CostModel
-from .base import (
-    GradientTransformation,
-    check_against_state,
-    check_leaf_count,
-    check_leaves,
-    count_and_learning_rate,
-    record_hyperparameters,
-    shape_and_dtype,
-)
+from .base import (GradientTransformation, check_against_state, check_leaf_count, check_leaves,
+                   count_and_learning_rate, record_hyperparameters, shape_and_dtype)
 from .options import (
     GraftGranularity,
     GraftType,
