@@ -205,7 +205,8 @@ def eva(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.0
     all layers (``kl_clip=None`` disables it), then SGD with momentum and L2 weight decay.
 
     Raises:
-        ValueError: bad hyperparameters; curvature of the wrong structure or length.
+        ValueError: bad hyperparameters; curvature of the wrong structure, not a pair, of another
+            shape, dtype or device than its gradient, or given for a leaf that is not 2-D.
     """
     learning_rate, damping, stat_decay, momentum, weight_decay = validate(
         learning_rate, damping, stat_decay, momentum, weight_decay)
@@ -221,15 +222,14 @@ def eva(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.0
         first = count == 0
         vs, lefts, rights = [], [], []
         for g, c, left, right, path in zip(g_leaves, c_leaves, state.left, state.right, paths):
-            if c is None or left is None:
+            shapes = ((g.shape[0],), (g.shape[1],)) if left is not None else ()
+            c = checked_curvature(c, g, path, ("g_bar", "a_bar"), shapes, left is not None)
+            if c is None:
                 vs.append(g)
                 lefts.append(left)
                 rights.append(right)
                 continue
             g_bar, a_bar = c
-            if tuple(g_bar.shape) != (g.shape[0],) or tuple(a_bar.shape) != (g.shape[1],):
-                raise ValueError(f"curvature{path} must be (g_bar of shape ({g.shape[0]},), a_bar of shape "
-                                 f"({g.shape[1]},)); got {tuple(g_bar.shape)} and {tuple(a_bar.shape)}")
             left, right = ema(xp, left, g_bar, stat_decay, first), ema(xp, right, a_bar, stat_decay, first)
             if variant == "eva_f":
                 v = eva_f_precondition(xp, g, right, damping)
@@ -246,6 +246,44 @@ def eva(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.0
     return record_hyperparameters(GradientTransformation(init, update), variant, dict(
         learning_rate=learning_rate, damping=damping, kl_clip=kl_clip, stat_decay=stat_decay, momentum=momentum,
         weight_decay=weight_decay, two_sided=two_sided))
+
+
+def checked_curvature(c, g, path: str, names: tuple[str, str], shapes: tuple, has_state: bool):
+    """``c``, one leaf's curvature, checked against its gradient ``g`` before it enters the state.
+
+    Args:
+        c: ``None`` or a pair of arrays named ``names``.
+        shapes: the shape each member must have; ``None`` for a member the optimizer does not use
+            (FOOF's S), which is then not checked.
+        has_state: whether the optimizer keeps curvature for this leaf (2-D leaves only).
+
+    Returns:
+        ``c`` as a tuple, or ``None``.
+
+    Raises:
+        ValueError: curvature for a leaf that keeps none, not a pair, or a member of another
+            shape, dtype or device than the gradient's (it would silently change the state's
+            dtype, or fail later inside a broadcast).
+    """
+    if c is None:
+        return None
+    if not has_state:
+        raise ValueError(f"curvature{path} is given, but only 2-D leaves keep curvature: pass None for this leaf")
+    if not isinstance(c, (tuple, list)) or len(c) != 2:
+        raise ValueError(f"curvature{path} must be a pair ({names[0]}, {names[1]}); got {type(c).__name__}")
+    want = ", ".join(f"{n} of shape {s}" for n, s in zip(names, shapes) if s is not None)
+    for x, name, shape in zip(c, names, shapes):
+        if shape is None:
+            continue
+        got = tuple(getattr(x, "shape", ()))
+        if not hasattr(x, "dtype") or got != shape:
+            raise ValueError(f"curvature{path} must be ({want}); got {name} of shape {got}")
+        if x.dtype != g.dtype:
+            raise ValueError(f"curvature{path}: {name} has dtype {x.dtype}; the gradient has {g.dtype}")
+        if _xp.device_of(x) != _xp.device_of(g):
+            raise ValueError(f"curvature{path}: {name} is on device {_xp.device_of(x)}; the gradient is on "
+                             f"{_xp.device_of(g)}")
+    return tuple(c)
 
 
 def curvature_leaves(curvature, spec):

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 from . import _xp, roots, tree
 from .base import GradientTransformation, check_leaves, record_hyperparameters
-from .eva import begin_update, check_variant_and_clip, clipped_momentum_step, ema, validate
+from .eva import begin_update, check_variant_and_clip, checked_curvature, clipped_momentum_step, ema, validate
 from .options import check_int
 
 __all__ = ["kfac", "KFACState"]
@@ -42,7 +42,8 @@ def kfac(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.
     moment (n, n) (FOOF ignores S; it may be ``None``).
 
     Raises:
-        ValueError: bad hyperparameters; curvature of the wrong structure or shape.
+        ValueError: bad hyperparameters; curvature of the wrong structure, not a pair, of another
+            shape, dtype or device than its gradient, or given for a leaf that is not 2-D.
     """
     learning_rate, damping, stat_decay, momentum, weight_decay = validate(
         learning_rate, damping, stat_decay, momentum, weight_decay)
@@ -100,11 +101,10 @@ def kfac(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.
         vs, s_f, a_f, s_i, a_i = [], [], [], [], []
         for i, (g, c, path) in enumerate(zip(g_leaves, c_leaves, paths)):
             s_fac, a_fac, s_inv, a_inv = state.s_factor[i], state.a_factor[i], state.s_inverse[i], state.a_inverse[i]
-            if c is not None and a_fac is not None:
+            shapes = ((g.shape[0],) * 2 if s_fac is not None else None, (g.shape[1],) * 2) if a_fac is not None else ()
+            c = checked_curvature(c, g, path, ("S", "A"), shapes, a_fac is not None)
+            if c is not None:
                 s_new, a_new = c
-                if tuple(a_new.shape) != (g.shape[1],) * 2 or (s_fac is not None and tuple(s_new.shape) != (g.shape[0],) * 2):
-                    raise ValueError(f"curvature{path} must be (S of shape ({g.shape[0]}, {g.shape[0]}), A of shape "
-                                     f"({g.shape[1]}, {g.shape[1]}))")
                 a_fac = ema(xp, a_fac, a_new, stat_decay, first)
                 if s_fac is not None:
                     s_fac = ema(xp, s_fac, s_new, stat_decay, first)

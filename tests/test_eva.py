@@ -1,6 +1,7 @@
 """The Eva family: Sherman–Morrison closed forms equal dense solves; transformations behave."""
 
 import numpy as np
+import optree
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -102,6 +103,40 @@ def test_eva_bad_input():
     state = tx.init(np.zeros((3, 2)))
     with pytest.raises(ValueError, match=r"curvature must be \(g_bar of shape \(3,\), a_bar of shape \(2,\)\)"):
         tx.update(state, np.ones((3, 2)), curvature=(np.ones(2), np.ones(3)))
+
+
+@pytest.mark.parametrize("make, good", [
+    (lambda: sc.eva(0.1), lambda: (np.ones(3), np.ones(2))),
+    (lambda: sc.eva(0.1, variant="eva_f"), lambda: (np.ones(3), np.ones(2))),
+    (lambda: sc.kfac(0.1), lambda: (np.eye(3), np.eye(2))),
+], ids=["eva", "eva_f", "kfac"])
+def test_curvature_is_checked_before_it_enters_the_state(make, good):
+    """float32 or integer curvature would otherwise become the float64 state's dtype (the first
+    running average takes it as is); curvature for a leaf that keeps none would be dropped."""
+    tx = make()
+    params = {"w": np.zeros((3, 2)), "b": np.zeros(3)}
+    grads = {"w": np.ones((3, 2)), "b": np.ones(3)}
+    state = tx.init(params)
+    g_bar, a_bar = good()
+    with pytest.raises(ValueError, match=r"curvature\['w'\]: .* has dtype float32; the gradient has float64"):
+        tx.update(state, grads, curvature={"w": (g_bar.astype(np.float32), a_bar.astype(np.float32)), "b": None})
+    with pytest.raises(ValueError, match=r"curvature\['w'\]: .* has dtype int64"):
+        tx.update(state, grads, curvature={"w": (g_bar.astype(np.int64), a_bar.astype(np.int64)), "b": None})
+    with pytest.raises(ValueError, match=r"curvature\['w'\] must be a pair"):
+        tx.update(state, grads, curvature={"w": g_bar, "b": None})
+    with pytest.raises(ValueError, match=r"curvature\['b'\] is given, but only 2-D leaves keep curvature"):
+        tx.update(state, grads, curvature={"w": (g_bar, a_bar), "b": (np.ones(3), np.ones(1))})
+    _, new = tx.update(state, grads, curvature={"w": (g_bar, a_bar), "b": None})
+    assert all(leaf.dtype == np.float64 for leaf in optree.tree_leaves(new) if leaf.ndim > 0)
+
+
+def test_curvature_on_another_device_is_refused():
+    strict = pytest.importorskip("array_api_strict")
+    tx = sc.eva(0.1)
+    state = tx.init(strict.zeros((3, 2)))
+    other = strict.Device("device1")
+    with pytest.raises(ValueError, match=r"curvature: g_bar is on device .*device1.*the gradient is on"):
+        tx.update(state, strict.ones((3, 2)), curvature=(strict.ones(3, device=other), strict.ones(2, device=other)))
 
 
 def test_eva_state_checkpoints(tmp_path):
