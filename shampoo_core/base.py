@@ -103,8 +103,9 @@ def check_against_state(grads, paths, expected, references, params=None) -> None
     device would fail in the array library's own words, or not at all.
 
     Args:
-        grads, paths: the flattened gradient leaves (already checked by :func:`check_leaves`)
-            and their paths; ``params``: the parameter leaves, or ``None``.
+        grads, paths: the flattened gradient leaves (already checked by :func:`check_leaves`,
+            and their number by :func:`check_leaf_count`) and their paths; ``params``: the
+            parameter leaves, or ``None``.
         expected: one ``(shape, dtype)`` per parameter the state was built for, read from its
             arrays; either may be ``None`` where the state does not determine it (a stateless
             SGD leaf has ``(None, None)``).
@@ -112,10 +113,8 @@ def check_against_state(grads, paths, expected, references, params=None) -> None
             where the state holds none.
 
     Raises:
-        ValueError: another number of leaves, or a leaf of another shape, dtype or device,
-            naming it.
+        ValueError: a leaf of another shape, dtype or device, naming it.
     """
-    check_leaf_count("grads", grads, len(expected))
     for leaf, path, (shape, dtype) in zip(grads, paths, expected):
         if shape is not None and tuple(leaf.shape) != tuple(shape):
             raise ValueError(f"grads{path} has shape {tuple(leaf.shape)}; the state holds {tuple(shape)}")

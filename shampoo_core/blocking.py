@@ -60,6 +60,13 @@ class BlockPlan:
         per_dim = [[b - a for a, b in dim_bounds] for dim_bounds in self.bounds]
         return [tuple(s) for s in itertools.product(*per_dim)]
 
+    @functools.cached_property
+    def statistic_sizes(self) -> tuple[tuple[int, ...], ...]:
+        """Per block, the sizes of its statistics (its preconditioned dims); ``()`` without any."""
+        if not self.num_preconditioned:
+            return ()
+        return tuple(tuple(d for d, pre in zip(s, self.preconditioned) if pre) for s in self.block_shapes)
+
     @property
     def num_preconditioned(self) -> int:
         return sum(self.preconditioned)

@@ -222,8 +222,8 @@ def eva(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.0
         first = count == 0
         vs, lefts, rights = [], [], []
         for g, c, left, right, path in zip(g_leaves, c_leaves, state.left, state.right, paths):
-            shapes = ((g.shape[0],), (g.shape[1],)) if left is not None else ()
-            c = checked_curvature(c, g, path, ("g_bar", "a_bar"), shapes, left is not None)
+            shapes = ((g.shape[0],), (g.shape[1],)) if left is not None else None
+            c = checked_curvature(c, g, path, ("g_bar", "a_bar"), shapes)
             if c is None:
                 vs.append(g)
                 lefts.append(left)
@@ -248,14 +248,14 @@ def eva(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.0
         weight_decay=weight_decay, two_sided=two_sided))
 
 
-def checked_curvature(c, g, path: str, names: tuple[str, str], shapes: tuple, has_state: bool):
+def checked_curvature(c, g, path: str, names: tuple[str, str], shapes: tuple | None):
     """``c``, one leaf's curvature, checked against its gradient ``g`` before it enters the state.
 
     Args:
         c: ``None`` or a pair of arrays named ``names``.
-        shapes: the shape each member must have; ``None`` for a member the optimizer does not use
-            (FOOF's S), which is then not checked.
-        has_state: whether the optimizer keeps curvature for this leaf (2-D leaves only).
+        shapes: the shape each member must have, ``None`` for a member the optimizer does not use
+            (FOOF's S), which is then not checked; ``shapes=None``: the optimizer keeps no
+            curvature for this leaf (only 2-D leaves have it).
 
     Returns:
         ``c`` as a tuple, or ``None``.
@@ -267,7 +267,7 @@ def checked_curvature(c, g, path: str, names: tuple[str, str], shapes: tuple, ha
     """
     if c is None:
         return None
-    if not has_state:
+    if shapes is None:
         raise ValueError(f"curvature{path} is given, but only 2-D leaves keep curvature: pass None for this leaf")
     if not isinstance(c, (tuple, list)) or len(c) != 2:
         raise ValueError(f"curvature{path} must be a pair ({names[0]}, {names[1]}); got {type(c).__name__}")

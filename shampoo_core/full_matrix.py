@@ -10,8 +10,8 @@ import math
 from typing import NamedTuple
 
 from . import _xp, roots, tree
-from .base import (GradientTransformation, check_against_state, check_leaves, learning_rate_at,
-                   record_hyperparameters)
+from .base import (GradientTransformation, check_against_state, check_leaf_count, check_leaves,
+                   learning_rate_at, record_hyperparameters)
 from .options import check_int, check_learning_rate, check_real
 
 __all__ = ["full_matrix_adagrad", "FullMatrixState"]
@@ -51,6 +51,7 @@ def full_matrix_adagrad(learning_rate=1e-2, *, epsilon: float = 1e-6, max_size: 
     def update(state, grads, params=None):
         leaves, spec = tree.flatten(grads)
         paths = tree.leaf_paths(grads)
+        check_leaf_count("grads", leaves, len(state.statistics))
         check_leaves("grads", leaves, paths)
         check_against_state(leaves, paths, [(None, h.dtype) for h in state.statistics], state.statistics)
         for g, h, path in zip(leaves, state.statistics, paths):

@@ -101,8 +101,8 @@ def kfac(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.
         vs, s_f, a_f, s_i, a_i = [], [], [], [], []
         for i, (g, c, path) in enumerate(zip(g_leaves, c_leaves, paths)):
             s_fac, a_fac, s_inv, a_inv = state.s_factor[i], state.a_factor[i], state.s_inverse[i], state.a_inverse[i]
-            shapes = ((g.shape[0],) * 2 if s_fac is not None else None, (g.shape[1],) * 2) if a_fac is not None else ()
-            c = checked_curvature(c, g, path, ("S", "A"), shapes, a_fac is not None)
+            shapes = None if a_fac is None else ((g.shape[0],) * 2 if s_fac is not None else None, (g.shape[1],) * 2)
+            c = checked_curvature(c, g, path, ("S", "A"), shapes)
             if c is not None:
                 s_new, a_new = c
                 a_fac = ema(xp, a_fac, a_new, stat_decay, first)

@@ -333,11 +333,8 @@ def _expected_leaf(s: ParamState) -> tuple:
 
 def _check_blocks(config: ShampooConfig, g, s: ParamState, path: str) -> None:
     """The blocks of ``g``'s shape must be those the state holds statistics for."""
-    plan = config.plan(tuple(g.shape))
-    want = []
-    if plan.num_preconditioned:
-        want = [tuple(d for d, pre in zip(shape, plan.preconditioned) if pre) for shape in plan.block_shapes]
-    got = [tuple(h.shape[0] for h in b.statistics) for b in s.blocks]
+    want = config.plan(tuple(g.shape)).statistic_sizes
+    got = tuple(tuple(h.shape[0] for h in b.statistics) for b in s.blocks)
     if want != got:
         raise ValueError(
             f"grads{path} of shape {tuple(g.shape)} splits into blocks with statistics of sizes {want}; "
@@ -350,18 +347,16 @@ def _init_param(config: ShampooConfig, p) -> ParamState:
     plan = config.plan(tuple(p.shape))
     dev = _xp.device_of(p)
     blocks = []
-    if plan.num_preconditioned:
-        for shape in plan.block_shapes:
-            dims = [d for d, pre in zip(shape, plan.preconditioned) if pre]
-            blocks.append(
-                BlockState(
-                    statistics=tuple(xp.zeros((d, d), dtype=p.dtype, device=dev) for d in dims),
-                    preconditioners=tuple(xp.eye(d, dtype=p.dtype, device=dev) for d in dims),
-                    failures=xp.asarray(0, dtype=xp.int32, device=dev),
-                    last_error=xp.asarray(0.0, dtype=p.dtype, device=dev),
-                    lambda_max=xp.asarray(0.0, dtype=p.dtype, device=dev),
-                )
+    for dims in plan.statistic_sizes:
+        blocks.append(
+            BlockState(
+                statistics=tuple(xp.zeros((d, d), dtype=p.dtype, device=dev) for d in dims),
+                preconditioners=tuple(xp.eye(d, dtype=p.dtype, device=dev) for d in dims),
+                failures=xp.asarray(0, dtype=xp.int32, device=dev),
+                last_error=xp.asarray(0.0, dtype=p.dtype, device=dev),
+                lambda_max=xp.asarray(0.0, dtype=p.dtype, device=dev),
             )
+        )
     return ParamState(
         momentum=xp.zeros_like(p) if config.beta1 > 0.0 else None,
         graft=grafting.init_graft(xp, config.graft_type, p),
