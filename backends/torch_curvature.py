@@ -14,6 +14,15 @@ hooks on every ``nn.Linear`` and ``nn.Conv2d``:
 
 Parameters outside such layers get no curvature (SGD with momentum in ``sc.eva``/``sc.kfac``).
 Call ``step()`` after ``loss.backward()``; the model's parameters are updated in place.
+
+The trees handed to ``tx`` are ``{"layers": {module name: [W | b]}, "others": {parameter name:
+p}}`` with the names of ``model.named_modules()`` / ``named_parameters()`` (the model itself, when
+it is one layer, is ``"model"``), so an error such as a non-finite input names the layer:
+``grads['layers']['encoder.0'] has non-finite values``.
+
+Under ``torch.autocast`` the recorded inputs and output gradients are in the autocast dtype
+(e.g. bfloat16) while weights and their gradients stay float32: the curvature is computed in the
+weight's dtype, from the recorded rows cast to it.
 """
 
 from __future__ import annotations
@@ -38,9 +47,14 @@ class CurvatureOptimizer:
         if kind not in ("eva", "kfac", None):
             raise ValueError(f"kind must be 'eva', 'kfac' or None; got {kind!r}")
         self.model, self.tx, self.kind = model, tx, kind
-        self.layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+        named = [(name or "model", m) for name, m in model.named_modules()
+                 if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+        self.layer_names = [name for name, _ in named]
+        self.layers = [m for _, m in named]
         layer_params = {id(p) for m in self.layers for p in m.parameters(recurse=False)}
-        self.others = [p for p in model.parameters() if id(p) not in layer_params]
+        others = [(name, p) for name, p in model.named_parameters() if id(p) not in layer_params]
+        self.other_names = [name for name, _ in others]
+        self.others = [p for _, p in others]
         self._inputs: dict = {}
         self._grads: dict = {}
         for i, m in enumerate(self.layers if kind is not None else ()):
@@ -60,12 +74,16 @@ class CurvatureOptimizer:
 
     def _params(self):
         with torch.no_grad():
-            layers = [self._matrix(m.weight, m.bias) for m in self.layers]
-            return {"layers": layers, "others": [p.detach() for p in self.others]}
+            return self._tree([self._matrix(m.weight, m.bias) for m in self.layers],
+                              [p.detach() for p in self.others])
+
+    def _tree(self, layers, others):
+        return {"layers": dict(zip(self.layer_names, layers)), "others": dict(zip(self.other_names, others))}
 
     def _samples(self, i, m):
-        """(input rows, output-gradient rows), one row per sample (conv: per position)."""
-        a, g = self._inputs[i], self._grads[i]
+        """(input rows, output-gradient rows), one row per sample (conv: per position), in the
+        weight's dtype (autocast records them in its own)."""
+        a, g = self._inputs[i].to(m.weight.dtype), self._grads[i].to(m.weight.dtype)
         if isinstance(m, torch.nn.Conv2d):
             a = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
             a = a.transpose(1, 2).reshape(-1, a.shape[1])  # (batch * positions, in * kh * kw)
@@ -80,23 +98,21 @@ class CurvatureOptimizer:
                 raise ValueError("step() needs a forward and a backward pass through the model first")
             a, g = self._samples(i, m)
             out.append(layer_curvature(xp, self.kind, a, g, self._inputs[i].shape[0]))
-        return {"layers": out, "others": [None] * len(self.others)}
+        return self._tree(out, [None] * len(self.others))
 
     @torch.no_grad()
     def step(self) -> None:
         params = self._params()
-        grads = {
-            "layers": [self._matrix(m.weight.grad, m.bias.grad if m.bias is not None else None)
-                       for m in self.layers],
-            "others": [p.grad for p in self.others],
-        }
+        grads = self._tree([self._matrix(m.weight.grad, m.bias.grad if m.bias is not None else None)
+                            for m in self.layers], [p.grad for p in self.others])
         if self.kind is None:
             updates, self.state = self.tx.update(self.state, grads, params)
         else:
             updates, self.state = self.tx.update(self.state, grads, params, curvature=self._curvature())
-        for m, u in zip(self.layers, updates["layers"]):
+        for name, m in zip(self.layer_names, self.layers):
+            u = updates["layers"][name]
             m.weight.add_(u[:, :-1].reshape(m.weight.shape))
             if m.bias is not None:
                 m.bias.add_(u[:, -1])
-        for p, u in zip(self.others, updates["others"]):
-            p.add_(u)
+        for name, p in zip(self.other_names, self.others):
+            p.add_(updates["others"][name])

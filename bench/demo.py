@@ -217,12 +217,14 @@ def train_torch(name, lr, data_np, order, args, progress, functional_numpy=False
     return rec, time.perf_counter() - start - rec.eval_seconds, opt_seconds
 
 
-def _eva_transformation(name, lr):
+def _eva_transformation(name, lr, nonfinite="raise"):
+    """``nonfinite="skip"`` under ``jax.jit``, where a traced NaN check cannot raise."""
     import shampoo_core as sc
 
     return {
-        "eva": lambda: sc.eva(lr), "eva_f": lambda: sc.eva(lr, variant="eva_f"), "eva_s": lambda: sc.eva_s(lr),
-        "kfac": lambda: sc.kfac(lr), "foof": lambda: sc.kfac(lr, variant="foof"),
+        "eva": lambda: sc.eva(lr, nonfinite=nonfinite), "eva_f": lambda: sc.eva(lr, variant="eva_f", nonfinite=nonfinite),
+        "eva_s": lambda: sc.eva_s(lr, nonfinite=nonfinite),
+        "kfac": lambda: sc.kfac(lr, nonfinite=nonfinite), "foof": lambda: sc.kfac(lr, variant="foof", nonfinite=nonfinite),
     }[name]()
 
 
@@ -301,7 +303,7 @@ def train_eva_family_jax(name, lr, data_np, order, args, progress):
 
     params = {f"l{i}": jnp.asarray(np.concatenate([p0[f"w{i}"].T, p0[f"b{i}"][:, None]], axis=1)) for i in range(n)}
     data = jnp.asarray(data_np)
-    tx = _eva_transformation(name, lr)
+    tx = _eva_transformation(name, lr, nonfinite="skip")
     kind = EVA_KIND[name]
 
     def loss_with_taps(p, taps, x):

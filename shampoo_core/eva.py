@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from . import _xp, tree
+from .nonfinite import Guard, check_mode, guard
 from .base import (GradientTransformation, check_against_state, check_leaf_count, check_leaves,
                    count_and_learning_rate, record_hyperparameters, shape_and_dtype)
 from .options import check_bool, check_learning_rate, check_real
@@ -65,12 +66,14 @@ def eva_s_precondition(xp, g, left, right, damping: float):
 
 class EvaState(NamedTuple):
     """``count``: 0-d int32; ``momentum``: per leaf; ``left``/``right``: per leaf running vectors
-    (ḡ and ā for Eva, row and column means for Eva-s; ``None`` for leaves without them)."""
+    (ḡ and ā for Eva, row and column means for Eva-s; ``None`` for leaves without them);
+    ``skipped``: 0-d int32, steps skipped for non-finite inputs (``nonfinite="skip"``)."""
 
     count: object
     momentum: tuple
     left: tuple
     right: tuple
+    skipped: object
 
 
 def ema(xp, old, new, decay: float, first):
@@ -88,7 +91,12 @@ def _init(params, want_vectors):
     left = tuple(xp.zeros((p.shape[0],), dtype=p.dtype, device=dev) if want_vectors(p) else None for p in leaves)
     right = tuple(xp.zeros((p.shape[1],), dtype=p.dtype, device=dev) if want_vectors(p) else None for p in leaves)
     moms = tuple(xp.zeros_like(p) for p in leaves)
-    return EvaState(xp.asarray(0, dtype=xp.int32, device=dev), moms, left, right)
+    return EvaState(counter(xp, dev), moms, left, right, counter(xp, dev))
+
+
+def counter(xp, dev):
+    """A 0-d int32 zero on ``dev``: the initial ``count`` and ``skipped``."""
+    return xp.asarray(0, dtype=xp.int32, device=dev)
 
 
 def param_leaves(params, spec, n, weight_decay):
@@ -106,19 +114,26 @@ class UpdateInputs(NamedTuple):
     spec: object
     paths: list
     p_leaves: list  # ``None`` entries when params are not given
-    c_leaves: list  # curvature per leaf, ``None`` where a leaf has none
+    c_leaves: list  # curvature per leaf, checked; ``None`` where a leaf has none
     count: object  # updates before this one: int, or a 0-d array when traced
     learning_rate: object
     xp: object
+    verdict: Guard  # of the non-finite check over grads and curvature
 
 
-def begin_update(state, grads, params, curvature, learning_rate, weight_decay) -> UpdateInputs:
-    """Flatten and check ``grads``, ``params`` and ``curvature``; resolve the count and learning rate.
+def begin_update(state, grads, params, curvature, learning_rate, weight_decay, *, nonfinite: str,
+                 curvature_shapes=None, curvature_names=("g_bar", "a_bar")) -> UpdateInputs:
+    """Flatten and check ``grads``, ``params`` and ``curvature``; resolve the count and learning
+    rate; check the inputs for NaN and inf (``nonfinite``, see :mod:`shampoo_core.nonfinite`).
+
+    ``curvature_shapes(i, g)``: the shapes leaf ``i``'s curvature members must have (see
+    :func:`checked_curvature`), or ``None`` where the leaf keeps no curvature.
 
     Raises:
         ValueError: params missing while ``weight_decay > 0``, leaves that do not match the
-            params or the state (number, shape, dtype), or curvature of another structure than
-            ``grads``.
+            params or the state (number, shape, dtype), curvature of another structure than
+            ``grads`` or rejected by :func:`checked_curvature`, or (``nonfinite="raise"``) a
+            gradient or curvature with NaN or inf, named.
     """
     g_leaves, spec = tree.flatten(grads)
     paths = tree.leaf_paths(grads)
@@ -128,8 +143,26 @@ def begin_update(state, grads, params, curvature, learning_rate, weight_decay) -
     check_against_state(g_leaves, paths, [shape_and_dtype(m) for m in state.momentum], state.momentum,
                         None if params is None else p_leaves)
     c_leaves = [None] * len(g_leaves) if curvature is None else curvature_leaves(curvature, spec)
+    shapes = [None if curvature_shapes is None else curvature_shapes(i, g) for i, g in enumerate(g_leaves)]
+    c_leaves = [checked_curvature(c, g, path, curvature_names, sh)
+                for c, g, path, sh in zip(c_leaves, g_leaves, paths, shapes)]
     count, lr = count_and_learning_rate(learning_rate, state.count)
-    return UpdateInputs(g_leaves, spec, paths, p_leaves, c_leaves, count, lr, _xp.namespace(*g_leaves))
+    xp = _xp.namespace(*g_leaves)
+    named = [(f"grads{path}", g) for path, g in zip(paths, g_leaves)]
+    for c, path, sh in zip(c_leaves, paths, shapes):
+        if c is not None:  # members the optimizer ignores (FOOF's S) are not read
+            named += [(f"curvature{path}: {n}", x) for n, x, s in zip(curvature_names, c, sh) if s is not None]
+    verdict = guard(xp, named, nonfinite)
+    g_leaves = [verdict.clean(xp, g) for g in g_leaves]
+    c_leaves = [c if c is None else tuple(None if s is None else verdict.clean(xp, x) for x, s in zip(c, sh))
+                for c, sh in zip(c_leaves, shapes)]
+    return UpdateInputs(g_leaves, spec, paths, p_leaves, c_leaves, count, lr, xp, verdict)
+
+
+def skipped_step(state, inputs: UpdateInputs):
+    """Zero updates and ``state`` with ``skipped`` + 1: a step whose inputs are not finite."""
+    zeros = [inputs.xp.zeros_like(g) for g in inputs.g_leaves]
+    return tree.unflatten(inputs.spec, zeros), state._replace(skipped=state.skipped + 1)
 
 
 def check_variant_and_clip(variant, allowed, kl_clip):
@@ -139,11 +172,11 @@ def check_variant_and_clip(variant, allowed, kl_clip):
     return None if kl_clip is None else check_real("kl_clip", kl_clip, low=0.0, low_open=True)
 
 
-def validate(learning_rate, damping, stat_decay, momentum, weight_decay):
+def validate(learning_rate, damping, stat_decay, momentum, weight_decay, nonfinite):
     return (check_learning_rate(learning_rate), check_real("damping", damping, low=0.0, low_open=True),
             check_real("stat_decay", stat_decay, low=0.0, high=1.0, high_open=True),
             check_real("momentum", momentum, low=0.0, high=1.0, high_open=True),
-            check_real("weight_decay", weight_decay, low=0.0))
+            check_real("weight_decay", weight_decay, low=0.0), check_mode(nonfinite))
 
 
 def clipped_momentum_step(xp, vs, g_leaves, c_leaves, buffers, p_leaves, *, lr, kl_clip, momentum, weight_decay):
@@ -183,7 +216,9 @@ def _finish(state, inputs: UpdateInputs, vs, lefts, rights, *, kl_clip, momentum
     updates, moms = clipped_momentum_step(
         inputs.xp, vs, inputs.g_leaves, inputs.c_leaves, state.momentum, inputs.p_leaves,
         lr=inputs.learning_rate, kl_clip=kl_clip, momentum=momentum, weight_decay=weight_decay)
-    return tree.unflatten(inputs.spec, updates), EvaState(state.count + 1, tuple(moms), tuple(lefts), tuple(rights))
+    new = EvaState(state.count + 1, tuple(moms), tuple(lefts), tuple(rights), state.skipped)
+    updates, new = inputs.verdict.select(inputs.xp, new, state, updates)
+    return tree.unflatten(inputs.spec, updates), new
 
 
 def _sgd_step(xp, d, buf, p, momentum, weight_decay):
@@ -194,7 +229,8 @@ def _sgd_step(xp, d, buf, p, momentum, weight_decay):
 
 
 def eva(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.001, stat_decay: float = 0.95,
-        momentum: float = 0.9, weight_decay: float = 0.0, variant: str = "eva", two_sided: bool = False):
+        momentum: float = 0.9, weight_decay: float = 0.0, variant: str = "eva", two_sided: bool = False,
+        nonfinite: str = "raise"):
     """Eva or Eva-f with KL clipping across layers (the published defaults).
 
     ``update(state, grads, params, curvature=...)``: ``curvature`` has the tree structure of
@@ -204,12 +240,18 @@ def eva(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.0
     ``stat_decay``. Each preconditioned V is scaled by ν = min(1, sqrt(kl_clip / Σ lr²⟨V, G⟩)) over
     all layers (``kl_clip=None`` disables it), then SGD with momentum and L2 weight decay.
 
+    ``nonfinite``: a gradient or curvature with NaN or inf either raises (``"raise"``, naming it;
+    the state is untouched) or skips the step (``"skip"``: zero updates, state unchanged but
+    ``skipped`` + 1; the mode that works under ``jax.jit``). Without the check, one bad batch
+    would stay in the momentum and the running averages for good.
+
     Raises:
         ValueError: bad hyperparameters; curvature of the wrong structure, not a pair, of another
-            shape, dtype or device than its gradient, or given for a leaf that is not 2-D.
+            shape, dtype or device than its gradient, or given for a leaf that is not 2-D; with
+            ``nonfinite="raise"``, a non-finite input or a traced one.
     """
-    learning_rate, damping, stat_decay, momentum, weight_decay = validate(
-        learning_rate, damping, stat_decay, momentum, weight_decay)
+    learning_rate, damping, stat_decay, momentum, weight_decay, nonfinite = validate(
+        learning_rate, damping, stat_decay, momentum, weight_decay, nonfinite)
     kl_clip = check_variant_and_clip(variant, ("eva", "eva_f"), kl_clip)
     check_bool("two_sided", two_sided)
 
@@ -217,13 +259,14 @@ def eva(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.0
         return _init(params, lambda p: p.ndim == 2)
 
     def update(state, grads, params=None, curvature=None):
-        inputs = begin_update(state, grads, params, curvature, learning_rate, weight_decay)
-        g_leaves, _, paths, _, c_leaves, count, _, xp = inputs
-        first = count == 0
+        inputs = begin_update(state, grads, params, curvature, learning_rate, weight_decay, nonfinite=nonfinite,
+                              curvature_shapes=lambda i, g: vector_shapes(state.left[i], g))
+        if inputs.verdict.skip:
+            return skipped_step(state, inputs)
+        g_leaves, c_leaves, xp = inputs.g_leaves, inputs.c_leaves, inputs.xp
+        first = inputs.count == 0
         vs, lefts, rights = [], [], []
-        for g, c, left, right, path in zip(g_leaves, c_leaves, state.left, state.right, paths):
-            shapes = ((g.shape[0],), (g.shape[1],)) if left is not None else None
-            c = checked_curvature(c, g, path, ("g_bar", "a_bar"), shapes)
+        for g, c, left, right in zip(g_leaves, c_leaves, state.left, state.right):
             if c is None:
                 vs.append(g)
                 lefts.append(left)
@@ -245,7 +288,12 @@ def eva(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.0
 
     return record_hyperparameters(GradientTransformation(init, update), variant, dict(
         learning_rate=learning_rate, damping=damping, kl_clip=kl_clip, stat_decay=stat_decay, momentum=momentum,
-        weight_decay=weight_decay, two_sided=two_sided))
+        weight_decay=weight_decay, two_sided=two_sided, nonfinite=nonfinite))
+
+
+def vector_shapes(left, g):
+    """Shapes of Eva's (ḡ, ā) for gradient ``g``; ``None`` where the leaf keeps no vectors."""
+    return None if left is None else ((g.shape[0],), (g.shape[1],))
 
 
 def checked_curvature(c, g, path: str, names: tuple[str, str], shapes: tuple | None):
@@ -280,9 +328,9 @@ def checked_curvature(c, g, path: str, names: tuple[str, str], shapes: tuple | N
             raise ValueError(f"curvature{path} must be ({want}); got {name} of shape {got}")
         if x.dtype != g.dtype:
             raise ValueError(f"curvature{path}: {name} has dtype {x.dtype}; the gradient has {g.dtype}")
-        if _xp.device_of(x) != _xp.device_of(g):
-            raise ValueError(f"curvature{path}: {name} is on device {_xp.device_of(x)}; the gradient is on "
-                             f"{_xp.device_of(g)}")
+        got, want = _xp.device_of(x), _xp.device_of(g)
+        if got is not None and want is not None and got != want:  # traced arrays have no device
+            raise ValueError(f"curvature{path}: {name} is on device {got}; the gradient is on {want}")
     return tuple(c)
 
 
@@ -295,21 +343,27 @@ def curvature_leaves(curvature, spec):
 
 
 def eva_s(learning_rate=0.1, *, damping: float = 0.03, stat_decay: float = 0.95, momentum: float = 0.9,
-          weight_decay: float = 0.0):
+          weight_decay: float = 0.0, nonfinite: str = "raise"):
     """Eva-s: vectorized Shampoo from gradients alone (no curvature argument).
 
     For each 2-D leaf, running row means l and column means r of G (decay ``stat_decay``) give
     P = G - (lᵀGr)/(γ + ‖l‖²‖r‖²) · lrᵀ, rescaled to ‖G‖; other leaves use G. Then SGD with
-    momentum and L2 weight decay.
+    momentum and L2 weight decay. ``nonfinite``: as in :func:`eva`.
+
+    Raises:
+        ValueError: bad hyperparameters; with ``nonfinite="raise"``, a non-finite gradient (named)
+            or a traced one.
     """
-    learning_rate, damping, stat_decay, momentum, weight_decay = validate(
-        learning_rate, damping, stat_decay, momentum, weight_decay)
+    learning_rate, damping, stat_decay, momentum, weight_decay, nonfinite = validate(
+        learning_rate, damping, stat_decay, momentum, weight_decay, nonfinite)
 
     def init(params):
         return _init(params, lambda p: p.ndim == 2)
 
     def update(state, grads, params=None):
-        inputs = begin_update(state, grads, params, None, learning_rate, weight_decay)
+        inputs = begin_update(state, grads, params, None, learning_rate, weight_decay, nonfinite=nonfinite)
+        if inputs.verdict.skip:
+            return skipped_step(state, inputs)
         g_leaves, xp, first = inputs.g_leaves, inputs.xp, inputs.count == 0
         ds, lefts, rights = [], [], []
         for g, left, right in zip(g_leaves, state.left, state.right):
@@ -326,4 +380,4 @@ def eva_s(learning_rate=0.1, *, damping: float = 0.03, stat_decay: float = 0.95,
 
     return record_hyperparameters(GradientTransformation(init, update), "eva_s", dict(
         learning_rate=learning_rate, damping=damping, stat_decay=stat_decay, momentum=momentum,
-        weight_decay=weight_decay))
+        weight_decay=weight_decay, nonfinite=nonfinite))

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 from . import _xp, roots, tree
 from .base import GradientTransformation, check_leaves, record_hyperparameters
-from .eva import begin_update, check_variant_and_clip, checked_curvature, clipped_momentum_step, ema, validate
+from .eva import begin_update, check_variant_and_clip, clipped_momentum_step, counter, ema, skipped_step, validate
 from .options import check_int
 
 __all__ = ["kfac", "KFACState"]
@@ -23,7 +23,8 @@ __all__ = ["kfac", "KFACState"]
 
 class KFACState(NamedTuple):
     """Per leaf: momentum; running factors ``s_factor`` (m, m) and ``a_factor`` (n, n) and their
-    damped inverses (``None`` for leaves without curvature, and S for FOOF)."""
+    damped inverses (``None`` for leaves without curvature, and S for FOOF). ``count`` and
+    ``skipped`` (steps skipped for non-finite inputs): 0-d int32."""
 
     count: object
     momentum: tuple
@@ -31,22 +32,27 @@ class KFACState(NamedTuple):
     a_factor: tuple
     s_inverse: tuple
     a_inverse: tuple
+    skipped: object
 
 
 def kfac(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.001, stat_decay: float = 0.95,
-         momentum: float = 0.9, weight_decay: float = 0.0, inverse_steps: int = 10, variant: str = "kfac"):
+         momentum: float = 0.9, weight_decay: float = 0.0, inverse_steps: int = 10, variant: str = "kfac",
+         nonfinite: str = "raise"):
     """K-FAC (``variant="kfac"``) or FOOF (``variant="foof"``).
 
     ``update(state, grads, params, curvature=...)``: a curvature leaf is ``None`` or ``(S, A)``
     for a 2-D leaf (m, n): the batch's output-gradient second moment (m, m) and input second
-    moment (n, n) (FOOF ignores S; it may be ``None``).
+    moment (n, n) (FOOF ignores S; it may be ``None``). ``nonfinite``: as in ``sc.eva`` (a NaN
+    factor would otherwise stay in the running average, and every later decomposition of it would
+    fail and keep the old inverse).
 
     Raises:
         ValueError: bad hyperparameters; curvature of the wrong structure, not a pair, of another
-            shape, dtype or device than its gradient, or given for a leaf that is not 2-D.
+            shape, dtype or device than its gradient, or given for a leaf that is not 2-D; with
+            ``nonfinite="raise"``, a non-finite input (named) or a traced one.
     """
-    learning_rate, damping, stat_decay, momentum, weight_decay = validate(
-        learning_rate, damping, stat_decay, momentum, weight_decay)
+    learning_rate, damping, stat_decay, momentum, weight_decay, nonfinite = validate(
+        learning_rate, damping, stat_decay, momentum, weight_decay, nonfinite)
     kl_clip = check_variant_and_clip(variant, ("kfac", "foof"), kl_clip)
     inverse_steps = check_int("inverse_steps", inverse_steps, low=1)
     # K-FAC splits the damping between its two factors; FOOF damps its one factor fully.
@@ -70,10 +76,18 @@ def kfac(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.
             return xp.eye(d, dtype=dtype, device=dev)
 
         return KFACState(
-            xp.asarray(0, dtype=xp.int32, device=dev), tuple(xp.zeros_like(p) for p in leaves),
+            counter(xp, dev), tuple(xp.zeros_like(p) for p in leaves),
             tuple(factor(p, 0, two, zeros) for p in leaves), tuple(factor(p, 1, True, zeros) for p in leaves),
             tuple(factor(p, 0, two, eye) for p in leaves), tuple(factor(p, 1, True, eye) for p in leaves),
+            counter(xp, dev),
         )
+
+    def curvature_shapes(state):
+        def shapes(i, g):
+            if state.a_factor[i] is None:
+                return None
+            return ((g.shape[0],) * 2 if state.s_factor[i] is not None else None, (g.shape[1],) * 2)
+        return shapes
 
     def inverse(h, old):
         """Damped inverse of ``h``; a failed decomposition (non-finite) keeps ``old``."""
@@ -95,14 +109,15 @@ def kfac(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.
         return _xp.cond(xp, recompute, compute, lambda fs: old, factors)
 
     def update(state, grads, params=None, curvature=None):
-        g_leaves, spec, paths, p_leaves, c_leaves, count, lr, xp = begin_update(
-            state, grads, params, curvature, learning_rate, weight_decay)
+        inputs = begin_update(state, grads, params, curvature, learning_rate, weight_decay, nonfinite=nonfinite,
+                              curvature_shapes=curvature_shapes(state), curvature_names=("S", "A"))
+        if inputs.verdict.skip:
+            return skipped_step(state, inputs)
+        g_leaves, spec, _, p_leaves, c_leaves, count, lr, xp, _ = inputs
         first, recompute = count == 0, count % inverse_steps == 0
         vs, s_f, a_f, s_i, a_i = [], [], [], [], []
-        for i, (g, c, path) in enumerate(zip(g_leaves, c_leaves, paths)):
+        for i, (g, c) in enumerate(zip(g_leaves, c_leaves)):
             s_fac, a_fac, s_inv, a_inv = state.s_factor[i], state.a_factor[i], state.s_inverse[i], state.a_inverse[i]
-            shapes = None if a_fac is None else ((g.shape[0],) * 2 if s_fac is not None else None, (g.shape[1],) * 2)
-            c = checked_curvature(c, g, path, ("S", "A"), shapes)
             if c is not None:
                 s_new, a_new = c
                 a_fac = ema(xp, a_fac, a_new, stat_decay, first)
@@ -123,9 +138,10 @@ def kfac(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.
             a_i.append(a_inv)
         updates, moms = clipped_momentum_step(xp, vs, g_leaves, c_leaves, state.momentum, p_leaves, lr=lr,
                                               kl_clip=kl_clip, momentum=momentum, weight_decay=weight_decay)
-        new = KFACState(state.count + 1, tuple(moms), tuple(s_f), tuple(a_f), tuple(s_i), tuple(a_i))
+        new = KFACState(state.count + 1, tuple(moms), tuple(s_f), tuple(a_f), tuple(s_i), tuple(a_i), state.skipped)
+        updates, new = inputs.verdict.select(xp, new, state, updates)
         return tree.unflatten(spec, updates), new
 
     return record_hyperparameters(GradientTransformation(init, update), variant, dict(
         learning_rate=learning_rate, damping=damping, kl_clip=kl_clip, stat_decay=stat_decay, momentum=momentum,
-        weight_decay=weight_decay, inverse_steps=inverse_steps))
+        weight_decay=weight_decay, inverse_steps=inverse_steps, nonfinite=nonfinite))

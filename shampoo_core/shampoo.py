@@ -19,7 +19,6 @@ Per step t (counting from 1), for each parameter W with gradient G:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import warnings
 from typing import NamedTuple
 
@@ -27,6 +26,7 @@ import optree
 
 from . import _xp, blocking, grafting, momentum, preconditioner, roots, statistics, tree
 from .cost_model import CostModel
+from .nonfinite import check_mode, guard
 from .base import (GradientTransformation, check_against_state, check_leaf_count, check_leaves,
                    count_and_learning_rate, record_hyperparameters, shape_and_dtype)
 from .options import (
@@ -201,8 +201,7 @@ def shampoo(
         raise ValueError(f"root_dtype must be 'float32', 'float64' or None; got {root_dtype!r}")
     if exponent_override is not None:
         check_int("exponent_override", exponent_override, low=1)
-    if nonfinite not in ("raise", "skip"):
-        raise ValueError(f"nonfinite must be 'raise' or 'skip'; got {nonfinite!r}")
+    check_mode(nonfinite)
     if skip_preconditioning_dim_size_gt is not None:
         check_int("skip_preconditioning_dim_size_gt", skip_preconditioning_dim_size_gt, low=0)
     config = ShampooConfig(
@@ -264,33 +263,11 @@ def shampoo(
         if not g_leaves:
             return grads, state
         xp = _xp.namespace(*g_leaves)
-        finite = [xp.all(xp.isfinite(g)) for g in g_leaves]
-        if config.nonfinite == "raise":
-            for ok, path in zip(finite, paths):
-                try:
-                    ok = bool(ok)
-                except TypeError as err:  # a traced array (jax.jit) cannot be read on the host
-                    raise ValueError(
-                        "nonfinite='raise' reads the gradients on the host, which traced arrays "
-                        "(jax.jit) do not allow: pass nonfinite='skip'"
-                    ) from err
-                if not ok:
-                    raise ValueError(f"grads{path} has non-finite values (nonfinite='raise')")
-            all_finite = None
-        else:
-            all_finite = functools.reduce(xp.logical_and, finite)
-            try:
-                known = bool(all_finite)
-            except TypeError:  # traced: select with where below, without a Python branch
-                known = None
-            if known is False:
-                zeros = tree.unflatten(spec, [xp.zeros_like(g) for g in g_leaves])
-                return zeros, state._replace(skipped=state.skipped + 1)
-            if known:
-                all_finite = None
-            else:
-                # Zeros keep the discarded computation finite; the result is selected away below.
-                g_leaves = [xp.where(all_finite, g, xp.zeros_like(g)) for g in g_leaves]
+        verdict = guard(xp, [(f"grads{path}", g) for path, g in zip(paths, g_leaves)], config.nonfinite)
+        if verdict.skip:
+            zeros = tree.unflatten(spec, [xp.zeros_like(g) for g in g_leaves])
+            return zeros, state._replace(skipped=state.skipped + 1)
+        g_leaves = [verdict.clean(xp, g) for g in g_leaves]
 
         schedule = _schedule(config, state.count)
         updates, new_states = [], []
@@ -300,10 +277,7 @@ def shampoo(
             updates.append(u)
             new_states.append(ns)
         new_state = ShampooState(state.count + 1, tuple(new_states), state.skipped)
-        if all_finite is not None:
-            new_state = optree.tree_map(lambda new, old: xp.where(all_finite, new, old), new_state, state)
-            new_state = new_state._replace(skipped=state.skipped + xp.astype(~all_finite, state.skipped.dtype))
-            updates = [xp.where(all_finite, u, xp.zeros_like(u)) for u in updates]
+        updates, new_state = verdict.select(xp, new_state, state, updates)
         return tree.unflatten(spec, updates), new_state
 
     tx = GradientTransformation(init, update)

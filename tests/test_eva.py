@@ -208,6 +208,8 @@ def test_leaves_of_any_rank_without_curvature(make):
 
 
 def test_kfac_keeps_the_previous_inverse_when_a_factor_is_not_finite():
+    """A factor that is already non-finite (inputs are checked, so only a state built elsewhere
+    can hold one) fails its decomposition, which keeps the previous inverse."""
     rng = np.random.default_rng(4)
     g, s, a = rng.standard_normal((3, 2)), spd(rng, 3), spd(rng, 2)
     tx = sc.kfac(0.1, kl_clip=None, momentum=0.0, inverse_steps=1, stat_decay=0.5)
@@ -216,9 +218,108 @@ def test_kfac_keeps_the_previous_inverse_when_a_factor_is_not_finite():
     kept = state.a_inverse[0].copy()
     bad = a.copy()
     bad[0, 1] = bad[1, 0] = np.inf
-    u, state = tx.update(state, g, curvature=(s, bad))
+    u, state = tx.update(state._replace(a_factor=(bad,)), g, curvature=(s, a))
     np.testing.assert_array_equal(state.a_inverse[0], kept)
     assert np.all(np.isfinite(u))
+
+
+# The Eva family with what each member reads: vectors (g_bar, a_bar), factors (S, A), or nothing.
+FAMILY = {
+    "eva": (lambda **kw: sc.eva(0.1, **kw), ("g_bar", "a_bar")),
+    "eva_f": (lambda **kw: sc.eva(0.1, variant="eva_f", **kw), ("g_bar", "a_bar")),
+    "eva_s": (lambda **kw: sc.eva_s(0.1, **kw), None),
+    "kfac": (lambda **kw: sc.kfac(0.1, inverse_steps=1, **kw), ("S", "A")),
+    "foof": (lambda **kw: sc.kfac(0.1, variant="foof", inverse_steps=1, **kw), ("S", "A")),
+}
+
+
+def family_step(name, rng):
+    """Random finite grads and curvature (``None`` for Eva-s) for params {"w": (3, 2), "b": (3,)}."""
+    grads = {"w": rng.standard_normal((3, 2)), "b": rng.standard_normal(3)}
+    names = FAMILY[name][1]
+    if names is None:
+        return grads, None
+    pair = (rng.standard_normal(3), rng.standard_normal(2)) if names[0] == "g_bar" else (spd(rng, 3), spd(rng, 2))
+    return grads, {"w": pair, "b": None}
+
+
+def family_update(xp, tx, state, grads, curvature, params):
+    grads = to_xp(xp, grads)
+    if curvature is None:
+        return tx.update(state, grads, params)
+    return tx.update(state, grads, params, curvature={"w": to_xp(xp, curvature["w"]), "b": None})
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_eva_family_nonfinite_raise_names_the_input_and_keeps_the_state(xp, name):
+    """Without the check one NaN gradient stays in the momentum (and a NaN factor in K-FAC's
+    running average) for every later step."""
+    make, names = FAMILY[name]
+    rng = np.random.default_rng(0)
+    tx = make()
+    params = to_xp(xp, {"w": np.zeros((3, 2)), "b": np.zeros(3)})
+    state = tx.init(params)
+    _, state = family_update(xp, tx, state, *family_step(name, rng), params)
+    before = [to_np(x).copy() for x in optree.tree_leaves(state)]
+    grads, curvature = family_step(name, rng)
+    grads["b"][1] = np.nan
+    with pytest.raises(ValueError, match=r"grads\['b'\] has non-finite values \(nonfinite='raise'\)"):
+        family_update(xp, tx, state, grads, curvature, params)
+    if names is not None:
+        grads, curvature = family_step(name, rng)
+        bad = curvature["w"][1].copy()
+        bad[0] = np.inf
+        curvature["w"] = (curvature["w"][0], bad)
+        with pytest.raises(ValueError, match=rf"curvature\['w'\]: {names[1]} has non-finite values"):
+            family_update(xp, tx, state, grads, curvature, params)
+    for a, b in zip(before, (to_np(x) for x in optree.tree_leaves(state))):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("where", ["grads", "curvature"])
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_eva_family_nonfinite_skip_is_a_step_that_never_happened(xp, name, where):
+    make, names = FAMILY[name]
+    if where == "curvature" and names is None:
+        pytest.skip("Eva-s reads no curvature")
+    rng = np.random.default_rng(1)
+    tx = make(nonfinite="skip")
+    params = to_xp(xp, {"w": np.zeros((3, 2)), "b": np.zeros(3)})
+    state = tx.init(params)
+    for _ in range(2):
+        _, state = family_update(xp, tx, state, *family_step(name, rng), params)
+    grads, curvature = family_step(name, rng)
+    if where == "grads":
+        grads["w"][2, 1] = np.nan
+    else:
+        curvature["w"] = (curvature["w"][0], np.full_like(curvature["w"][1], np.nan))
+    updates, skipped = family_update(xp, tx, state, grads, curvature, params)
+    for u in to_np(updates).values():
+        np.testing.assert_array_equal(u, np.zeros_like(u))
+    assert int(skipped.skipped) == int(state.skipped) + 1 == 1
+    assert int(skipped.count) == int(state.count) == 2
+    for a, b in zip(optree.tree_leaves(state._replace(skipped=None)), optree.tree_leaves(skipped._replace(skipped=None))):
+        np.testing.assert_array_equal(to_np(a), to_np(b))
+    good = family_step(name, rng)
+    u1, _ = family_update(xp, tx, skipped, *good, params)
+    u2, _ = family_update(xp, tx, state, *good, params)
+    for k in ("w", "b"):
+        np.testing.assert_array_equal(to_np(u1[k]), to_np(u2[k]))
+
+
+def test_foof_does_not_read_s():
+    """FOOF ignores S, so a NaN there is neither read nor refused."""
+    tx = sc.kfac(0.1, variant="foof")
+    state = tx.init(np.zeros((3, 2)))
+    u, state = tx.update(state, np.ones((3, 2)), curvature=(np.full((3, 3), np.nan), np.eye(2)))
+    assert np.all(np.isfinite(u)) and int(state.skipped) == 0
+
+
+@pytest.mark.parametrize("make", [lambda: sc.eva(nonfinite="ignore"), lambda: sc.eva_s(nonfinite=None),
+                                  lambda: sc.kfac(nonfinite="Skip")])
+def test_eva_family_nonfinite_is_validated(make):
+    with pytest.raises(ValueError, match="nonfinite must be 'raise' or 'skip'"):
+        make()
 
 
 def test_layer_curvature_from_sample_rows(xp):

@@ -92,11 +92,11 @@ def test_taps_errors_and_plain_mode():
 
 
 @pytest.mark.parametrize("kind, make", [
-    ("eva", lambda: sc.eva(0.3)),
-    ("eva", lambda: sc.eva(0.3, variant="eva_f")),
-    ("eva", lambda: sc.eva(0.3, two_sided=True, kl_clip=None, damping=1.0)),
-    ("kfac", lambda: sc.kfac(0.3, inverse_steps=3)),
-    ("kfac", lambda: sc.kfac(0.3, variant="foof", inverse_steps=2)),
+    ("eva", lambda: sc.eva(0.3, nonfinite="skip")),
+    ("eva", lambda: sc.eva(0.3, variant="eva_f", nonfinite="skip")),
+    ("eva", lambda: sc.eva(0.3, two_sided=True, kl_clip=None, damping=1.0, nonfinite="skip")),
+    ("kfac", lambda: sc.kfac(0.3, inverse_steps=3, nonfinite="skip")),
+    ("kfac", lambda: sc.kfac(0.3, variant="foof", inverse_steps=2, nonfinite="skip")),
 ])
 def test_jitted_step_equals_eager_and_learns(kind, make):
     params, x, y = problem()
@@ -118,7 +118,7 @@ def test_jitted_step_equals_eager_and_learns(kind, make):
 
 def test_eva_s_jits_with_a_schedule():
     params, x, y = problem()
-    tx = sc.eva_s(lambda count: 0.5 / (1.0 + count))
+    tx = sc.eva_s(lambda count: 0.5 / (1.0 + count), nonfinite="skip")
     grads = jax.grad(lambda p: mlp_loss(p, Taps(), x, y))(params)
     s1 = s2 = tx.init(params)
     for _ in range(3):
@@ -174,7 +174,30 @@ def test_conv2d_errors_and_jitted_eva_on_a_conv_net():
         h = jnp.tanh(taps.conv2d(p["conv"], x, (3, 3)))
         return jnp.mean((taps.dense(p["head"], h.reshape(h.shape[0], -1)) - y) ** 2)
 
-    tx = sc.eva(0.1)
+    tx = sc.eva(0.1, nonfinite="skip")
     step = jax.jit(make_step(tx, loss_fn, x, target))
     _, _, losses = train(step, params, tx.init(params), 30)
     assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("kind, make", [("eva", lambda **kw: sc.eva(0.3, **kw)),
+                                        ("kfac", lambda **kw: sc.kfac(0.3, inverse_steps=1, **kw))])
+def test_traced_nonfinite_curvature_is_skipped_without_a_host_read(kind, make):
+    """Under jax.jit ``nonfinite="skip"`` selects the old state with ``where``; ``"raise"`` says
+    it cannot read traced inputs."""
+    params, x, y = problem()
+    tx = make(nonfinite="skip")
+    _, grads, curv = value_grads_and_curvature(mlp_loss, params, x, y, kind=kind)
+    state = tx.init(params)
+    _, state = jax.jit(lambda s: tx.update(s, grads, params, curvature=curv))(state)
+    bad = dict(curv, w2=(curv["w2"][0], curv["w2"][1].at[0].set(jnp.nan)))
+    updates, new = jax.jit(lambda s, c: tx.update(s, grads, params, curvature=c))(state, bad)
+    assert int(new.skipped) == 1 and int(new.count) == 1
+    for u in jax.tree_util.tree_leaves(updates):
+        np.testing.assert_array_equal(np.asarray(u), 0.0)
+    for a, b in zip(jax.tree_util.tree_leaves(state._replace(skipped=None)),
+                    jax.tree_util.tree_leaves(new._replace(skipped=None))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    strict = make()
+    with pytest.raises(ValueError, match="traced arrays .*pass nonfinite='skip'"):
+        jax.jit(lambda s: strict.update(s, grads, params, curvature=curv))(strict.init(params))

@@ -80,3 +80,46 @@ def test_gradient_only_kind_runs_eva_s_on_folded_weights():
     p = ev.eva_s_precondition(xt, g, g.mean(1), g.mean(0), 0.03)
     torch.testing.assert_close(layer.weight.detach(), w0 - 0.1 * p[:, :-1], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(layer.bias.detach(), b0 - 0.1 * p[:, -1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind, make", [("eva", lambda: sc.eva(0.05)), ("kfac", lambda: sc.kfac(0.05))])
+def test_trains_under_bfloat16_autocast(kind, make):
+    """Autocast records bfloat16 inputs and output gradients for float32 weights; curvature is
+    computed in float32 (it used to reach the optimizer as bfloat16 and be refused)."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    x, y = torch.randn(64, 6), torch.randn(64, 2)
+    opt = CurvatureOptimizer(model, make(), kind=kind)
+    losses = []
+    for _ in range(25):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        assert out.dtype == torch.bfloat16
+        loss = torch.mean((out.float() - y) ** 2)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(leaf.dtype == torch.float32 for leaf in opt.state.momentum)
+    assert np.isfinite(losses).all() and losses[-1] < 0.9 * losses[0]
+
+
+def test_a_non_finite_gradient_names_the_module_and_updates_nothing():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2), torch.nn.LayerNorm(2))
+    opt = CurvatureOptimizer(model, sc.eva(0.1))
+    x = torch.randn(8, 3)
+    model(x).sum().backward()
+    model[2].weight.grad[0, 0] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"grads\['layers'\]\['2'\] has non-finite values"):
+        opt.step()
+    for a, p in zip(before, model.parameters()):
+        torch.testing.assert_close(p.detach(), a, rtol=0, atol=0)
+    model[2].weight.grad[0, 0] = 0.0
+    model[3].bias.grad[1] = float("inf")
+    with pytest.raises(ValueError, match=r"grads\['others'\]\['3.bias'\] has non-finite values"):
+        opt.step()
+    model[3].bias.grad[1] = 0.0
+    opt.step()  # finite again: the step goes through
+    assert int(opt.state.count) == 1

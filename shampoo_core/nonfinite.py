@@ -1,0 +1,82 @@
+"""What a step does with a NaN or inf in its inputs: raise, or skip the step.
+
+A non-finite gradient (or curvature) that enters a running average stays there for good: every
+later step is NaN, or, where a failed decomposition keeps the previous inverse, silently frozen.
+So the inputs are checked before anything is updated. ``"raise"`` reads one flag per leaf on the
+host and names the first bad leaf; ``"skip"`` returns zero updates and the state unchanged except
+``skipped`` + 1, and under ``jax.jit`` (where nothing can be read back) selects between the new
+and the old state with ``where``, without a Python branch.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import optree
+
+__all__ = ["MODES", "check_mode", "Guard", "guard"]
+
+MODES = ("raise", "skip")
+
+
+def check_mode(nonfinite) -> str:
+    """Validate the ``nonfinite`` hyperparameter. Raises ValueError unless "raise" or "skip"."""
+    if nonfinite not in MODES:
+        raise ValueError(f"nonfinite must be 'raise' or 'skip'; got {nonfinite!r}")
+    return nonfinite
+
+
+class Guard(NamedTuple):
+    """The verdict of :func:`guard`.
+
+    ``skip``: True when the inputs are known (eagerly) to hold a NaN or inf: the caller returns
+    zero updates and ``state._replace(skipped=state.skipped + 1)``. ``finite``: ``None`` when the
+    inputs are known to be finite (or were checked by "raise"); a 0-d bool array when they are
+    traced, for :meth:`clean`, :meth:`select` and :meth:`count`.
+    """
+
+    skip: bool
+    finite: object
+
+    def clean(self, xp, x):
+        """``x`` with zeros in place of a traced non-finite input, so the discarded step stays finite."""
+        if self.finite is None or x is None:
+            return x
+        return xp.where(self.finite, x, xp.zeros_like(x))
+
+    def select(self, xp, new_state, old_state, updates):
+        """``(updates, state)``: the new ones where the inputs were finite, else zeros and the old
+        state with ``skipped`` + 1. ``updates`` is a list of arrays."""
+        if self.finite is None:
+            return updates, new_state
+        state = optree.tree_map(lambda new, old: xp.where(self.finite, new, old), new_state, old_state)
+        skipped = old_state.skipped + xp.astype(~self.finite, old_state.skipped.dtype)
+        return [xp.where(self.finite, u, xp.zeros_like(u)) for u in updates], state._replace(skipped=skipped)
+
+
+def guard(xp, named, mode: str) -> Guard:
+    """Check ``named``, pairs ``(name, array)`` (e.g. ``("grads['w']", g)``), for NaN and inf.
+
+    Raises:
+        ValueError: ``mode="raise"`` and an array holds a NaN or inf (the message names the first
+            such array in ``named``), or ``mode="raise"`` on traced arrays (``jax.jit``), which
+            cannot be read on the host.
+    """
+    if not named:
+        return Guard(False, None)
+    flags = [xp.all(xp.isfinite(x)) for _, x in named]
+    finite = functools.reduce(xp.logical_and, flags)
+    try:
+        known = bool(finite)  # one host read for all inputs (a GPU synchronizes once)
+    except TypeError as err:  # a traced array cannot be read on the host
+        if mode == "raise":
+            raise ValueError(
+                "nonfinite='raise' reads the inputs on the host, which traced arrays "
+                "(jax.jit) do not allow: pass nonfinite='skip'"
+            ) from err
+        return Guard(False, finite)  # the caller selects with where, without a Python branch
+    if known or mode == "skip":
+        return Guard(not known, None)
+    name = next(name for ok, (name, _) in zip(flags, named) if not bool(ok))
+    raise ValueError(f"{name} has non-finite values (nonfinite='raise')")
