@@ -197,6 +197,12 @@ def _decode(node, like, data, path: str):
         if type(like).__name__ != node["type"]:
             raise CheckpointError(f"{path}: checkpoint has a {node['type']}, the state a {type(like).__name__}")
         cls = type(like)
+        missing = [f for f in cls._fields if f not in node["fields"]]
+        extra = [f for f in node["fields"] if f not in cls._fields]
+        if missing or extra:
+            raise CheckpointError(
+                f"{path}: the checkpoint's {node['type']} has fields {list(node['fields'])}, this version's "
+                f"{list(cls._fields)} (missing: {missing}, unknown: {extra}); it was saved by another version")
         return cls(*(_decode(node["fields"][f], getattr(like, f), data, f"{path}.{f}") for f in cls._fields))
     for kind in ("tuple", "list"):
         if kind in node:

@@ -97,6 +97,25 @@ def test_format_version_checked(tmp_path, monkeypatch):
         sc.load_state(tmp_path / "s.npz", like=tx.init(params))
 
 
+def test_state_saved_by_another_version_names_its_fields(tmp_path):
+    """A state type that gained a field (EvaState.skipped) cannot read an older file: the error
+    names the fields on both sides (it used to be a bare KeyError)."""
+    import json
+
+    tx = sc.eva(0.1)
+    state = tx.init(np.ones((3, 2)))
+    sc.save_state(tmp_path / "s.npz", state)
+    with np.load(tmp_path / "s.npz") as f:
+        arrays = dict(f)
+    header = json.loads(bytes(arrays["__header__"]).decode())
+    del header["structure"]["fields"]["skipped"]
+    arrays["__header__"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    np.savez(tmp_path / "old.npz", **arrays)
+    with pytest.raises(sc.CheckpointError, match=r"state: the checkpoint's EvaState has fields "
+                       r"\['count', 'momentum', 'left', 'right'\].*missing: \['skipped'\]"):
+        sc.load_state(tmp_path / "old.npz", like=state)
+
+
 def test_no_pickle_in_file(tmp_path):
     tx = resume_job.make_tx()
     sc.save_state(tmp_path / "s.npz", tx.init(resume_job.initial_params("float64")), tx=tx)
