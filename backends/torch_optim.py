@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import inspect
 
+import array_api_compat.torch as xp
 import optree
 import torch
 
 import shampoo_core as sc
+from shampoo_core.nonfinite import guard
 
 __all__ = ["Shampoo"]
 
@@ -72,7 +74,7 @@ class Shampoo(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = []
+        work, checked = [], []
         for g_index, group in enumerate(self.param_groups):
             gt = self._transform(group)
             for p_index, p in enumerate(group["params"]):
@@ -81,14 +83,15 @@ class Shampoo(torch.optim.Optimizer):
                 where = f"param_groups[{g_index}]['params'][{p_index}]"
                 if p.grad.is_sparse:
                     raise ValueError(f"{where}: Shampoo does not support sparse gradients")
-                if gt.hyperparameters.get("nonfinite", _DEFAULTS["nonfinite"]) == "raise" and not bool(
-                    torch.isfinite(p.grad).all()
-                ):
-                    raise ValueError(f"the gradient of {where} has non-finite values (nonfinite='raise'); "
-                                     "no parameter was updated")
+                if gt.hyperparameters.get("nonfinite", _DEFAULTS["nonfinite"]) == "raise":
+                    checked.append((f"the gradient of {where}", p.grad))
                 packed = self.state[p]
                 functional = gt.unpack(p, [packed.get(f"leaf{i}") for i in range(len(packed))]) if packed else None
                 work.append((gt, p, functional))
+        try:  # all parameters at once: one host read (one GPU synchronization) per step
+            guard(xp, checked, "raise")
+        except ValueError as err:
+            raise ValueError(f"{err}; no parameter was updated") from None
         for gt, p, functional in work:
             if functional is None:
                 functional = gt.tx.init(p.detach())

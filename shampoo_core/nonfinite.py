@@ -2,10 +2,10 @@
 
 A non-finite gradient (or curvature) that enters a running average stays there for good: every
 later step is NaN, or, where a failed decomposition keeps the previous inverse, silently frozen.
-So the inputs are checked before anything is updated. ``"raise"`` reads one flag per leaf on the
-host and names the first bad leaf; ``"skip"`` returns zero updates and the state unchanged except
-``skipped`` + 1, and under ``jax.jit`` (where nothing can be read back) selects between the new
-and the old state with ``where``, without a Python branch.
+So the inputs are checked before anything is updated, with one host read for all of them.
+``"raise"`` names the first bad input; ``"skip"`` returns zero updates and the state unchanged
+except ``skipped`` + 1, and under ``jax.jit`` (where nothing can be read back) selects between the
+new and the old state with ``where``, without a Python branch.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import functools
 from typing import NamedTuple
 
 import optree
+
+from . import _xp
 
 __all__ = ["MODES", "check_mode", "Guard", "guard"]
 
@@ -65,18 +67,35 @@ def guard(xp, named, mode: str) -> Guard:
     """
     if not named:
         return Guard(False, None)
-    flags = [xp.all(xp.isfinite(x)) for _, x in named]
-    finite = functools.reduce(xp.logical_and, flags)
+    # Fast test: a finite sum of sums means every entry is finite (a NaN or inf would propagate).
+    # Two cheap operations per array, against four for isfinite and all: a third of the time of
+    # Eva's step on the demo model went to the exact test. A non-finite sum can also be a finite
+    # overflow, so that case, and traced arrays (whose flag must be exact), take the exact test.
+    sums: dict = {}  # per device: arrays on several devices (a model split over GPUs) cannot be added
+    for _, x in named:
+        sums.setdefault(_xp.device_of(x), []).append(_sum(xp, x))
+    totals = [functools.reduce(lambda a, b: a + b, group) for group in sums.values()]
     try:
-        known = bool(finite)  # one host read for all inputs (a GPU synchronizes once)
+        if all(bool(xp.isfinite(t)) for t in totals):  # one host read per device
+            return Guard(False, None)
     except TypeError as err:  # a traced array cannot be read on the host
         if mode == "raise":
             raise ValueError(
                 "nonfinite='raise' reads the inputs on the host, which traced arrays "
                 "(jax.jit) do not allow: pass nonfinite='skip'"
             ) from err
-        return Guard(False, finite)  # the caller selects with where, without a Python branch
-    if known or mode == "skip":
-        return Guard(not known, None)
-    name = next(name for ok, (name, _) in zip(flags, named) if not bool(ok))
-    raise ValueError(f"{name} has non-finite values (nonfinite='raise')")
+        flags = [xp.all(xp.isfinite(x)) for _, x in named]
+        return Guard(False, functools.reduce(xp.logical_and, flags))  # selected with where
+    bad = [name for name, x in named if not bool(xp.all(xp.isfinite(x)))]
+    if not bad:  # the sum overflowed; every entry is finite
+        return Guard(False, None)
+    if mode == "skip":
+        return Guard(True, None)
+    raise ValueError(f"{bad[0]} has non-finite values (nonfinite='raise')")
+
+
+def _sum(xp, x):
+    # float16 sums of ordinary gradients overflow (max 65504); accumulate them in float32.
+    if x.dtype == getattr(xp, "float16", None):
+        return xp.sum(x, dtype=xp.float32)
+    return xp.sum(x)
