@@ -52,7 +52,9 @@ class Shampoo(torch.optim.Optimizer):
         # Rebuilt only when a group's hyperparameters change (compared by value: they may be
         # unhashable, e.g. a CostModel); the learning rate is read from the group every step.
         if cached is None or cached.hyperparameters != hp:
-            tx = sc.shampoo(lambda count, group=group: group["lr"], **hp)
+            # step() checks the gradients of "raise" groups itself, all at once, before any update.
+            core = dict(hp, nonfinite="ignore") if hp.get("nonfinite", _DEFAULTS["nonfinite"]) == "raise" else hp
+            tx = sc.shampoo(lambda count, group=group: group["lr"], **core)
             cached = self._transforms[id(group)] = _GroupTransform(hp, tx, {}, self._stepped.get(id(group), hp))
         return cached
 

@@ -242,8 +242,8 @@ def eva(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.0
 
     ``nonfinite``: a gradient or curvature with NaN or inf either raises (``"raise"``, naming it;
     the state is untouched) or skips the step (``"skip"``: zero updates, state unchanged but
-    ``skipped`` + 1; the mode that works under ``jax.jit``). Without the check, one bad batch
-    would stay in the momentum and the running averages for good.
+    ``skipped`` + 1; the checking mode that works under ``jax.jit``); ``"ignore"`` checks nothing.
+    Without a check, one bad batch stays in the momentum and the running averages for good.
 
     Raises:
         ValueError: bad hyperparameters; curvature of the wrong structure, not a pair, of another

@@ -1,11 +1,13 @@
-"""What a step does with a NaN or inf in its inputs: raise, or skip the step.
+"""What a step does with a NaN or inf in its inputs: raise, skip the step, or ignore it.
 
 A non-finite gradient (or curvature) that enters a running average stays there for good: every
 later step is NaN, or, where a failed decomposition keeps the previous inverse, silently frozen.
 So the inputs are checked before anything is updated, with one host read for all of them.
 ``"raise"`` names the first bad input; ``"skip"`` returns zero updates and the state unchanged
 except ``skipped`` + 1, and under ``jax.jit`` (where nothing can be read back) selects between the
-new and the old state with ``where``, without a Python branch.
+new and the old state with ``where``, without a Python branch. ``"ignore"`` checks nothing and
+costs nothing, as in ``torch.optim`` and optax: for callers that check the inputs themselves
+(``backends.torch_optim`` checks all parameters at once before its per-parameter updates).
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ from . import _xp
 
 __all__ = ["MODES", "check_mode", "Guard", "guard"]
 
-MODES = ("raise", "skip")
+MODES = ("raise", "skip", "ignore")
 
 
 def check_mode(nonfinite) -> str:
-    """Validate the ``nonfinite`` hyperparameter. Raises ValueError unless "raise" or "skip"."""
+    """Validate the ``nonfinite`` hyperparameter. Raises ValueError unless one of :data:`MODES`."""
     if nonfinite not in MODES:
-        raise ValueError(f"nonfinite must be 'raise' or 'skip'; got {nonfinite!r}")
+        raise ValueError(f"nonfinite must be 'raise', 'skip' or 'ignore'; got {nonfinite!r}")
     return nonfinite
 
 
@@ -65,7 +67,7 @@ def guard(xp, named, mode: str) -> Guard:
             such array in ``named``), or ``mode="raise"`` on traced arrays (``jax.jit``), which
             cannot be read on the host.
     """
-    if not named:
+    if not named or mode == "ignore":
         return Guard(False, None)
     # Fast test: a finite sum of sums means every entry is finite (a NaN or inf would propagate).
     # Two cheap operations per array, against four for isfinite and all: a third of the time of

@@ -183,8 +183,9 @@ def shampoo(
             dtype). Falls back to the parameter dtype on devices without float64.
         inverse_failure_threshold: a root whose error exceeds this (or is non-finite) is rejected.
         nonfinite: what a gradient with NaN or inf does: "raise" (ValueError naming the leaf,
-            state untouched) or "skip" (zero updates, the state unchanged but ``skipped`` + 1;
-            selected with ``where``, no Python branch on the data).
+            state untouched), "skip" (zero updates, the state unchanged but ``skipped`` + 1;
+            selected with ``where``, no Python branch on the data) or "ignore" (no check, as in
+            ``torch.optim``: a NaN enters the state; for callers that check themselves).
 
     Returns:
         :class:`GradientTransformation` over an array or a dict/list/tuple tree of arrays.

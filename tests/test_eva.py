@@ -315,10 +315,10 @@ def test_foof_does_not_read_s():
     assert np.all(np.isfinite(u)) and int(state.skipped) == 0
 
 
-@pytest.mark.parametrize("make", [lambda: sc.eva(nonfinite="ignore"), lambda: sc.eva_s(nonfinite=None),
+@pytest.mark.parametrize("make", [lambda: sc.eva(nonfinite="warn"), lambda: sc.eva_s(nonfinite=None),
                                   lambda: sc.kfac(nonfinite="Skip")])
 def test_eva_family_nonfinite_is_validated(make):
-    with pytest.raises(ValueError, match="nonfinite must be 'raise' or 'skip'"):
+    with pytest.raises(ValueError, match="nonfinite must be 'raise', 'skip' or 'ignore'"):
         make()
 
 

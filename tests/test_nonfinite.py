@@ -55,8 +55,13 @@ def test_float16_sums_do_not_overflow():
 
 def test_mode_is_validated():
     assert check_mode("skip") == "skip"
-    with pytest.raises(ValueError, match="nonfinite must be 'raise' or 'skip'; got 'ignore'"):
-        check_mode("ignore")
+    with pytest.raises(ValueError, match="nonfinite must be 'raise', 'skip' or 'ignore'; got 'warn'"):
+        check_mode("warn")
+
+
+def test_ignore_checks_nothing(xp):
+    inputs = named(xp, b=np.array([1.0, np.nan]))
+    assert guard(namespace(inputs[0][1]), inputs, "ignore") == (False, None)
 
 
 def test_inputs_on_several_devices():
