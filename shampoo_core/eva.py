@@ -216,9 +216,8 @@ def _finish(state, inputs: UpdateInputs, vs, lefts, rights, *, kl_clip, momentum
     updates, moms = clipped_momentum_step(
         inputs.xp, vs, inputs.g_leaves, inputs.c_leaves, state.momentum, inputs.p_leaves,
         lr=inputs.learning_rate, kl_clip=kl_clip, momentum=momentum, weight_decay=weight_decay)
-    new = EvaState(state.count + 1, tuple(moms), tuple(lefts), tuple(rights), state.skipped)
-    updates, new = inputs.verdict.select(inputs.xp, new, state, updates)
-    return tree.unflatten(inputs.spec, updates), new
+    return tree.unflatten(inputs.spec, updates), EvaState(state.count + 1, tuple(moms), tuple(lefts), tuple(rights),
+                                                          state.skipped)
 
 
 def _sgd_step(xp, d, buf, p, momentum, weight_decay):
@@ -261,8 +260,9 @@ def eva(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.0
     def update(state, grads, params=None, curvature=None):
         inputs = begin_update(state, grads, params, curvature, learning_rate, weight_decay, nonfinite=nonfinite,
                               curvature_shapes=lambda i, g: vector_shapes(state.left[i], g))
-        if inputs.verdict.skip:
-            return skipped_step(state, inputs)
+        return inputs.verdict.run(inputs.xp, lambda: step(state, inputs), lambda: skipped_step(state, inputs))
+
+    def step(state, inputs):
         g_leaves, c_leaves, xp = inputs.g_leaves, inputs.c_leaves, inputs.xp
         first = inputs.count == 0
         vs, lefts, rights = [], [], []
@@ -362,8 +362,9 @@ def eva_s(learning_rate=0.1, *, damping: float = 0.03, stat_decay: float = 0.95,
 
     def update(state, grads, params=None):
         inputs = begin_update(state, grads, params, None, learning_rate, weight_decay, nonfinite=nonfinite)
-        if inputs.verdict.skip:
-            return skipped_step(state, inputs)
+        return inputs.verdict.run(inputs.xp, lambda: step(state, inputs), lambda: skipped_step(state, inputs))
+
+    def step(state, inputs):
         g_leaves, xp, first = inputs.g_leaves, inputs.xp, inputs.count == 0
         ds, lefts, rights = [], [], []
         for g, left, right in zip(g_leaves, state.left, state.right):

@@ -111,8 +111,9 @@ def kfac(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.
     def update(state, grads, params=None, curvature=None):
         inputs = begin_update(state, grads, params, curvature, learning_rate, weight_decay, nonfinite=nonfinite,
                               curvature_shapes=curvature_shapes(state), curvature_names=("S", "A"))
-        if inputs.verdict.skip:
-            return skipped_step(state, inputs)
+        return inputs.verdict.run(inputs.xp, lambda: step(state, inputs), lambda: skipped_step(state, inputs))
+
+    def step(state, inputs):
         g_leaves, spec, _, p_leaves, c_leaves, count, lr, xp, _ = inputs
         first, recompute = count == 0, count % inverse_steps == 0
         vs, s_f, a_f, s_i, a_i = [], [], [], [], []
@@ -139,7 +140,6 @@ def kfac(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.
         updates, moms = clipped_momentum_step(xp, vs, g_leaves, c_leaves, state.momentum, p_leaves, lr=lr,
                                               kl_clip=kl_clip, momentum=momentum, weight_decay=weight_decay)
         new = KFACState(state.count + 1, tuple(moms), tuple(s_f), tuple(a_f), tuple(s_i), tuple(a_i), state.skipped)
-        updates, new = inputs.verdict.select(xp, new, state, updates)
         return tree.unflatten(spec, updates), new
 
     return record_hyperparameters(GradientTransformation(init, update), variant, dict(

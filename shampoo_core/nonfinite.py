@@ -34,29 +34,33 @@ def check_mode(nonfinite) -> str:
 class Guard(NamedTuple):
     """The verdict of :func:`guard`.
 
-    ``skip``: True when the inputs are known (eagerly) to hold a NaN or inf: the caller returns
-    zero updates and ``state._replace(skipped=state.skipped + 1)``. ``finite``: ``None`` when the
-    inputs are known to be finite (or were checked by "raise"); a 0-d bool array when they are
-    traced, for :meth:`clean`, :meth:`select` and :meth:`count`.
+    ``skip``: True when the inputs are known (eagerly) to hold a NaN or inf. ``finite``: ``None``
+    when the verdict is known on the host; a 0-d bool array when the inputs are traced.
     """
 
     skip: bool
     finite: object
 
     def clean(self, xp, x):
-        """``x`` with zeros in place of a traced non-finite input, so the discarded step stays finite."""
+        """``x`` as the step may read it: traced, both the step and the skip are computed
+        (:meth:`run`), so a non-finite input is replaced by zeros to keep the discarded step
+        finite; otherwise ``x`` itself."""
         if self.finite is None or x is None:
             return x
         return xp.where(self.finite, x, xp.zeros_like(x))
 
-    def select(self, xp, new_state, old_state, updates):
-        """``(updates, state)``: the new ones where the inputs were finite, else zeros and the old
-        state with ``skipped`` + 1. ``updates`` is a list of arrays."""
+    def run(self, xp, step, skipped):
+        """``step()`` if the inputs are finite, else ``skipped()``; each returns ``(updates, state)``
+        and ``skipped`` gives zero updates and the old state with ``skipped`` + 1.
+
+        Traced, both are computed and selected leaf by leaf with ``where`` (``lax.cond`` over the
+        whole step measured slower under ``jax.jit``; docs/reliability.md).
+        """
+        if self.skip:
+            return skipped()
         if self.finite is None:
-            return updates, new_state
-        state = optree.tree_map(lambda new, old: xp.where(self.finite, new, old), new_state, old_state)
-        skipped = old_state.skipped + xp.astype(~self.finite, old_state.skipped.dtype)
-        return [xp.where(self.finite, u, xp.zeros_like(u)) for u in updates], state._replace(skipped=skipped)
+            return step()
+        return optree.tree_map(lambda new, old: xp.where(self.finite, new, old), step(), skipped())
 
 
 def guard(xp, named, mode: str) -> Guard:

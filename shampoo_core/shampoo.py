@@ -265,21 +265,22 @@ def shampoo(
             return grads, state
         xp = _xp.namespace(*g_leaves)
         verdict = guard(xp, [(f"grads{path}", g) for path, g in zip(paths, g_leaves)], config.nonfinite)
-        if verdict.skip:
+
+        def step():
+            schedule = _schedule(config, state.count)
+            updates, new_states = [], []
+            for i, (g, s) in enumerate(zip(g_leaves, state.params)):
+                p = None if p_leaves is None else p_leaves[i]
+                u, ns = _update_param(config, s, verdict.clean(xp, g), p, schedule, i)
+                updates.append(u)
+                new_states.append(ns)
+            return tree.unflatten(spec, updates), ShampooState(state.count + 1, tuple(new_states), state.skipped)
+
+        def skipped():
             zeros = tree.unflatten(spec, [xp.zeros_like(g) for g in g_leaves])
             return zeros, state._replace(skipped=state.skipped + 1)
-        g_leaves = [verdict.clean(xp, g) for g in g_leaves]
 
-        schedule = _schedule(config, state.count)
-        updates, new_states = [], []
-        for i, (g, s) in enumerate(zip(g_leaves, state.params)):
-            p = None if p_leaves is None else p_leaves[i]
-            u, ns = _update_param(config, s, g, p, schedule, i)
-            updates.append(u)
-            new_states.append(ns)
-        new_state = ShampooState(state.count + 1, tuple(new_states), state.skipped)
-        updates, new_state = verdict.select(xp, new_state, state, updates)
-        return tree.unflatten(spec, updates), new_state
+        return verdict.run(xp, step, skipped)
 
     tx = GradientTransformation(init, update)
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)

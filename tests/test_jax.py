@@ -92,9 +92,14 @@ def test_optax_chain_and_schedule():
             np.testing.assert_allclose(np.asarray(u_chain[k]), np.asarray(u_direct[k]), rtol=1e-10, atol=1e-12)
 
 
-def test_nonfinite_skip_under_jit():
+@pytest.mark.parametrize("with_cond", [True, False], ids=["lax.cond", "where"])
+def test_nonfinite_skip_under_jit(monkeypatch, with_cond):
+    """The finiteness flag selects between the step, computed on zeroed inputs, and the skip, with
+    the roots' lax.cond registered or not."""
+    if not with_cond:
+        monkeypatch.setattr(_xp, "_CONDS", {})
     tx = optax_adapter.shampoo(0.1, **HP)
-    params, grads = params_and_grads(jnp.float64, steps=2)
+    params, grads = params_and_grads(jnp.float64, steps=3)
     update = jax.jit(tx.update)
     state = tx.init(params)
     _, state = update(grads[0], state, params)
@@ -104,6 +109,11 @@ def test_nonfinite_skip_under_jit():
     assert int(new_state.skipped) == 1 and int(new_state.count) == 1
     for a, b in zip(jax.tree_util.tree_leaves(new_state.params), jax.tree_util.tree_leaves(state.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The next finite step is the step the bad one never disturbed, as taken eagerly.
+    u_jit, _ = update(grads[2], new_state, params)
+    u_eager, _ = tx.update(grads[2], state, params)
+    for k in params:
+        np.testing.assert_allclose(np.asarray(u_jit[k]), np.asarray(u_eager[k]), rtol=1e-12, atol=1e-14)
 
 
 def test_nonfinite_raise_under_jit_explains():

@@ -180,11 +180,16 @@ def test_conv2d_errors_and_jitted_eva_on_a_conv_net():
     assert losses[-1] < 0.5 * losses[0]
 
 
+@pytest.mark.parametrize("with_cond", [True, False], ids=["lax.cond", "where"])
 @pytest.mark.parametrize("kind, make", [("eva", lambda **kw: sc.eva(0.3, **kw)),
                                         ("kfac", lambda **kw: sc.kfac(0.3, inverse_steps=1, **kw))])
-def test_traced_nonfinite_curvature_is_skipped_without_a_host_read(kind, make):
-    """Under jax.jit ``nonfinite="skip"`` selects the old state with ``where``; ``"raise"`` says
-    it cannot read traced inputs."""
+def test_traced_nonfinite_curvature_is_skipped_without_a_host_read(monkeypatch, kind, make, with_cond):
+    """Under jax.jit ``nonfinite="skip"`` keeps the old state (K-FAC's decompositions under
+    lax.cond or not); ``"raise"`` says it cannot read traced inputs."""
+    if not with_cond:
+        from shampoo_core import _xp
+
+        monkeypatch.setattr(_xp, "_CONDS", {})
     params, x, y = problem()
     tx = make(nonfinite="skip")
     _, grads, curv = value_grads_and_curvature(mlp_loss, params, x, y, kind=kind)
