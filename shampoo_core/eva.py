@@ -23,9 +23,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from . import _xp, tree
-from .nonfinite import Guard, check_mode, guard
 from .base import (GradientTransformation, check_against_state, check_leaf_count, check_leaves,
                    count_and_learning_rate, record_hyperparameters, shape_and_dtype)
+from .nonfinite import Guard, check_mode, guard
 from .options import check_bool, check_learning_rate, check_real
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 A non-finite gradient (or curvature) that enters a running average stays there for good: every
 later step is NaN, or, where a failed decomposition keeps the previous inverse, silently frozen.
-So the inputs are checked before anything is updated, with one host read for all of them.
+So the inputs are checked before anything is updated, with one host read per device.
 ``"raise"`` names the first bad input; ``"skip"`` returns zero updates and the state unchanged
 except ``skipped`` + 1, and under ``jax.jit`` (where nothing can be read back) selects between the
 new and the old state with ``where``, without a Python branch. ``"ignore"`` checks nothing and
