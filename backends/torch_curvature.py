@@ -14,6 +14,8 @@ hooks on every ``nn.Linear`` and ``nn.Conv2d``:
 
 Parameters outside such layers get no curvature (SGD with momentum in ``sc.eva``/``sc.kfac``).
 Call ``step()`` after ``loss.backward()``; the model's parameters are updated in place.
+``state_dict()`` / ``load_state_dict()`` save and restore the optimizer state (tensors, for
+``torch.save``), checked against the layout the transformation gives this model.
 
 The trees handed to ``tx`` are ``{"layers": {module name: [W | b]}, "others": {parameter name:
 p}}`` with the names of ``model.named_modules()`` / ``named_parameters()`` (the model itself, when
@@ -28,6 +30,7 @@ weight's dtype, from the recorded rows cast to it.
 from __future__ import annotations
 
 import array_api_compat.torch as xp
+import optree
 import torch
 import torch.nn.functional as F
 
@@ -99,6 +102,35 @@ class CurvatureOptimizer:
             a, g = self._samples(i, m)
             out.append(layer_curvature(xp, self.kind, a, g, self._inputs[i].shape[0]))
         return self._tree(out, [None] * len(self.others))
+
+    def state_dict(self) -> dict:
+        """``{"kind": ..., "leaves": [tensor, ...]}``: copies of the state's arrays in a fixed order
+        (that of ``optree.tree_leaves(self.state)``)."""
+        return {"kind": self.kind, "leaves": [t.detach().clone() for t in optree.tree_leaves(self.state)]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore a state made by :meth:`state_dict` of an optimizer with the same transformation,
+        ``kind`` and model shapes; tensors move to the device of this optimizer's state.
+
+        Raises:
+            ValueError: another ``kind``, another number of arrays (e.g. a K-FAC state loaded into
+                Eva, or another model), or an array of another shape or dtype, named by its index;
+                the current state is then left as it was.
+        """
+        if state_dict.get("kind", self.kind) != self.kind:
+            raise ValueError(f"state_dict was made with kind={state_dict['kind']!r}; this optimizer has "
+                             f"kind={self.kind!r}")
+        template, spec = optree.tree_flatten(self.tx.init(self._params()))
+        leaves = list(state_dict.get("leaves", ()))
+        if len(leaves) != len(template):
+            raise ValueError(f"state_dict holds {len(leaves)} arrays; this optimizer's state has {len(template)} "
+                             "(another transformation, variant or model?)")
+        for i, (got, want) in enumerate(zip(leaves, template)):
+            if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
+                raise ValueError(f"state_dict['leaves'][{i}] has shape {tuple(got.shape)} and dtype {got.dtype}; "
+                                 f"the state expects {tuple(want.shape)} and {want.dtype}")
+        self.state = optree.tree_unflatten(spec, [got.detach().to(want.device).clone()
+                                                  for got, want in zip(leaves, template)])
 
     @torch.no_grad()
     def step(self) -> None:

@@ -123,3 +123,57 @@ def test_a_non_finite_gradient_names_the_module_and_updates_nothing():
     model[3].bias.grad[1] = 0.0
     opt.step()  # finite again: the step goes through
     assert int(opt.state.count) == 1
+
+
+def _mlp(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3), torch.nn.LayerNorm(3))
+
+
+@pytest.mark.parametrize("kind, make", [("eva", lambda: sc.eva(0.1)), ("kfac", lambda: sc.kfac(0.1, inverse_steps=2)),
+                                        (None, lambda: sc.eva_s(0.1))])
+def test_state_dict_resumes_exactly(kind, make):
+    import io
+
+    x, y = torch.randn(16, 5, generator=torch.Generator().manual_seed(0)), torch.randn(16, 3)
+
+    def train(model, opt, steps):
+        for _ in range(steps):
+            model.zero_grad()
+            torch.mean((model(x) - y) ** 2).backward()
+            opt.step()
+
+    model = _mlp(0)
+    opt = CurvatureOptimizer(model, make(), kind=kind)
+    train(model, opt, 5)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    train(model, opt, 4)
+
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    resumed = _mlp(1)
+    resumed.load_state_dict(saved["model"])
+    opt2 = CurvatureOptimizer(resumed, make(), kind=kind)
+    opt2.load_state_dict(saved["opt"])
+    assert int(opt2.state.count) == 5
+    train(resumed, opt2, 4)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_load_state_dict_refuses_another_layout():
+    model = _mlp(0)
+    eva = CurvatureOptimizer(model, sc.eva(0.1))
+    kfac = CurvatureOptimizer(model, sc.kfac(0.1), kind="kfac")
+    before = eva.state_dict()
+    with pytest.raises(ValueError, match="made with kind='kfac'; this optimizer has kind='eva'"):
+        eva.load_state_dict(kfac.state_dict())
+    with pytest.raises(ValueError, match=r"holds \d+ arrays; this optimizer's state has \d+"):
+        eva.load_state_dict(dict(kfac.state_dict(), kind="eva"))
+    other = CurvatureOptimizer(torch.nn.Sequential(torch.nn.Linear(5, 9), torch.nn.Tanh(), torch.nn.Linear(9, 3),
+                                                   torch.nn.LayerNorm(3)), sc.eva(0.1))
+    with pytest.raises(ValueError, match=r"state_dict\['leaves'\]\[\d+\] has shape"):
+        eva.load_state_dict(other.state_dict())
+    for a, b in zip(before["leaves"], eva.state_dict()["leaves"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
