@@ -364,6 +364,9 @@ def _run_jitted(step, params, state, evaluate, order, args, progress):
     import jax
     import jax.numpy as jnp
 
+    # Committed to the device like the step's outputs: uncommitted inputs would make the second
+    # call compile the step again.
+    params, state = jax.device_put((params, state), jax.devices()[0])
     rec = _Recorder(args, evaluate)
     start = time.perf_counter()
     for t, idx in enumerate(order, start=1):
