@@ -5,6 +5,11 @@ follows optax's conventions: ``update(updates, state, params)`` argument order, 
 ``optax.chain``, learning rates may be optax schedules, and ``update`` can be traced by
 ``jax.jit`` (root computation is gated by ``lax.cond``). The returned updates already include
 ``-learning_rate``: apply them with ``optax.apply_updates``.
+
+``eva``, ``eva_s`` and ``kfac`` do the same for the Eva family and K-FAC/FOOF. They are
+``optax.GradientTransformationExtraArgs``: the layer curvature is passed as the keyword
+``curvature`` of ``update``, which ``optax.chain`` hands to every member that takes extra
+arguments (``backends.jax_curvature.value_grads_and_curvature`` computes it).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import shampoo_core as sc
 
 from . import jax_backend  # noqa: F401  (registers lax.cond for traced updates)
 
-__all__ = ["shampoo"]
+__all__ = ["shampoo", "eva", "eva_s", "kfac"]
 
 
 def shampoo(learning_rate=1e-3, **hyperparameters) -> optax.GradientTransformation:
@@ -36,3 +41,51 @@ def shampoo(learning_rate=1e-3, **hyperparameters) -> optax.GradientTransformati
         return tx.update(state, updates, params)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _with_curvature(tx) -> optax.GradientTransformationExtraArgs:
+    def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
+        del extra_args  # other members' arguments, passed along by optax.chain
+        return tx.update(state, updates, params, curvature=curvature)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+
+
+def eva(learning_rate=0.1, **hyperparameters) -> optax.GradientTransformationExtraArgs:
+    """:func:`shampoo_core.eva` (Eva, Eva-f, two-sided) as an optax transformation;
+    ``update(updates, state, params, curvature=...)``. ``nonfinite`` defaults to ``"skip"``.
+
+    Raises:
+        ValueError / TypeError: invalid hyperparameters, naming the argument.
+    """
+    hyperparameters.setdefault("nonfinite", "skip")
+    return _with_curvature(sc.eva(learning_rate, **hyperparameters))
+
+
+def kfac(learning_rate=0.1, **hyperparameters) -> optax.GradientTransformationExtraArgs:
+    """:func:`shampoo_core.kfac` (K-FAC, FOOF) as an optax transformation;
+    ``update(updates, state, params, curvature=...)``. ``nonfinite`` defaults to ``"skip"``.
+
+    Raises:
+        ValueError / TypeError: invalid hyperparameters, naming the argument.
+    """
+    hyperparameters.setdefault("nonfinite", "skip")
+    return _with_curvature(sc.kfac(learning_rate, **hyperparameters))
+
+
+def eva_s(learning_rate=0.1, **hyperparameters) -> optax.GradientTransformationExtraArgs:
+    """:func:`shampoo_core.eva_s` (gradients only) as an optax transformation; extra arguments of
+    ``optax.chain`` (e.g. another member's ``curvature``) are ignored. ``nonfinite`` defaults to
+    ``"skip"``.
+
+    Raises:
+        ValueError / TypeError: invalid hyperparameters, naming the argument.
+    """
+    hyperparameters.setdefault("nonfinite", "skip")
+    tx = sc.eva_s(learning_rate, **hyperparameters)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        return tx.update(state, updates, params)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update_fn)

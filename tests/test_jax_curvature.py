@@ -206,3 +206,63 @@ def test_traced_nonfinite_curvature_is_skipped_without_a_host_read(monkeypatch, 
     strict = make()
     with pytest.raises(ValueError, match="traced arrays .*pass nonfinite='skip'"):
         jax.jit(lambda s: strict.update(s, grads, params, curvature=curv))(strict.init(params))
+
+
+def _optax_adapter():
+    pytest.importorskip("optax")
+    from backends import optax_adapter
+
+    return optax_adapter
+
+
+@pytest.mark.parametrize("kind, adapted, core", [
+    ("eva", lambda: _optax_adapter().eva(0.3), lambda: sc.eva(0.3, nonfinite="skip")),
+    ("kfac", lambda: _optax_adapter().kfac(0.3, inverse_steps=2), lambda: sc.kfac(0.3, inverse_steps=2, nonfinite="skip")),
+    ("kfac", lambda: _optax_adapter().kfac(0.3, variant="foof"), lambda: sc.kfac(0.3, variant="foof", nonfinite="skip")),
+])
+def test_optax_adapter_in_a_jitted_chain_equals_the_core(kind, adapted, core):
+    """``optax.chain(clip, eva)`` passes ``curvature`` through to the member that takes it; the
+    result is the core's update of the clipped gradients."""
+    optax = pytest.importorskip("optax")
+    params, x, y = problem()
+    clip = optax.clip_by_global_norm(0.05)
+    chain = optax.chain(clip, adapted())
+    tx = core()
+
+    @jax.jit
+    def chained(p, s):
+        _, grads, curv = value_grads_and_curvature(mlp_loss, p, x, y, kind=kind)
+        updates, s = chain.update(grads, s, p, curvature=curv)
+        return optax.apply_updates(p, updates), s
+
+    p_chain, s_chain = params, chain.init(params)
+    p_core, s_core = params, tx.init(params)
+    for _ in range(5):
+        p_chain, s_chain = chained(p_chain, s_chain)
+        _, grads, curv = value_grads_and_curvature(mlp_loss, p_core, x, y, kind=kind)
+        clipped, _ = clip.update(grads, clip.init(p_core))
+        updates, s_core = tx.update(s_core, clipped, p_core, curvature=curv)
+        p_core = optax.apply_updates(p_core, updates)
+    for k in params:
+        np.testing.assert_allclose(np.asarray(p_chain[k]), np.asarray(p_core[k]), rtol=1e-9, atol=1e-12)
+    assert int(s_chain[1].count) == 5
+
+
+def test_optax_adapter_eva_s_takes_a_schedule_and_ignores_curvature():
+    optax = pytest.importorskip("optax")
+    optax_adapter = _optax_adapter()
+    params, x, y = problem()
+    schedule = optax.exponential_decay(0.5, transition_steps=1, decay_rate=0.5)
+    clip = optax.clip_by_global_norm(0.05)
+    chain = optax.chain(clip, optax_adapter.eva_s(schedule))
+    core = sc.eva_s(schedule)
+    _, grads, curv = value_grads_and_curvature(mlp_loss, params, x, y)
+    clipped, _ = clip.update(grads, clip.init(params))
+    s_chain, s_core = chain.init(params), core.init(params)
+    for _ in range(3):
+        u_chain, s_chain = jax.jit(lambda s: chain.update(grads, s, params, curvature=curv))(s_chain)
+        u_core, s_core = core.update(s_core, clipped, params)
+        for k in params:
+            np.testing.assert_allclose(np.asarray(u_chain[k]), np.asarray(u_core[k]), rtol=1e-10, atol=1e-14)
+    with pytest.raises(ValueError, match="damping"):
+        optax_adapter.eva(0.1, damping=0.0)
