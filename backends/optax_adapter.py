@@ -43,10 +43,16 @@ def shampoo(learning_rate=1e-3, **hyperparameters) -> optax.GradientTransformati
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _with_curvature(tx) -> optax.GradientTransformationExtraArgs:
+def _extra_args(make, learning_rate, hyperparameters, takes_curvature: bool):
+    """``make(learning_rate, nonfinite="skip" unless given, ...)`` with optax's argument order;
+    other members' extra arguments, which optax.chain passes along, are dropped."""
+    tx = make(learning_rate, **{"nonfinite": "skip", **hyperparameters})
+
     def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
-        del extra_args  # other members' arguments, passed along by optax.chain
-        return tx.update(state, updates, params, curvature=curvature)
+        del extra_args
+        if takes_curvature:
+            return tx.update(state, updates, params, curvature=curvature)
+        return tx.update(state, updates, params)
 
     return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 
@@ -58,8 +64,7 @@ def eva(learning_rate=0.1, **hyperparameters) -> optax.GradientTransformationExt
     Raises:
         ValueError / TypeError: invalid hyperparameters, naming the argument.
     """
-    hyperparameters.setdefault("nonfinite", "skip")
-    return _with_curvature(sc.eva(learning_rate, **hyperparameters))
+    return _extra_args(sc.eva, learning_rate, hyperparameters, takes_curvature=True)
 
 
 def kfac(learning_rate=0.1, **hyperparameters) -> optax.GradientTransformationExtraArgs:
@@ -69,23 +74,15 @@ def kfac(learning_rate=0.1, **hyperparameters) -> optax.GradientTransformationEx
     Raises:
         ValueError / TypeError: invalid hyperparameters, naming the argument.
     """
-    hyperparameters.setdefault("nonfinite", "skip")
-    return _with_curvature(sc.kfac(learning_rate, **hyperparameters))
+    return _extra_args(sc.kfac, learning_rate, hyperparameters, takes_curvature=True)
 
 
 def eva_s(learning_rate=0.1, **hyperparameters) -> optax.GradientTransformationExtraArgs:
-    """:func:`shampoo_core.eva_s` (gradients only) as an optax transformation; extra arguments of
-    ``optax.chain`` (e.g. another member's ``curvature``) are ignored. ``nonfinite`` defaults to
+    """:func:`shampoo_core.eva_s` (gradients only) as an optax transformation; a ``curvature``
+    passed along by ``optax.chain`` for another member is ignored. ``nonfinite`` defaults to
     ``"skip"``.
 
     Raises:
         ValueError / TypeError: invalid hyperparameters, naming the argument.
     """
-    hyperparameters.setdefault("nonfinite", "skip")
-    tx = sc.eva_s(learning_rate, **hyperparameters)
-
-    def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
-        return tx.update(state, updates, params)
-
-    return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+    return _extra_args(sc.eva_s, learning_rate, hyperparameters, takes_curvature=False)
