@@ -53,9 +53,9 @@ class Shampoo(torch.optim.Optimizer):
         # unhashable, e.g. a CostModel); the learning rate is read from the group every step.
         if cached is None or cached.hyperparameters != hp:
             # step() checks the gradients of "raise" groups itself, all at once, before any update.
-            core = dict(hp, nonfinite="ignore") if hp.get("nonfinite", _DEFAULTS["nonfinite"]) == "raise" else hp
-            tx = sc.shampoo(lambda count, group=group: group["lr"], **core)
-            cached = self._transforms[id(group)] = _GroupTransform(hp, tx, {}, self._stepped.get(id(group), hp))
+            checks = hp.get("nonfinite", _DEFAULTS["nonfinite"]) == "raise"
+            tx = sc.shampoo(lambda count, group=group: group["lr"], **(dict(hp, nonfinite="ignore") if checks else hp))
+            cached = self._transforms[id(group)] = _GroupTransform(hp, tx, {}, self._stepped.get(id(group), hp), checks)
         return cached
 
     @torch.no_grad()
@@ -85,7 +85,7 @@ class Shampoo(torch.optim.Optimizer):
                 where = f"param_groups[{g_index}]['params'][{p_index}]"
                 if p.grad.is_sparse:
                     raise ValueError(f"{where}: Shampoo does not support sparse gradients")
-                if gt.hyperparameters.get("nonfinite", _DEFAULTS["nonfinite"]) == "raise":
+                if gt.checks_finite:
                     checked.append((f"the gradient of {where}", p.grad))
                 packed = self.state[p]
                 functional = gt.unpack(p, [packed.get(f"leaf{i}") for i in range(len(packed))]) if packed else None
@@ -110,9 +110,10 @@ class Shampoo(torch.optim.Optimizer):
 class _GroupTransform:
     """A param group's functional optimizer and the state layout it gives each parameter shape."""
 
-    def __init__(self, hyperparameters: dict, tx, layouts: dict, stepped: dict):
+    def __init__(self, hyperparameters: dict, tx, layouts: dict, stepped: dict, checks_finite: bool):
         self.hyperparameters = hyperparameters
         self.tx = tx
+        self.checks_finite = checks_finite  # step() checks this group's gradients; tx does not
         self._layouts = layouts  # (shape, dtype, device) -> (treespec, leaf shapes)
         self._stepped = stepped  # the hyperparameters of the group's last completed step
 

@@ -221,11 +221,11 @@ def _eva_transformation(name, lr, nonfinite="raise"):
     """``nonfinite="skip"`` under ``jax.jit``, where a traced NaN check cannot raise."""
     import shampoo_core as sc
 
-    return {
-        "eva": lambda: sc.eva(lr, nonfinite=nonfinite), "eva_f": lambda: sc.eva(lr, variant="eva_f", nonfinite=nonfinite),
-        "eva_s": lambda: sc.eva_s(lr, nonfinite=nonfinite),
-        "kfac": lambda: sc.kfac(lr, nonfinite=nonfinite), "foof": lambda: sc.kfac(lr, variant="foof", nonfinite=nonfinite),
-    }[name]()
+    make, extra = {
+        "eva": (sc.eva, {}), "eva_f": (sc.eva, {"variant": "eva_f"}), "eva_s": (sc.eva_s, {}),
+        "kfac": (sc.kfac, {}), "foof": (sc.kfac, {"variant": "foof"}),
+    }[name]
+    return make(lr, nonfinite=nonfinite, **extra)
 
 
 # What each member of the Eva family needs from the layers: vectors, factors, or gradients only.

@@ -16,6 +16,7 @@ __all__ = [
     "check_against_state",
     "record_hyperparameters",
     "check_devices",
+    "zero_count",
 ]
 
 
@@ -123,6 +124,11 @@ def check_against_state(grads, paths, expected, references, params=None) -> None
     check_devices("grads", grads, paths, references)
     if params is not None:
         check_devices("params", params, paths, references)
+
+
+def zero_count(xp, device):
+    """A 0-d int32 zero on ``device``: the initial value of every step and failure counter."""
+    return xp.asarray(0, dtype=xp.int32, device=device)
 
 
 def shape_and_dtype(array) -> tuple:

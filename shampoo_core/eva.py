@@ -24,8 +24,8 @@ from typing import NamedTuple
 
 from . import _xp, tree
 from .base import (GradientTransformation, check_against_state, check_leaf_count, check_leaves,
-                   count_and_learning_rate, record_hyperparameters, shape_and_dtype)
-from .nonfinite import Guard, check_mode, guard
+                   count_and_learning_rate, record_hyperparameters, shape_and_dtype, zero_count)
+from .nonfinite import Guard, check_mode, guard, skipped_step
 from .options import check_bool, check_learning_rate, check_real
 
 __all__ = [
@@ -91,12 +91,7 @@ def _init(params, want_vectors):
     left = tuple(xp.zeros((p.shape[0],), dtype=p.dtype, device=dev) if want_vectors(p) else None for p in leaves)
     right = tuple(xp.zeros((p.shape[1],), dtype=p.dtype, device=dev) if want_vectors(p) else None for p in leaves)
     moms = tuple(xp.zeros_like(p) for p in leaves)
-    return EvaState(counter(xp, dev), moms, left, right, counter(xp, dev))
-
-
-def counter(xp, dev):
-    """A 0-d int32 zero on ``dev``: the initial ``count`` and ``skipped``."""
-    return xp.asarray(0, dtype=xp.int32, device=dev)
+    return EvaState(zero_count(xp, dev), moms, left, right, zero_count(xp, dev))
 
 
 def param_leaves(params, spec, n, weight_decay):
@@ -159,10 +154,10 @@ def begin_update(state, grads, params, curvature, learning_rate, weight_decay, *
     return UpdateInputs(g_leaves, spec, paths, p_leaves, c_leaves, count, lr, xp, verdict)
 
 
-def skipped_step(state, inputs: UpdateInputs):
-    """Zero updates and ``state`` with ``skipped`` + 1: a step whose inputs are not finite."""
-    zeros = [inputs.xp.zeros_like(g) for g in inputs.g_leaves]
-    return tree.unflatten(inputs.spec, zeros), state._replace(skipped=state.skipped + 1)
+def run_step(state, inputs: UpdateInputs, step):
+    """``step(state, inputs)`` where the inputs are finite, else a skipped step (see ``Guard.run``)."""
+    return inputs.verdict.run(inputs.xp, lambda: step(state, inputs),
+                              lambda: skipped_step(inputs.xp, state, inputs.g_leaves, inputs.spec))
 
 
 def check_variant_and_clip(variant, allowed, kl_clip):
@@ -260,7 +255,7 @@ def eva(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.0
     def update(state, grads, params=None, curvature=None):
         inputs = begin_update(state, grads, params, curvature, learning_rate, weight_decay, nonfinite=nonfinite,
                               curvature_shapes=lambda i, g: vector_shapes(state.left[i], g))
-        return inputs.verdict.run(inputs.xp, lambda: step(state, inputs), lambda: skipped_step(state, inputs))
+        return run_step(state, inputs, step)
 
     def step(state, inputs):
         g_leaves, c_leaves, xp = inputs.g_leaves, inputs.c_leaves, inputs.xp
@@ -362,7 +357,7 @@ def eva_s(learning_rate=0.1, *, damping: float = 0.03, stat_decay: float = 0.95,
 
     def update(state, grads, params=None):
         inputs = begin_update(state, grads, params, None, learning_rate, weight_decay, nonfinite=nonfinite)
-        return inputs.verdict.run(inputs.xp, lambda: step(state, inputs), lambda: skipped_step(state, inputs))
+        return run_step(state, inputs, step)
 
     def step(state, inputs):
         g_leaves, xp, first = inputs.g_leaves, inputs.xp, inputs.count == 0

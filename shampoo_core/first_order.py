@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 from . import _xp, grafting, momentum, tree
 from .base import (GradientTransformation, check_against_state, check_leaf_count, check_leaves,
-                   count_and_learning_rate, record_hyperparameters, shape_and_dtype)
+                   count_and_learning_rate, record_hyperparameters, shape_and_dtype, zero_count)
 from .options import GraftType, check_bool, check_learning_rate, check_real
 
 __all__ = ["sgd", "adagrad", "adam", "FirstOrderState"]
@@ -42,7 +42,7 @@ def _transform(learning_rate, graft_type, *, beta1, beta2, epsilon, weight_decay
         count = 0
         if leaves:
             xp = _xp.namespace(*leaves)
-            count = xp.asarray(0, dtype=xp.int32, device=_xp.device_of(leaves[0]))
+            count = zero_count(xp, _xp.device_of(leaves[0]))
         return FirstOrderState(count, moms, grafts)
 
     def update(state, grads, params=None):

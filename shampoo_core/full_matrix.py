@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 from . import _xp, roots, tree
 from .base import (GradientTransformation, check_against_state, check_leaf_count, check_leaves,
-                   learning_rate_at, record_hyperparameters)
+                   learning_rate_at, record_hyperparameters, zero_count)
 from .options import check_int, check_learning_rate, check_real
 
 __all__ = ["full_matrix_adagrad", "FullMatrixState"]
@@ -46,7 +46,7 @@ def full_matrix_adagrad(learning_rate=1e-2, *, epsilon: float = 1e-6, max_size: 
             xp = _xp.namespace(p)
             stats.append(xp.zeros((n, n), dtype=p.dtype, device=_xp.device_of(p)))
         xp = _xp.namespace(*leaves)
-        return FullMatrixState(xp.asarray(0, dtype=xp.int32, device=_xp.device_of(leaves[0])), tuple(stats))
+        return FullMatrixState(zero_count(xp, _xp.device_of(leaves[0])), tuple(stats))
 
     def update(state, grads, params=None):
         leaves, spec = tree.flatten(grads)

@@ -14,8 +14,8 @@ import math
 from typing import NamedTuple
 
 from . import _xp, roots, tree
-from .base import GradientTransformation, check_leaves, record_hyperparameters
-from .eva import begin_update, check_variant_and_clip, clipped_momentum_step, counter, ema, skipped_step, validate
+from .base import GradientTransformation, check_leaves, record_hyperparameters, zero_count
+from .eva import begin_update, check_variant_and_clip, clipped_momentum_step, ema, run_step, validate
 from .options import check_int
 
 __all__ = ["kfac", "KFACState"]
@@ -76,10 +76,10 @@ def kfac(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.
             return xp.eye(d, dtype=dtype, device=dev)
 
         return KFACState(
-            counter(xp, dev), tuple(xp.zeros_like(p) for p in leaves),
+            zero_count(xp, dev), tuple(xp.zeros_like(p) for p in leaves),
             tuple(factor(p, 0, two, zeros) for p in leaves), tuple(factor(p, 1, True, zeros) for p in leaves),
             tuple(factor(p, 0, two, eye) for p in leaves), tuple(factor(p, 1, True, eye) for p in leaves),
-            counter(xp, dev),
+            zero_count(xp, dev),
         )
 
     def curvature_shapes(state):
@@ -111,7 +111,7 @@ def kfac(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.
     def update(state, grads, params=None, curvature=None):
         inputs = begin_update(state, grads, params, curvature, learning_rate, weight_decay, nonfinite=nonfinite,
                               curvature_shapes=curvature_shapes(state), curvature_names=("S", "A"))
-        return inputs.verdict.run(inputs.xp, lambda: step(state, inputs), lambda: skipped_step(state, inputs))
+        return run_step(state, inputs, step)
 
     def step(state, inputs):
         g_leaves, spec, _, p_leaves, c_leaves, count, lr, xp, _ = inputs

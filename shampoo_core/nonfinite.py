@@ -17,9 +17,9 @@ from typing import NamedTuple
 
 import optree
 
-from . import _xp
+from . import _xp, tree
 
-__all__ = ["MODES", "check_mode", "Guard", "guard"]
+__all__ = ["MODES", "check_mode", "Guard", "guard", "skipped_step"]
 
 MODES = ("raise", "skip", "ignore")
 
@@ -61,6 +61,12 @@ class Guard(NamedTuple):
         if self.finite is None:
             return step()
         return optree.tree_map(lambda new, old: xp.where(self.finite, new, old), step(), skipped())
+
+
+def skipped_step(xp, state, leaves, spec):
+    """``(updates, state)`` of a skipped step: zeros shaped like ``leaves`` (unflattened with
+    ``spec``) and ``state`` with ``skipped`` + 1."""
+    return tree.unflatten(spec, [xp.zeros_like(g) for g in leaves]), state._replace(skipped=state.skipped + 1)
 
 
 def guard(xp, named, mode: str) -> Guard:

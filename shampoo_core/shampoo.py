@@ -26,9 +26,9 @@ import optree
 
 from . import _xp, blocking, grafting, momentum, preconditioner, roots, statistics, tree
 from .cost_model import CostModel
-from .nonfinite import check_mode, guard
 from .base import (GradientTransformation, check_against_state, check_leaf_count, check_leaves,
-                   count_and_learning_rate, record_hyperparameters, shape_and_dtype)
+                   count_and_learning_rate, record_hyperparameters, shape_and_dtype, zero_count)
+from .nonfinite import check_mode, guard, skipped_step
 from .options import (
     GraftGranularity,
     GraftType,
@@ -243,8 +243,7 @@ def shampoo(
             return ShampooState(0, states, 0)
         xp = _xp.namespace(*leaves)
         dev = _xp.device_of(leaves[0])
-        return ShampooState(xp.asarray(0, dtype=xp.int32, device=dev), states,
-                            xp.asarray(0, dtype=xp.int32, device=dev))
+        return ShampooState(zero_count(xp, dev), states, zero_count(xp, dev))
 
     def update(state: ShampooState, grads, params=None):
         g_leaves, spec = tree.flatten(grads)
@@ -276,11 +275,7 @@ def shampoo(
                 new_states.append(ns)
             return tree.unflatten(spec, updates), ShampooState(state.count + 1, tuple(new_states), state.skipped)
 
-        def skipped():
-            zeros = tree.unflatten(spec, [xp.zeros_like(g) for g in g_leaves])
-            return zeros, state._replace(skipped=state.skipped + 1)
-
-        return verdict.run(xp, step, skipped)
+        return verdict.run(xp, step, lambda: skipped_step(xp, state, g_leaves, spec))
 
     tx = GradientTransformation(init, update)
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
@@ -328,7 +323,7 @@ def _init_param(config: ShampooConfig, p) -> ParamState:
             BlockState(
                 statistics=tuple(xp.zeros((d, d), dtype=p.dtype, device=dev) for d in dims),
                 preconditioners=tuple(xp.eye(d, dtype=p.dtype, device=dev) for d in dims),
-                failures=xp.asarray(0, dtype=xp.int32, device=dev),
+                failures=zero_count(xp, dev),
                 last_error=xp.asarray(0.0, dtype=p.dtype, device=dev),
                 lambda_max=xp.asarray(0.0, dtype=p.dtype, device=dev),
             )
