@@ -106,6 +106,22 @@ class Shampoo(torch.optim.Optimizer):
             self._stepped[id(group)] = self._transforms[id(group)].hyperparameters
         return loss
 
+    def load_state_dict(self, state_dict) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``, except that every state tensor keeps the
+        dtype it was saved with (only its device follows the parameter).
+
+        torch casts floating state to the parameter's dtype on load; here that would turn the int32
+        counters into floats and round the float32 state of bfloat16 and float16 parameters
+        (``state_dtype``). Errors are torch's (group and parameter counts).
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if saved is not None:
+                self.state[p] = {k: v.to(device=p.device) if torch.is_tensor(v) else v for k, v in saved.items()}
+
 
 class _GroupTransform:
     """A param group's functional optimizer and the state layout it gives each parameter shape."""

@@ -81,6 +81,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--framework", choices=("torch", "jax", "numpy"), default="torch",
                         help="how gradients and optimizers run (see the module docstring)")
     parser.add_argument("--device", default="cpu", help="torch device of the model and data (--framework torch)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="dtype of the model and data (--framework torch); losses are evaluated in float32")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(func=run)
 
@@ -166,10 +168,12 @@ def train_torch(name, lr, data_np, order, args, progress, functional_numpy=False
     """torch autograd; Shampoo via the torch.optim adapter, or the core on NumPy (numpy framework)."""
     import torch
 
-    data = torch.from_numpy(data_np).to(args.device)
-    params = {k: torch.nn.Parameter(torch.from_numpy(v.copy()).to(args.device))
+    dtype = getattr(torch, getattr(args, "dtype", "float32"))
+    data32 = torch.from_numpy(data_np).to(args.device)
+    data = data32.to(dtype)
+    params = {k: torch.nn.Parameter(torch.from_numpy(v.copy()).to(device=args.device, dtype=dtype))
               for k, v in init_params(args.seed).items()}
-    rec = _Recorder(args, lambda p: loss_fn(torch, p, data).detach())
+    rec = _Recorder(args, lambda p: loss_fn(torch, {k: v.float() for k, v in p.items()}, data32).detach())
     opt_seconds = 0.0
     if name == "shampoo" and functional_numpy:
         import shampoo_core as sc
@@ -393,6 +397,8 @@ def run(args) -> int:
     if args.device != "cpu" and args.framework != "torch":
         raise SystemExit(f"--device {args.device}: only --framework torch places the model on a device "
                          "(jax uses its default device; numpy is the host)")
+    if args.dtype != "float32" and args.framework != "torch":
+        raise SystemExit(f"--dtype {args.dtype}: only --framework torch trains in another dtype")
     if args.framework in ("torch", "numpy"):
         import torch
 
@@ -405,6 +411,8 @@ def run(args) -> int:
     unknown = [n for n in names if n not in ALL_SWEEPS]
     if unknown:
         raise SystemExit(f"--optimizers: unknown {unknown}; choose from {list(ALL_SWEEPS)}")
+    if args.dtype != "float32" and any(n in EVA_SWEEPS for n in names):
+        raise SystemExit(f"--dtype {args.dtype}: the Eva family runs in float32 here; leave it out of --optimizers")
     if "adam" not in names:
         names.insert(0, "adam")  # Adam's final loss is the target
     data = load_digits()

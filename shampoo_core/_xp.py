@@ -16,6 +16,7 @@ __all__ = [
     "device_kind",
     "register_device_kind",
     "is_real_floating",
+    "is_half",
     "supports_float64",
     "eye_like",
     "scalar",
@@ -75,6 +76,11 @@ def register_device_kind(namespace_name: str, fn) -> None:
 
 def is_real_floating(xp, x) -> bool:
     return xp.isdtype(x.dtype, "real floating")
+
+
+def is_half(xp, dtype) -> bool:
+    """Whether ``dtype`` is a real floating dtype narrower than 32 bits (float16, bfloat16)."""
+    return xp.finfo(dtype).bits < 32
 
 
 def supports_float64(xp, device) -> bool:

@@ -96,7 +96,7 @@ def check_leaf_count(name: str, leaves, expected: int) -> None:
         raise ValueError(f"{name} has {len(leaves)} leaves but the optimizer state was built for {expected} parameters")
 
 
-def check_against_state(grads, paths, expected, references, params=None) -> None:
+def check_against_state(grads, paths, expected, references, params=None, state_dtype=None) -> None:
     """Check grads (and params) against what ``init`` built the state for, before any of it is used.
 
     Without this check a float64 gradient would silently promote a float32 state, a gradient of
@@ -112,6 +112,8 @@ def check_against_state(grads, paths, expected, references, params=None) -> None
             SGD leaf has ``(None, None)``).
         references: one state array per parameter, on that parameter's device, or ``None``
             where the state holds none.
+        state_dtype: ``fn(leaf) -> dtype`` of the state a leaf is kept in, for optimizers whose
+            state dtype is not the parameter's (default: the leaf's own dtype).
 
     Raises:
         ValueError: a leaf of another shape, dtype or device, naming it.
@@ -119,8 +121,12 @@ def check_against_state(grads, paths, expected, references, params=None) -> None
     for leaf, path, (shape, dtype) in zip(grads, paths, expected):
         if shape is not None and tuple(leaf.shape) != tuple(shape):
             raise ValueError(f"grads{path} has shape {tuple(leaf.shape)}; the state holds {tuple(shape)}")
-        if dtype is not None and leaf.dtype != dtype:
-            raise ValueError(f"grads{path} has dtype {leaf.dtype}; the state holds {dtype}")
+        if dtype is None:
+            continue
+        held = leaf.dtype if state_dtype is None else state_dtype(leaf)
+        if held != dtype:
+            kept = "" if held == leaf.dtype else f", kept in {held}"
+            raise ValueError(f"grads{path} has dtype {leaf.dtype}{kept}; the state holds {dtype}")
     check_devices("grads", grads, paths, references)
     if params is not None:
         check_devices("params", params, paths, references)

@@ -14,6 +14,10 @@ Per step t (counting from 1), for each parameter W with gradient G:
    direction D per layer or per block: U = P ‖D‖ / max(‖P‖, 1e-16). Before
    ``start_preconditioning_step`` (or with no preconditioned dim) U = D.
 6. Decoupled weight decay: U ← U + λW. The update is -learning_rate · U.
+
+All of it runs in the state dtype (``state_dtype``: by default the parameter dtype, but float32
+for float16 and bfloat16 parameters, whose 8- or 11-bit mantissas stall the β₂ averages); the
+update is returned in the parameter dtype.
 """
 
 from __future__ import annotations
@@ -47,11 +51,11 @@ class BlockState(NamedTuple):
     """State of one block.
 
     Attributes:
-        statistics: one ``(d_i, d_i)`` array per preconditioned dim, parameter dtype.
-        preconditioners: the matching inverse p-th roots, parameter dtype.
+        statistics: one ``(d_i, d_i)`` array per preconditioned dim, state dtype.
+        preconditioners: the matching inverse p-th roots, state dtype.
         failures: 0-d int32, root computations rejected so far (summed over dims).
-        last_error: 0-d, parameter dtype, largest root error at the last computation.
-        lambda_max: 0-d, parameter dtype, largest λmax among the block's statistics at the last
+        last_error: 0-d, state dtype, largest root error at the last computation.
+        lambda_max: 0-d, state dtype, largest λmax among the block's statistics at the last
             computation.
     """
 
@@ -63,7 +67,8 @@ class BlockState(NamedTuple):
 
 
 class ParamState(NamedTuple):
-    """State of one parameter: first moment (``None`` if beta1 = 0), grafting state, blocks."""
+    """State of one parameter: first moment (``None`` if beta1 = 0), grafting state, blocks; every
+    array in the state dtype (see :func:`shampoo`'s ``state_dtype``)."""
 
     momentum: object
     graft: grafting.GraftState
@@ -104,6 +109,7 @@ class ShampooConfig:
     skip_preconditioning_dim_size_gt: int | None
     root_method: RootMethod
     root_dtype: str | None
+    state_dtype: str | None
     inverse_failure_threshold: float
     nonfinite: str
     cost_model: CostModel = dataclasses.field(compare=False)  # configs compare by hyperparameters only
@@ -144,6 +150,7 @@ def shampoo(
     skip_preconditioning_dim_size_gt: int | None = 4096,
     root_method="eigh",
     root_dtype: str | None = "float64",
+    state_dtype: str | None = None,
     inverse_failure_threshold: float = 0.1,
     nonfinite: str = "raise",
     cost_model: CostModel | None = None,
@@ -179,8 +186,14 @@ def shampoo(
         async_preconditioners: an :class:`~shampoo_core.async_roots.AsyncPreconditioners` to
             compute roots in background threads while steps use the previous ones (eager arrays
             only). Roots then arrive up to its ``max_staleness`` steps late (Sec. 5 of the paper).
-        root_dtype: dtype name roots are computed in ("float64" default; ``None`` = parameter
-            dtype). Falls back to the parameter dtype on devices without float64.
+        root_dtype: dtype name roots are computed in ("float64" default; ``None`` = the state
+            dtype). Falls back to the state dtype on devices without float64.
+        state_dtype: dtype name of the optimizer state ("float32", "float64"), in which the whole
+            step is computed; the update comes back in the parameter dtype. ``None`` (default):
+            the parameter dtype, except float32 for float16 and bfloat16 parameters. In 8 bits of
+            mantissa (bfloat16) β₂ = 0.999 cannot move a running average (0.999·H rounds to H),
+            so half-precision statistics stop following the gradients (as Meta's Distributed
+            Shampoo, which keeps its factor matrices in float32).
         inverse_failure_threshold: a root whose error exceeds this (or is non-finite) is rejected.
         nonfinite: what a gradient with NaN or inf does: "raise" (ValueError naming the leaf,
             state untouched), "skip" (zero updates, the state unchanged but ``skipped`` + 1;
@@ -198,8 +211,9 @@ def shampoo(
         graft_beta2 = beta2
     if graft_type in (GraftType.RMSPROP, GraftType.ADAM):
         check_real("graft_beta2", graft_beta2, low=0.0, high=1.0, high_open=True)
-    if root_dtype is not None and root_dtype not in ("float32", "float64"):
-        raise ValueError(f"root_dtype must be 'float32', 'float64' or None; got {root_dtype!r}")
+    for name, value in (("root_dtype", root_dtype), ("state_dtype", state_dtype)):
+        if value is not None and value not in ("float32", "float64"):
+            raise ValueError(f"{name} must be 'float32', 'float64' or None; got {value!r}")
     if exponent_override is not None:
         check_int("exponent_override", exponent_override, low=1)
     check_mode(nonfinite)
@@ -229,6 +243,7 @@ def shampoo(
         skip_preconditioning_dim_size_gt=skip_preconditioning_dim_size_gt,
         root_method=parse_enum("root_method", root_method, RootMethod),
         root_dtype=root_dtype,
+        state_dtype=state_dtype,
         inverse_failure_threshold=check_real("inverse_failure_threshold", inverse_failure_threshold, low=0.0),
         nonfinite=nonfinite,
         cost_model=cost_model if cost_model is not None else CostModel(),
@@ -257,7 +272,8 @@ def shampoo(
             raise ValueError("params are required when weight_decay > 0")
         check_leaves("grads", g_leaves, paths, reference=p_leaves)
         check_against_state(g_leaves, paths, [_expected_leaf(s) for s in state.params],
-                            [_reference_leaf(s) for s in state.params], p_leaves)
+                            [_reference_leaf(s) for s in state.params], p_leaves,
+                            state_dtype=lambda g: _state_dtype(config, _xp.namespace(g), g.dtype))
         for g, s, path in zip(g_leaves, state.params, paths):
             _check_blocks(config, g, s, path)
         if not g_leaves:
@@ -313,24 +329,36 @@ def _check_blocks(config: ShampooConfig, g, s: ParamState, path: str) -> None:
         )
 
 
+def _state_dtype(config: ShampooConfig, xp, dtype):
+    """The dtype of the state (and of the step's arithmetic) for a parameter of ``dtype``."""
+    if config.state_dtype is not None:
+        return getattr(xp, config.state_dtype)
+    return xp.float32 if _xp.is_half(xp, dtype) else dtype
+
+
 def _init_param(config: ShampooConfig, p) -> ParamState:
     xp = _xp.namespace(p)
     plan = config.plan(tuple(p.shape))
     dev = _xp.device_of(p)
+    dtype = _state_dtype(config, xp, p.dtype)
+    if config.state_dtype == "float64" and not _xp.supports_float64(xp, dev):
+        raise ValueError(f"state_dtype='float64' is not available on device {dev} of {xp.__name__} "
+                         "(for JAX, enable jax_enable_x64)")
     blocks = []
     for dims in plan.statistic_sizes:
         blocks.append(
             BlockState(
-                statistics=tuple(xp.zeros((d, d), dtype=p.dtype, device=dev) for d in dims),
-                preconditioners=tuple(xp.eye(d, dtype=p.dtype, device=dev) for d in dims),
+                statistics=tuple(xp.zeros((d, d), dtype=dtype, device=dev) for d in dims),
+                preconditioners=tuple(xp.eye(d, dtype=dtype, device=dev) for d in dims),
                 failures=zero_count(xp, dev),
-                last_error=xp.asarray(0.0, dtype=p.dtype, device=dev),
-                lambda_max=xp.asarray(0.0, dtype=p.dtype, device=dev),
+                last_error=xp.asarray(0.0, dtype=dtype, device=dev),
+                lambda_max=xp.asarray(0.0, dtype=dtype, device=dev),
             )
         )
+    like = p if p.dtype == dtype else xp.zeros(p.shape, dtype=dtype, device=dev)
     return ParamState(
-        momentum=xp.zeros_like(p) if config.beta1 > 0.0 else None,
-        graft=grafting.init_graft(xp, config.graft_type, p),
+        momentum=xp.zeros_like(like) if config.beta1 > 0.0 else None,
+        graft=grafting.init_graft(xp, config.graft_type, like),
         blocks=tuple(blocks),
     )
 
@@ -470,6 +498,13 @@ def _update_block(config, xp, block: BlockState, g, plan, schedule: _Schedule, k
 
 def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedule, index: int):
     xp = _xp.namespace(g)
+    out_dtype = g.dtype
+    dtype = _state_dtype(config, xp, g.dtype)
+    if dtype != g.dtype:
+        g = xp.astype(g, dtype)
+    uses_p = config.weight_decay > 0.0
+    if uses_p and p.dtype != dtype:
+        p = xp.astype(p, dtype)
     step = schedule.step
     if not isinstance(step, int):
         step = xp.astype(step, g.dtype)  # bias corrections in the parameter dtype
@@ -514,6 +549,8 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
 
     if config.weight_decay > 0.0 and config.decoupled_weight_decay:
         u = u + (neg_lr * config.weight_decay) * p
+    if u.dtype != out_dtype:
+        u = xp.astype(u, out_dtype)
     return u, ParamState(new_m, new_graft, new_blocks)
 
 

@@ -104,3 +104,24 @@ def test_demo_on_cuda_reaches_the_cpu_losses(reports, tmp_path):
     for r in report["runs"]:
         if r["optimizer"] in cpu:  # float32 on another device: rounding, not different steps
             np.testing.assert_allclose(r["losses"], cpu[r["optimizer"]], rtol=1e-3)
+
+
+def test_bfloat16_demo_keeps_shampoo_state_in_float32(reports, tmp_path):
+    from bench.__main__ import main
+
+    assert main(["demo", "--out", str(tmp_path), "--steps", "30", "--eval-every", "10", "--lrs", "1",
+                 "--no-progress", "--optimizers", "shampoo,adam", "--dtype", "bfloat16"]) == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["config"]["dtype"] == "bfloat16"
+    f32 = {r["optimizer"]: r["losses"] for r in reports["torch"][0]["runs"]}
+    for r in report["runs"]:  # bfloat16 weights and data: the same run, within 3 digits
+        assert np.all(np.isfinite(r["losses"]))
+        np.testing.assert_allclose(r["losses"], f32[r["optimizer"]], rtol=0.05)
+
+
+@pytest.mark.parametrize("argv", [["--framework", "numpy"], ["--optimizers", "eva"]])
+def test_bfloat16_demo_is_for_torch_without_the_eva_family(tmp_path, argv):
+    from bench.__main__ import main
+
+    with pytest.raises(SystemExit, match="--dtype bfloat16"):
+        main(["demo", "--out", str(tmp_path), "--dtype", "bfloat16", *argv])
