@@ -5,7 +5,8 @@ The file holds every array of the state (keys ``a0``, ``a1``, ...) and one JSON 
 and the hyperparameters of the transformation when given. Writes go to a temporary file in the
 same folder and are renamed over the target (``os.replace``), so a crash mid-save leaves the
 previous checkpoint intact. Arrays go through DLPack to the host and come back with their dtype
-and onto the device of the ``like`` arrays, bit for bit.
+and onto the device of the ``like`` arrays, bit for bit. NumPy has no bfloat16: such arrays are
+stored as float32 (which holds every bfloat16 value exactly) with their dtype in the header.
 """
 
 from __future__ import annotations
@@ -59,8 +60,13 @@ def _encode(node, arrays: list):
     if isinstance(node, (tuple, list)):
         return {type(node).__name__: [_encode(v, arrays) for v in node]}
     if _is_array(node):
+        entry = {"array": f"a{len(arrays)}"}
+        xp = _xp.namespace(node)
+        if _xp.is_real_floating(xp, node) and _xp.is_half(xp, node.dtype) and _dtype_name(node.dtype) != "float16":
+            entry["dtype"] = _dtype_name(node.dtype)  # bfloat16: widened exactly, narrowed back on load
+            node = xp.astype(node, xp.float32)
         arrays.append(node)
-        return {"array": f"a{len(arrays) - 1}"}
+        return entry
     if isinstance(node, (int, float)) and not isinstance(node, bool):
         return {"scalar": node}
     raise TypeError(f"cannot save a {type(node).__name__} in optimizer state")
@@ -222,12 +228,18 @@ def _decode(node, like, data, path: str):
     if tuple(array.shape) != tuple(like.shape):
         raise CheckpointError(f"{path}: checkpoint shape {tuple(array.shape)}, the state expects {tuple(like.shape)}")
     xp = _xp.namespace(like)
-    if not _same_dtype(array.dtype, like.dtype):
-        raise CheckpointError(f"{path}: checkpoint dtype {array.dtype}, the state expects {like.dtype}")
+    stored = node.get("dtype", array.dtype.name)
+    if stored != _dtype_name(like.dtype):
+        raise CheckpointError(f"{path}: checkpoint dtype {stored}, the state expects {like.dtype}")
+    if "dtype" in node:
+        return xp.astype(xp.asarray(array, device=_xp.device_of(like)), like.dtype)
     return xp.asarray(array, dtype=like.dtype, device=_xp.device_of(like))
 
 
-def _same_dtype(np_dtype, dtype) -> bool:
-    name = str(dtype).rsplit(".", 1)[-1]
-    return np_dtype.name == name
+def _dtype_name(dtype) -> str:
+    """"bfloat16" for torch.bfloat16, jnp.bfloat16, ...; "float32" for numpy.float32."""
+    name = getattr(dtype, "name", None)  # NumPy dtype instances; the scalar classes have __name__
+    if isinstance(name, str):
+        return name
+    return getattr(dtype, "__name__", None) or str(dtype).rsplit(".", 1)[-1]
 

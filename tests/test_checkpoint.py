@@ -56,6 +56,36 @@ def test_round_trip_other_optimizers(tmp_path, make):
     assert_states_equal(state, sc.load_state(tmp_path / "s.npz", like=params, tx=tx))
 
 
+@pytest.mark.parametrize("half", ["bfloat16", "float16"])
+def test_round_trip_of_half_precision_state(xp, tmp_path, half):
+    """NumPy has no bfloat16: stored as float32 (exact), narrowed back on load, bit for bit."""
+    if getattr(xp, half, None) is None:
+        pytest.skip(f"{getattr(xp, '__name__', xp)} has no {half}")
+    rng = np.random.default_rng(0)
+    params = {"w": xp.astype(to_xp(xp, rng.standard_normal((6, 5)).astype(np.float32)), getattr(xp, half))}
+    # epsilon 1e-3: the default 1e-8 is 0 in float16 (as for torch.optim.Adam on float16 weights)
+    for tx in (sc.adam(0.1, epsilon=1e-3), sc.sgd(0.1, momentum=0.9), sc.shampoo(0.1, block_size=4)):
+        state = tx.init(params)
+        for _ in range(3):
+            grads = {"w": xp.astype(to_xp(xp, rng.standard_normal((6, 5)).astype(np.float32)), getattr(xp, half))}
+            _, state = tx.update(state, grads, params)
+        sc.save_state(tmp_path / "s.npz", state, tx=tx)
+        loaded = sc.load_state(tmp_path / "s.npz", like=params, tx=tx)
+        la, lb = optree.tree_leaves(state), optree.tree_leaves(loaded)
+        assert [x.dtype for x in la] == [y.dtype for y in lb]
+        for x, y in zip(la, lb):
+            assert bool(xp.all(x == y))
+
+
+def test_bfloat16_checkpoint_into_a_float16_state_is_refused(tmp_path):
+    torch = pytest.importorskip("torch")
+    tx = sc.adam(0.1)
+    p = torch.ones(3, 3, dtype=torch.bfloat16)
+    sc.save_state(tmp_path / "s.npz", tx.init(p), tx=tx)
+    with pytest.raises(sc.CheckpointError, match="checkpoint dtype bfloat16, the state expects torch.float16"):
+        sc.load_state(tmp_path / "s.npz", like=p.half(), tx=tx)
+
+
 def test_shape_mismatch_names_first_difference(tmp_path):
     tx = resume_job.make_tx()
     params = resume_job.initial_params("float64")
