@@ -192,8 +192,9 @@ def shampoo(
             step is computed; the update comes back in the parameter dtype. ``None`` (default):
             the parameter dtype, except float32 for float16 and bfloat16 parameters. In 8 bits of
             mantissa (bfloat16) β₂ = 0.999 cannot move a running average (0.999·H rounds to H),
-            so half-precision statistics stop following the gradients (as Meta's Distributed
-            Shampoo, which keeps its factor matrices in float32).
+            so half-precision statistics stop following the gradients; Meta's Distributed
+            Shampoo also keeps its factor matrices in float32. ValueError at ``init`` for
+            "float64" on a device without it.
         inverse_failure_threshold: a root whose error exceeds this (or is non-finite) is rejected.
         nonfinite: what a gradient with NaN or inf does: "raise" (ValueError naming the leaf,
             state untouched), "skip" (zero updates, the state unchanged but ``skipped`` + 1;
