@@ -14,12 +14,21 @@ pytest.importorskip("tqdm")
 FRAMEWORKS = ["torch", "numpy"] + (["jax"] if importlib.util.find_spec("optax") else [])
 
 
-def run_demo(out, framework):
+def run_tiny(out, *argv):
+    """30 steps at the middle learning rate; the report as a dict."""
     from bench.__main__ import main
 
     assert main(["demo", "--out", str(out), "--steps", "30", "--eval-every", "10", "--lrs", "1",
-                 "--no-progress", "--optimizers", "shampoo,adam", "--framework", framework]) == 0
+                 "--no-progress", *argv]) == 0
     return json.loads((out / "results.json").read_text())
+
+
+def run_demo(out, framework):
+    return run_tiny(out, "--optimizers", "shampoo,adam", "--framework", framework)
+
+
+def torch_losses(reports):
+    return {r["optimizer"]: r["losses"] for r in reports["torch"][0]["runs"]}
 
 
 @pytest.fixture(scope="module")
@@ -94,27 +103,19 @@ def test_device_is_for_the_torch_framework_only(tmp_path):
 @pytest.mark.skipif(not importlib.util.find_spec("torch") or not __import__("torch").cuda.is_available(),
                     reason="no CUDA device")
 def test_demo_on_cuda_reaches_the_cpu_losses(reports, tmp_path):
-    from bench.__main__ import main
-
-    assert main(["demo", "--out", str(tmp_path), "--steps", "30", "--eval-every", "10", "--lrs", "1",
-                 "--no-progress", "--optimizers", "shampoo,adam,eva", "--device", "cuda"]) == 0
-    report = json.loads((tmp_path / "results.json").read_text())
+    report = run_tiny(tmp_path, "--optimizers", "shampoo,adam,eva", "--device", "cuda")
     assert report["machine"]["device"] == "cuda"
-    cpu = {r["optimizer"]: r["losses"] for r in reports["torch"][0]["runs"]}
+    cpu = torch_losses(reports)
     for r in report["runs"]:
         if r["optimizer"] in cpu:  # float32 on another device: rounding, not different steps
             np.testing.assert_allclose(r["losses"], cpu[r["optimizer"]], rtol=1e-3)
 
 
-def test_bfloat16_demo_keeps_shampoo_state_in_float32(reports, tmp_path):
-    from bench.__main__ import main
-
-    assert main(["demo", "--out", str(tmp_path), "--steps", "30", "--eval-every", "10", "--lrs", "1",
-                 "--no-progress", "--optimizers", "shampoo,adam", "--dtype", "bfloat16"]) == 0
-    report = json.loads((tmp_path / "results.json").read_text())
+def test_bfloat16_demo_follows_the_float32_run(reports, tmp_path):
+    report = run_tiny(tmp_path, "--optimizers", "shampoo,adam", "--dtype", "bfloat16")
     assert report["config"]["dtype"] == "bfloat16"
-    f32 = {r["optimizer"]: r["losses"] for r in reports["torch"][0]["runs"]}
-    for r in report["runs"]:  # bfloat16 weights and data: the same run, within 3 digits
+    f32 = torch_losses(reports)
+    for r in report["runs"]:  # bfloat16 weights and data: the float32 run within bfloat16 rounding
         assert np.all(np.isfinite(r["losses"]))
         np.testing.assert_allclose(r["losses"], f32[r["optimizer"]], rtol=0.05)
 
