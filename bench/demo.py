@@ -168,7 +168,7 @@ def train_torch(name, lr, data_np, order, args, progress, functional_numpy=False
     """torch autograd; Shampoo via the torch.optim adapter, or the core on NumPy (numpy framework)."""
     import torch
 
-    dtype = getattr(torch, getattr(args, "dtype", "float32"))
+    dtype = getattr(torch, args.dtype)
     data32 = torch.from_numpy(data_np).to(args.device)
     data = data32.to(dtype)
     params = {k: torch.nn.Parameter(torch.from_numpy(v.copy()).to(device=args.device, dtype=dtype))

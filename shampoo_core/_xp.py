@@ -17,6 +17,7 @@ __all__ = [
     "register_device_kind",
     "is_real_floating",
     "is_half",
+    "dtype_name",
     "supports_float64",
     "eye_like",
     "scalar",
@@ -81,6 +82,15 @@ def is_real_floating(xp, x) -> bool:
 def is_half(xp, dtype) -> bool:
     """Whether ``dtype`` is a real floating dtype narrower than 32 bits (float16, bfloat16)."""
     return xp.finfo(dtype).bits < 32
+
+
+def dtype_name(dtype) -> str:
+    """The dtype's name in any library: "float32" for numpy.float32 or np.dtype("float32"),
+    "bfloat16" for torch.bfloat16 or a JAX array's dtype, "float64" for array_api_strict.float64."""
+    name = getattr(dtype, "name", None)  # NumPy dtype instances; the scalar classes have __name__
+    if isinstance(name, str):
+        return name
+    return getattr(dtype, "__name__", None) or str(dtype).rsplit(".", 1)[-1]
 
 
 def supports_float64(xp, device) -> bool:

@@ -62,8 +62,8 @@ def _encode(node, arrays: list):
     if _is_array(node):
         entry = {"array": f"a{len(arrays)}"}
         xp = _xp.namespace(node)
-        if _xp.is_real_floating(xp, node) and _xp.is_half(xp, node.dtype) and _dtype_name(node.dtype) != "float16":
-            entry["dtype"] = _dtype_name(node.dtype)  # bfloat16: widened exactly, narrowed back on load
+        if _xp.is_real_floating(xp, node) and _xp.is_half(xp, node.dtype) and _xp.dtype_name(node.dtype) != "float16":
+            entry["dtype"] = _xp.dtype_name(node.dtype)  # bfloat16: widened exactly, narrowed back on load
             node = xp.astype(node, xp.float32)
         arrays.append(node)
         return entry
@@ -229,17 +229,10 @@ def _decode(node, like, data, path: str):
         raise CheckpointError(f"{path}: checkpoint shape {tuple(array.shape)}, the state expects {tuple(like.shape)}")
     xp = _xp.namespace(like)
     stored = node.get("dtype", array.dtype.name)
-    if stored != _dtype_name(like.dtype):
+    if stored != _xp.dtype_name(like.dtype):
         raise CheckpointError(f"{path}: checkpoint dtype {stored}, the state expects {like.dtype}")
     if "dtype" in node:
         return xp.astype(xp.asarray(array, device=_xp.device_of(like)), like.dtype)
     return xp.asarray(array, dtype=like.dtype, device=_xp.device_of(like))
 
-
-def _dtype_name(dtype) -> str:
-    """"bfloat16" for torch.bfloat16, jnp.bfloat16, ...; "float32" for numpy.float32."""
-    name = getattr(dtype, "name", None)  # NumPy dtype instances; the scalar classes have __name__
-    if isinstance(name, str):
-        return name
-    return getattr(dtype, "__name__", None) or str(dtype).rsplit(".", 1)[-1]
 

@@ -421,11 +421,6 @@ def _root_dtype(config: ShampooConfig, xp, like):
     return getattr(xp, config.root_dtype)
 
 
-def _dtype_name(dtype) -> str:
-    """"float64" for numpy.float64 (a class), torch.float64, array_api_strict.float64, ..."""
-    return getattr(dtype, "__name__", None) or str(dtype).rsplit(".", 1)[-1]
-
-
 def _as_array(xp, value, like):
     if isinstance(value, (int, float)):
         return xp.asarray(value, dtype=like.dtype, device=_xp.device_of(like))
@@ -474,7 +469,7 @@ def _update_block(config, xp, block: BlockState, g, plan, schedule: _Schedule, k
         return block  # the common step: no root work, nothing more to resolve
 
     exponent = config.exponent(plan)
-    dtype_name = _dtype_name(_root_dtype(config, xp, g))
+    dtype_name = _xp.dtype_name(_root_dtype(config, xp, g))
 
     def results_of(stats):
         return _root_results(config, stats, exponent, dtype_name)
@@ -503,8 +498,7 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
     dtype = _state_dtype(config, xp, g.dtype)
     if dtype != g.dtype:
         g = xp.astype(g, dtype)
-    uses_p = config.weight_decay > 0.0
-    if uses_p and p.dtype != dtype:
+    if config.weight_decay > 0.0 and p.dtype != dtype:
         p = xp.astype(p, dtype)
     step = schedule.step
     if not isinstance(step, int):
