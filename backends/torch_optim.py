@@ -71,6 +71,8 @@ class Shampoo(torch.optim.Optimizer):
                 the layout its group's hyperparameters give (``beta1``, ``graft_type``,
                 ``block_size`` and others decide which arrays the state holds), e.g. after
                 changing one of them mid-run or loading a state dict made with other values.
+            TypeError / ValueError: a parameter the core cannot hold state for (complex; float64
+                state on a device without float64), named, before any parameter is updated.
         """
         loss = None
         if closure is not None:
@@ -88,15 +90,19 @@ class Shampoo(torch.optim.Optimizer):
                 if gt.checks_finite:
                     checked.append((f"the gradient of {where}", p.grad))
                 packed = self.state[p]
-                functional = gt.unpack(p, [packed.get(f"leaf{i}") for i in range(len(packed))]) if packed else None
+                if packed:
+                    functional = gt.unpack(p, [packed.get(f"leaf{i}") for i in range(len(packed))])
+                else:  # a parameter init refuses (complex, float64 where the device has none) updates none
+                    try:
+                        functional = gt.tx.init(p.detach())
+                    except (TypeError, ValueError) as err:
+                        raise type(err)(f"{where}: {err}; no parameter was updated") from None
                 work.append((gt, p, functional))
         try:  # all parameters at once: one host read (one GPU synchronization) per step
             guard(xp, checked, "raise")
         except ValueError as err:
             raise ValueError(f"{err}; no parameter was updated") from None
         for gt, p, functional in work:
-            if functional is None:
-                functional = gt.tx.init(p.detach())
             updates, functional = gt.tx.update(functional, p.grad.detach(), p.detach())
             p.add_(updates)
             packed = self.state[p]

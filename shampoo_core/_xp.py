@@ -23,6 +23,7 @@ __all__ = [
     "scalar",
     "is_lazy",
     "concrete_int",
+    "concrete_float",
     "to_numpy",
     "register_cond",
     "cond",
@@ -147,6 +148,16 @@ def concrete_int(x):
         return x
     try:
         return int(x)
+    except TypeError:  # JAX's ConcretizationTypeError subclasses TypeError
+        return None
+
+
+def concrete_float(x):
+    """``float(x)`` when the value can be read on the host, ``None`` for a traced array (jax.jit)."""
+    if isinstance(x, float):
+        return x
+    try:
+        return float(x)
     except TypeError:  # JAX's ConcretizationTypeError subclasses TypeError
         return None
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
+import array_api_compat
+
 from . import _xp, tree
 
 __all__ = [
@@ -11,6 +13,7 @@ __all__ = [
     "apply_updates",
     "learning_rate_at",
     "count_and_learning_rate",
+    "scalar_as",
     "check_leaves",
     "check_leaf_count",
     "check_against_state",
@@ -56,14 +59,28 @@ def learning_rate_at(learning_rate, count: int) -> float:
 def count_and_learning_rate(learning_rate, count):
     """``(count, lr)`` for an update given the state's ``count`` of previous updates.
 
-    A Python int and float when ``count`` can be read on the host; the 0-d array itself and the
-    schedule evaluated on it when it is traced (``jax.jit``), so that no update reads device values
-    back.
+    ``count`` is a Python int when it can be read on the host, else the traced 0-d array
+    (``jax.jit``); the learning rate (a constant, a 0-d array or a schedule evaluated on ``count``)
+    is a Python float when it can be read, else the traced array, so that no traced update reads
+    device values back.
     """
     concrete = _xp.concrete_int(count)
     if concrete is not None:
-        return concrete, learning_rate_at(learning_rate, concrete)
-    return count, learning_rate(count) if callable(learning_rate) else learning_rate
+        count = concrete
+    lr = learning_rate(count) if callable(learning_rate) else learning_rate
+    value = _xp.concrete_float(lr)
+    return count, lr if value is None else value
+
+
+def scalar_as(xp, value, dtype):
+    """``value`` (a Python number, or a 0-d array such as a traced learning rate) in ``dtype``.
+
+    An array keeps its own dtype in arithmetic: a float64 learning rate (``optax.inject_hyperparams``
+    stores them in the widest parameter dtype) would turn float32 updates into float64.
+    """
+    if isinstance(value, (int, float)):
+        return value
+    return xp.astype(value, dtype)
 
 
 def check_leaves(name: str, leaves, paths, reference=None) -> None:
@@ -145,12 +162,16 @@ def shape_and_dtype(array) -> tuple:
 def record_hyperparameters(tx: GradientTransformation, optimizer: str, values: dict) -> GradientTransformation:
     """Attach JSON-able hyperparameters to ``tx.init`` (read by checkpoints to detect mismatches).
 
-    Enums become their values; a learning-rate schedule is recorded as ``"<schedule>"``.
+    Enums become their values; a learning-rate schedule is recorded as ``"<schedule>"``, a 0-d
+    array as its float (``"<traced>"`` under ``jax.jit``).
     """
     record = {"optimizer": optimizer}
     for key, value in values.items():
         if callable(value):
             value = "<schedule>"
+        elif array_api_compat.is_array_api_obj(value):
+            concrete = _xp.concrete_float(value)
+            value = "<traced>" if concrete is None else concrete
         elif hasattr(value, "value"):
             value = value.value
         record[key] = value

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 from . import _xp, tree
 from .base import (GradientTransformation, check_against_state, check_leaf_count, check_leaves,
-                   count_and_learning_rate, record_hyperparameters, shape_and_dtype, zero_count)
+                   count_and_learning_rate, record_hyperparameters, scalar_as, shape_and_dtype, zero_count)
 from .nonfinite import Guard, check_mode, guard, skipped_step
 from .options import check_bool, check_learning_rate, check_real
 
@@ -184,7 +184,7 @@ def clipped_momentum_step(xp, vs, g_leaves, c_leaves, buffers, p_leaves, *, lr, 
     updates, out = [], []
     for v, c, buf, p in zip(vs, c_leaves, buffers, p_leaves):
         buf = _sgd_step(xp, nu * v if c is not None else v, buf, p, momentum, weight_decay)
-        updates.append((-lr) * buf)
+        updates.append((-scalar_as(xp, lr, buf.dtype)) * buf)
         out.append(buf)
     return updates, out
 
@@ -200,7 +200,9 @@ def kl_scale(xp, vs, g_leaves, c_leaves, lr, kl_clip):
     terms = [xp.sum(v * g) for v, g, c in zip(vs, g_leaves, c_leaves) if c is not None]
     if not terms:
         return 1.0
-    quad = (lr * lr) * sum(terms[1:], terms[0])
+    total = sum(terms[1:], terms[0])
+    lr = scalar_as(xp, lr, total.dtype)
+    quad = (lr * lr) * total
     ok = quad > 0.0
     safe = xp.where(ok, quad, xp.ones_like(quad))
     return xp.where(ok, xp.clip(xp.sqrt(kl_clip / safe), max=1.0), xp.ones_like(quad))

@@ -4,6 +4,7 @@ They share the grafting and first-moment kernels with :func:`shampoo_core.shampo
 before ``start_preconditioning_step`` is exactly the matching optimizer here. Semantics follow
 ``torch.optim`` (SGD: buf = μ buf + g; AdaGrad: ε outside the root; Adam: ε outside the root,
 bias-corrected moments; L2 weight decay added to the gradient, or AdamW-style when decoupled).
+``learning_rate`` is taken as by :func:`shampoo_core.shampoo`: a float, a 0-d array or a schedule.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import NamedTuple
 
 from . import _xp, grafting, momentum, tree
 from .base import (GradientTransformation, check_against_state, check_leaf_count, check_leaves,
-                   count_and_learning_rate, record_hyperparameters, shape_and_dtype, zero_count)
+                   count_and_learning_rate, record_hyperparameters, scalar_as, shape_and_dtype, zero_count)
 from .options import GraftType, check_bool, check_learning_rate, check_real
 
 __all__ = ["sgd", "adagrad", "adam", "FirstOrderState"]
@@ -81,7 +82,7 @@ def _transform(learning_rate, graft_type, *, beta1, beta2, epsilon, weight_decay
                 d = g + beta1 * m if nesterov else m
             if weight_decay > 0.0 and decoupled:
                 d = d + weight_decay * p
-            updates.append((-lr) * d)
+            updates.append((-scalar_as(xp, lr, d.dtype)) * d)
             moms.append(m)
             grafts.append(graft)
         return tree.unflatten(spec, updates), FirstOrderState(state.count + 1, tuple(moms), tuple(grafts))

@@ -10,6 +10,10 @@ import enum
 import math
 import numbers
 
+import array_api_compat
+
+from . import _xp
+
 __all__ = [
     "GraftType",
     "GraftGranularity",
@@ -105,7 +109,29 @@ def check_bool(name, value) -> bool:
 
 
 def check_learning_rate(value):
-    """A learning rate is a non-negative float or a callable ``count -> float`` (a schedule)."""
+    """A learning rate is a non-negative real number, a 0-d real array, or a callable
+    ``count -> float`` (a schedule).
+
+    A 0-d array is what ``optax.inject_hyperparams`` passes, traced under ``jax.jit``; it is
+    checked like a number when its value can be read and kept as the array, so that a traced
+    value never reaches the host.
+
+    Raises:
+        TypeError: not a number, array or callable; an array of bool or complex dtype.
+        ValueError: negative or NaN; an array that is not 0-d.
+    """
     if callable(value):
+        return value
+    if array_api_compat.is_array_api_obj(value):
+        if tuple(value.shape) != ():
+            raise ValueError(f"learning_rate must be a scalar (0-d array); got shape {tuple(value.shape)}")
+        xp = array_api_compat.array_namespace(value)
+        if not xp.isdtype(value.dtype, ("real floating", "signed integer", "unsigned integer")):
+            raise TypeError(f"learning_rate must have a real dtype; got {_xp.dtype_name(value.dtype)}")
+        try:
+            concrete = float(value)
+        except TypeError:  # traced (JAX's ConcretizationTypeError subclasses TypeError)
+            return value
+        check_real("learning_rate", concrete, low=0.0)
         return value
     return check_real("learning_rate", value, low=0.0)

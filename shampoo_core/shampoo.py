@@ -31,7 +31,7 @@ import optree
 from . import _xp, blocking, grafting, momentum, preconditioner, roots, statistics, tree
 from .cost_model import CostModel
 from .base import (GradientTransformation, check_against_state, check_leaf_count, check_leaves,
-                   count_and_learning_rate, record_hyperparameters, shape_and_dtype, zero_count)
+                   count_and_learning_rate, record_hyperparameters, scalar_as, shape_and_dtype, zero_count)
 from .nonfinite import check_mode, guard, skipped_step
 from .options import (
     GraftGranularity,
@@ -159,8 +159,9 @@ def shampoo(
     """Distributed Shampoo (Anil et al., arXiv 2002.09018) as ``(init, update)``.
 
     Args:
-        learning_rate: float >= 0, or a schedule ``count -> float`` called with the number of
-            previous updates (as optax does).
+        learning_rate: float >= 0, a 0-d real array (checked when readable, may be traced: what
+            ``optax.inject_hyperparams`` passes; cast to the state dtype), or a schedule
+            ``count -> float`` called with the number of previous updates (as optax does).
         block_size: largest statistic dimension; larger dims are split into blocks (Sec. 4).
         beta1: first-moment decay in [0, 1); the preconditioners act on Adam's m̂.
         beta2: statistics decay in (0, 1]; 1.0 sums as in AdaGrad.
@@ -520,7 +521,7 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
 
     plan = config.plan(tuple(g.shape))
     new_blocks = s.blocks
-    neg_lr = -schedule.learning_rate  # folded into each path's scalar factor: one pass fewer
+    neg_lr = -scalar_as(xp, schedule.learning_rate, dtype)  # folded into each path's scalar factor: one pass fewer
 
     def first_order():
         return direction * neg_lr

@@ -142,3 +142,74 @@ def test_device_kind_of_traced_arrays(monkeypatch):
     monkeypatch.setattr(_xp, "_DEVICE_KINDS", {})
     jax.jit(lambda x: seen.append(_xp.device_kind(x)) or x)(jnp.ones(4))
     assert seen == [jax.default_backend(), "unknown"]
+
+
+def _inject(factory, **hyperparameters):
+    return optax.inject_hyperparams(factory, static_args=optax_adapter.static_args(factory))(**hyperparameters)
+
+
+def test_inject_hyperparams_learning_rate_can_be_read_and_changed():
+    """optax.inject_hyperparams over the adapter: the injected learning rate is the state's, under
+    jit; changing it between steps gives the steps of the same change made by a schedule."""
+    params, grads = params_and_grads(jnp.float64, steps=6)
+    tx = _inject(optax_adapter.shampoo, learning_rate=0.1, **HP)
+    reference = optax_adapter.shampoo(optax.piecewise_constant_schedule(0.1, {3: 0.5}), **HP)
+    state, ref_state = tx.init(params), reference.init(params)
+    update, ref_update = jax.jit(tx.update), jax.jit(reference.update)
+    for i, g in enumerate(grads):
+        if i == 3:
+            state.hyperparams["learning_rate"] = 0.05
+        u, state = update(g, state, params)
+        r, ref_state = ref_update(g, ref_state, params)
+        assert float(state.hyperparams["learning_rate"]) == (0.1 if i < 3 else 0.05)
+        for k in params:
+            np.testing.assert_array_equal(np.asarray(u[k]), np.asarray(r[k]))
+
+
+@pytest.mark.parametrize("name", ["shampoo", "eva", "eva_s", "kfac"])
+def test_adapters_have_their_core_signature(name):
+    """inject_hyperparams binds arguments by name: each factory must list its core's keywords."""
+    import inspect
+
+    factory, core = getattr(optax_adapter, name), getattr(sc, name)
+    assert list(inspect.signature(factory).parameters) == list(inspect.signature(core).parameters)
+    assert inspect.signature(factory).parameters["nonfinite"].default == "skip"
+    params, grads = params_and_grads(jnp.float64, steps=1)
+    tx = _inject(factory, learning_rate=0.1)
+    state = tx.init(params)
+    assert set(state.hyperparams) == {"learning_rate"}
+    if name in ("shampoo", "eva_s"):  # the others take their curvature from taps (test_jax_curvature)
+        u, _ = jax.jit(tx.update)(grads[0], state, params)
+        u_ref, _ = getattr(optax_adapter, name)(0.1).update(grads[0], getattr(optax_adapter, name)(0.1).init(params), params)
+        for k in params:
+            np.testing.assert_allclose(np.asarray(u[k]), np.asarray(u_ref[k]), rtol=1e-12, atol=1e-15)
+
+
+def test_inject_hyperparams_without_static_args_names_them():
+    params, _ = params_and_grads(jnp.float32, steps=1)
+    with pytest.raises(TypeError, match=r"block_size must be a Python value, not an array .*"
+                       r"static_args=optax_adapter.static_args\(optax_adapter.shampoo\)"):
+        optax.inject_hyperparams(optax_adapter.shampoo)(learning_rate=0.1).init(params)
+    with pytest.raises(TypeError, match=r"damping .*static_args\(optax_adapter.eva_s\)"):
+        optax_adapter.eva_s(0.1, damping=jnp.asarray(0.1))
+
+
+def test_float64_learning_rate_keeps_float32_updates_under_jit():
+    """A float64 learning rate (inject_hyperparams' hyperparam_dtype, or a schedule) must not widen
+    float32 updates: it is cast to the state dtype."""
+    params, grads = params_and_grads(jnp.float32, steps=3)
+    lr64 = jnp.asarray(0.125, jnp.float64)  # exact in float32: the runs must agree bit for bit
+    for make in (lambda lr: sc.shampoo(lr, **HP), sc.adam, lambda lr: sc.sgd(lr, momentum=0.9), sc.adagrad,
+                 lambda lr: sc.eva_s(lr, nonfinite="skip")):
+        tx64, tx = make(lambda count: lr64), make(0.125)
+        s64, s = tx64.init(params), tx.init(params)
+        for g in grads:
+            u64, s64 = jax.jit(tx64.update)(s64, g, params)
+            u, s = jax.jit(tx.update)(s, g, params)
+            for k in params:
+                assert u64[k].dtype == jnp.float32, make
+                np.testing.assert_array_equal(np.asarray(u64[k]), np.asarray(u[k]))
+    tx = optax.inject_hyperparams(optax_adapter.shampoo, static_args=optax_adapter.static_args(optax_adapter.shampoo),
+                                  hyperparam_dtype=jnp.float64)(learning_rate=0.125, **HP)
+    u, _ = jax.jit(tx.update)(grads[0], tx.init(params), params)
+    assert all(v.dtype == jnp.float32 for v in u.values())

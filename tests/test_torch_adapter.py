@@ -93,6 +93,26 @@ def test_lr_scheduler_changes_the_step():
         torch.testing.assert_close(p.detach(), before - expected_lr * g, rtol=1e-12, atol=1e-14)
 
 
+def test_tensor_lr_steps_as_the_float_lr():
+    """torch.optim accepts ``lr=torch.tensor(...)``, which schedulers then change in place."""
+    runs = []
+    for lr in (0.125, torch.tensor(0.125, dtype=torch.float64)):
+        model, x, y = model_and_data()
+        opt = Shampoo(model.parameters(), lr=lr, **HP)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        for _ in range(5):
+            opt.zero_grad()
+            loss_of(model, x, y).backward()
+            opt.step()
+            sched.step()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert torch.is_tensor(opt.param_groups[0]["lr"]) and float(opt.param_groups[0]["lr"]) == 0.125 / 4
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"learning_rate must be in \[0.0, inf\)"):
+        Shampoo(model.parameters(), lr=torch.tensor(-0.1))
+
+
 def test_state_dict_round_trip_is_exact():
     model, x, y = model_and_data(torch.float32)
     opt = Shampoo(model.parameters(), lr=0.05, **HP)
@@ -145,6 +165,18 @@ def test_bad_hyperparameters_raise_at_construction():
         Shampoo(model.parameters(), lr=0.1, block_size=0)
     with pytest.raises(TypeError, match="lr="):
         Shampoo(model.parameters(), learning_rate=0.1)
+
+
+def test_parameter_without_state_support_updates_no_parameter():
+    """A complex parameter after a real one: the step is refused before the real one moves."""
+    real = torch.nn.Parameter(torch.ones(3, 3, dtype=torch.float64))
+    complex_ = torch.nn.Parameter(torch.ones(3, 3, dtype=torch.complex128))
+    real.grad, complex_.grad = torch.ones_like(real), torch.ones_like(complex_)
+    opt = Shampoo([real, complex_], lr=0.1)
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[1\]: .*complex128; no parameter was updated"):
+        opt.step()
+    assert torch.equal(real.detach(), torch.ones(3, 3, dtype=torch.float64))
+    assert not any(opt.state[p] for p in (real, complex_))
 
 
 def test_sparse_gradients_rejected():
