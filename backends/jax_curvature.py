@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optree
 
 from backends import jax_backend  # noqa: F401  (lax.cond gates K-FAC's decompositions under jit)
 from shampoo_core.curvature import layer_curvature
@@ -93,7 +92,8 @@ def value_grads_and_curvature(loss_fn, params, *args, kind: str = "eva"):
     """Loss, gradients and curvature of ``loss_fn(params, taps, *args)`` (a batch-mean scalar).
 
     Returns:
-        ``(loss, grads, curvature)``; ``curvature`` has the tree structure of ``params``: ``None``
+        ``(loss, grads, curvature)``; ``curvature`` has the tree structure of ``params`` (any JAX
+        pytree): ``None``
         for leaves not passed to ``taps.dense``, else ``(g_bar, a_bar)`` (``kind="eva"``: the
         batch-mean per-sample output gradient (m,) and mean input with a trailing 1 (n + 1,)) or
         ``(S, A)`` (``kind="kfac"``: (m, m) and (n + 1, n + 1) second moments), as ``sc.eva`` and
@@ -104,15 +104,15 @@ def value_grads_and_curvature(loss_fn, params, *args, kind: str = "eva"):
     """
     if kind not in ("eva", "kfac"):
         raise ValueError(f"kind must be 'eva' or 'kfac'; got {kind!r}")
-    leaves, spec = optree.tree_flatten(params)
+    leaves, spec = jax.tree_util.tree_flatten(params)  # JAX's registry: flax structs, equinox modules
 
     def run(leaves, perturbations):
         taps = Taps({id(w): i for i, w in enumerate(leaves)}, perturbations)
-        loss = loss_fn(optree.tree_unflatten(spec, leaves), taps, *args)
+        loss = loss_fn(jax.tree_util.tree_unflatten(spec, leaves), taps, *args)
         return loss, (taps.inputs, taps.outputs)
 
     _, (_, outputs) = jax.eval_shape(run, leaves, None)  # layer output shapes, nothing computed
     zeros = {i: jnp.zeros(s.shape, s.dtype) for i, s in outputs.items()}
     (loss, (inputs, _)), (grads, out_grads) = jax.value_and_grad(run, argnums=(0, 1), has_aux=True)(leaves, zeros)
     curvature = [_statistics(kind, inputs[i], out_grads[i]) if i in inputs else None for i in range(len(leaves))]
-    return loss, optree.tree_unflatten(spec, grads), optree.tree_unflatten(spec, curvature)
+    return loss, jax.tree_util.tree_unflatten(spec, grads), jax.tree_util.tree_unflatten(spec, curvature)

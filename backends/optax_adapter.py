@@ -24,9 +24,12 @@ the state's layout or its validation at construction, and must be named in ``sta
 from __future__ import annotations
 
 import inspect
+from typing import NamedTuple
 
 import array_api_compat
+import jax
 import optax
+import optree
 
 import shampoo_core as sc
 
@@ -50,6 +53,41 @@ def _check_not_arrays(factory: str, hyperparameters: dict) -> None:
                 "change after construction. optax.inject_hyperparams makes arrays of every numeric "
                 f"argument, defaults included; pass it static_args=optax_adapter.static_args(optax_adapter.{factory})"
             )
+
+
+class _Layout(NamedTuple):
+    """How a JAX pytree with nodes only JAX knows maps onto a dict of its leaves."""
+
+    treedef: object  # jax.tree_util.PyTreeDef of the gradients
+    keys: tuple  # each leaf's jax.tree_util.keystr path, in the treedef's leaf order
+
+
+def _layout(tree) -> _Layout | None:
+    """``None`` when the core (optree: dicts, lists, tuples, namedtuples) reads ``tree`` as JAX
+    does, so such trees reach the core unchanged; else the layout of its JAX leaves (nodes that
+    only JAX's registry knows: flax structs, equinox modules, registered dataclasses)."""
+    with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    core_leaves = optree.tree_leaves(tree)
+    if len(core_leaves) == len(with_paths) and all(a is b for a, (_, b) in zip(core_leaves, with_paths)):
+        return None
+    return _Layout(treedef, tuple(jax.tree_util.keystr(path) for path, _ in with_paths))
+
+
+def _core_tree(tree, layout: _Layout | None, name: str = "updates"):
+    """``tree`` as the core takes it: itself, or a dict of its leaves keyed by their JAX path (so
+    that errors name each leaf by that path). ``params`` and ``curvature`` are cut along the
+    gradients' structure (curvature holds a pair or ``None`` per gradient leaf)."""
+    if layout is None or tree is None:
+        return tree
+    try:
+        parts = layout.treedef.flatten_up_to(tree)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{name} does not have the structure of the gradients {layout.treedef}: {err}") from None
+    return dict(zip(layout.keys, parts))
+
+
+def _jax_tree(tree, layout: _Layout | None):
+    return tree if layout is None else layout.treedef.unflatten([tree[k] for k in layout.keys])
 
 
 def _with_signature(core, learning_rate):
@@ -85,10 +123,12 @@ def shampoo(learning_rate=1e-3, **hyperparameters) -> optax.GradientTransformati
     tx = sc.shampoo(learning_rate, **hyperparameters)
 
     def init_fn(params):
-        return tx.init(params)
+        return tx.init(_core_tree(params, _layout(params)))
 
     def update_fn(updates, state, params=None):
-        return tx.update(state, updates, params)
+        layout = _layout(updates)
+        new, state = tx.update(state, _core_tree(updates, layout), _core_tree(params, layout, "params"))
+        return _jax_tree(new, layout), state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -99,13 +139,20 @@ def _extra_args(make, learning_rate, hyperparameters, takes_curvature: bool):
     _check_not_arrays(make.__name__, hyperparameters)
     tx = make(learning_rate, **{"nonfinite": "skip", **hyperparameters})
 
+    def init_fn(params):
+        return tx.init(_core_tree(params, _layout(params)))
+
     def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
         del extra_args
+        layout = _layout(updates)
+        args = (state, _core_tree(updates, layout), _core_tree(params, layout, "params"))
         if takes_curvature:
-            return tx.update(state, updates, params, curvature=curvature)
-        return tx.update(state, updates, params)
+            new, state = tx.update(*args, curvature=_core_tree(curvature, layout, "curvature"))
+        else:
+            new, state = tx.update(*args)
+        return _jax_tree(new, layout), state
 
-    return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 @_with_signature(sc.eva, learning_rate=0.1)

@@ -213,3 +213,35 @@ def test_float64_learning_rate_keeps_float32_updates_under_jit():
                                   hyperparam_dtype=jnp.float64)(learning_rate=0.125, **HP)
     u, _ = jax.jit(tx.update)(grads[0], tx.init(params), params)
     assert all(v.dtype == jnp.float32 for v in u.values())
+
+
+def test_optax_adapter_takes_custom_jax_pytrees():
+    """Nodes only JAX's registry knows (flax structs, equinox modules, registered dataclasses) reach
+    the core as a dict of their leaves keyed by JAX path; the updates come back in the parameters'
+    structure, equal to those of the same leaves in plain dicts; errors name the JAX path."""
+    import dataclasses
+
+    @jax.tree_util.register_dataclass
+    @dataclasses.dataclass
+    class Layer:
+        w: jax.Array
+        b: jax.Array
+
+    def custom(t):
+        return {"layer": Layer(t["w"], t["b"]), "rest": [t["t"], t["s"]]}
+
+    params, grads = params_and_grads(jnp.float64, steps=4)
+    tx = optax_adapter.shampoo(0.1, **HP)
+    update = jax.jit(tx.update)
+    s_plain, s_custom = tx.init(params), tx.init(custom(params))
+    for g in grads:
+        u_plain, s_plain = update(g, s_plain, params)
+        u_custom, s_custom = update(custom(g), s_custom, custom(params))
+        assert jax.tree_util.tree_structure(u_custom) == jax.tree_util.tree_structure(custom(params))
+        for a, b in zip(jax.tree_util.tree_leaves(u_custom), jax.tree_util.tree_leaves(custom(u_plain))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    bad = custom(dict(grads[0], w=jnp.zeros((5, 6))))
+    with pytest.raises(ValueError, match=r"""grads\["\['layer'\]\.w"\]"""):
+        tx.update(bad, s_custom, None)
+    with pytest.raises(ValueError, match="params does not have the structure of the gradients"):
+        tx.update(custom(grads[0]), s_custom, params)

@@ -266,3 +266,42 @@ def test_optax_adapter_eva_s_takes_a_schedule_and_ignores_curvature():
             np.testing.assert_allclose(np.asarray(u_chain[k]), np.asarray(u_core[k]), rtol=1e-10, atol=1e-14)
     with pytest.raises(ValueError, match="damping"):
         optax_adapter.eva(0.1, damping=0.0)
+
+
+@pytest.mark.parametrize("kind, factory", [("eva", "eva"), ("kfac", "kfac"), ("eva", "eva_s")])
+def test_custom_jax_pytrees_train_as_plain_dicts(kind, factory):
+    """Parameters in nodes only JAX's registry knows (here a registered dataclass; flax structs and
+    equinox modules alike): curvature and updates keep that structure, and the steps are those of
+    the same leaves in a plain dict."""
+    import dataclasses
+
+    optax = pytest.importorskip("optax")
+
+    @jax.tree_util.register_dataclass
+    @dataclasses.dataclass
+    class Net:
+        w1: jax.Array
+        w2: jax.Array
+        scale: jax.Array
+
+    def net_loss(net, taps, x, y):
+        return mlp_loss({"w1": net.w1, "w2": net.w2, "scale": net.scale}, taps, x, y)
+
+    params, x, y = problem()
+    runs = []
+    for p, loss_fn in ((params, mlp_loss), (Net(**params), net_loss)):
+        tx = getattr(_optax_adapter(), factory)(0.3)
+
+        @jax.jit
+        def step(p, s, tx=tx, loss_fn=loss_fn):
+            _, grads, curv = value_grads_and_curvature(loss_fn, p, x, y, kind=kind)
+            updates, s = tx.update(grads, s, p, curvature=curv)
+            return optax.apply_updates(p, updates), s
+
+        s = tx.init(p)
+        for _ in range(3):
+            p, s = step(p, s)
+        runs.append(p)
+    assert isinstance(runs[1], Net)
+    for k in params:
+        np.testing.assert_array_equal(np.asarray(getattr(runs[1], k)), np.asarray(runs[0][k]))
