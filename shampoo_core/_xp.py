@@ -22,8 +22,7 @@ __all__ = [
     "eye_like",
     "scalar",
     "is_lazy",
-    "concrete_int",
-    "concrete_float",
+    "concrete",
     "to_numpy",
     "register_cond",
     "cond",
@@ -142,22 +141,13 @@ def cond(xp, pred, true_fn, false_fn, operand):
     return optree.tree_map(lambda t, f: xp.where(pred, t, f), true_fn(operand), false_fn(operand))
 
 
-def concrete_int(x):
-    """``int(x)`` when the value can be read on the host, ``None`` for a traced array (jax.jit)."""
-    if isinstance(x, int):
+def concrete(x, kind=int):
+    """``kind(x)`` (``int`` or ``float``) when the value can be read on the host, ``None`` for a
+    traced array (jax.jit)."""
+    if isinstance(x, kind):
         return x
     try:
-        return int(x)
-    except TypeError:  # JAX's ConcretizationTypeError subclasses TypeError
-        return None
-
-
-def concrete_float(x):
-    """``float(x)`` when the value can be read on the host, ``None`` for a traced array (jax.jit)."""
-    if isinstance(x, float):
-        return x
-    try:
-        return float(x)
+        return kind(x)
     except TypeError:  # JAX's ConcretizationTypeError subclasses TypeError
         return None
 

@@ -64,11 +64,11 @@ def count_and_learning_rate(learning_rate, count):
     is a Python float when it can be read, else the traced array, so that no traced update reads
     device values back.
     """
-    concrete = _xp.concrete_int(count)
+    concrete = _xp.concrete(count, int)
     if concrete is not None:
         count = concrete
     lr = learning_rate(count) if callable(learning_rate) else learning_rate
-    value = _xp.concrete_float(lr)
+    value = _xp.concrete(lr, float)
     return count, lr if value is None else value
 
 
@@ -170,7 +170,7 @@ def record_hyperparameters(tx: GradientTransformation, optimizer: str, values: d
         if callable(value):
             value = "<schedule>"
         elif array_api_compat.is_array_api_obj(value):
-            concrete = _xp.concrete_float(value)
+            concrete = _xp.concrete(value, float)
             value = "<traced>" if concrete is None else concrete
         elif hasattr(value, "value"):
             value = value.value
