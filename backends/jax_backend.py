@@ -1,20 +1,27 @@
-"""JAX policy: register ``jax.lax.cond`` so traced updates compute roots only when due, and the
-device kind of traced arrays.
+"""JAX policy: register ``jax.lax.cond`` so traced updates compute roots only when due, the
+device kind of traced arrays, and where new arrays beside a sharded parameter go.
 
 Importing this module (the optax adapter does) makes ``shampoo_core`` gate its root computation
 with ``lax.cond`` under ``jax.jit``; without it, traced updates compute the roots every step and
 select them with ``where`` (same numbers, more work). It also tells ``root_method="auto"`` which
 device a traced statistic will be computed on (JAX's default backend, where ``jit`` places
 computations on uncommitted arguments); without it the cost model falls back to eigh under jit.
+
+Parameters sharded over several devices (``jax.sharding.NamedSharding``, e.g. FSDP-style) have
+their sharding as "device", which fits only arrays of their rank. With this module imported, the
+state arrays of other shapes (statistics, preconditioners, counters) are replicated over the
+parameter's devices, and the arrays of its shape (momentum, grafting) keep its sharding. Without
+it, creating a 0-d counter beside a sharded parameter fails in JAX.
 """
 
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 from shampoo_core import _xp
 
-__all__ = ["cond", "device_kind"]
+__all__ = ["cond", "device_kind", "placement"]
 
 
 def cond(pred, true_fn, false_fn, operand):
@@ -27,5 +34,19 @@ def device_kind(x) -> str:
     return jax.default_backend()
 
 
+def placement(x):
+    """The device of a single-device array; for an array over several devices, a sharding that
+    replicates new arrays of any shape over the same devices (the same mesh when it has one)."""
+    device = _xp.device_of(x)
+    if not isinstance(device, jax.sharding.Sharding) or len(device.device_set) == 1:
+        return device  # a jax.Device, or None for a tracer
+    replicated = jax.sharding.PartitionSpec()
+    if isinstance(device, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(device.mesh, replicated, memory_kind=device.memory_kind)
+    devices = np.array(sorted(device.device_set, key=lambda d: d.id))
+    return jax.sharding.NamedSharding(jax.sharding.Mesh(devices, ("devices",)), replicated)
+
+
 _xp.register_cond("jax.numpy", cond)
 _xp.register_device_kind("jax.numpy", device_kind)
+_xp.register_placement("jax.numpy", placement)

@@ -13,6 +13,8 @@ import optree
 __all__ = [
     "namespace",
     "device_of",
+    "placement",
+    "register_placement",
     "device_kind",
     "register_device_kind",
     "is_real_floating",
@@ -32,6 +34,8 @@ __all__ = [
 _CONDS: dict = {}
 # Namespace name -> fn(array) -> device kind, for arrays whose device cannot be read (traced JAX).
 _DEVICE_KINDS: dict = {}
+# Namespace name -> fn(array) -> where new arrays of other shapes beside it go (sharded JAX arrays).
+_PLACEMENTS: dict = {}
 
 
 def namespace(*arrays):
@@ -42,6 +46,22 @@ def namespace(*arrays):
 def device_of(x):
     """Device on which ``x`` lives (``array_api_compat.device``)."""
     return array_api_compat.device(x)
+
+
+def placement(x):
+    """The ``device=`` for new arrays of any shape that go with ``x`` (state, identities, counters).
+
+    ``x``'s device, unless its library registered a rule with :func:`register_placement`. JAX does
+    (``backends.jax_backend``): the "device" of an array sharded over several devices is its
+    sharding, which fits only arrays of its rank, so new arrays are replicated over those devices.
+    """
+    rule = _PLACEMENTS.get(namespace(x).__name__)
+    return device_of(x) if rule is None else rule(x)
+
+
+def register_placement(namespace_name: str, fn) -> None:
+    """Register ``fn(array) -> device`` as :func:`placement` for arrays of ``namespace_name``."""
+    _PLACEMENTS[namespace_name] = fn
 
 
 def device_kind(x) -> str:
@@ -104,7 +124,7 @@ def supports_float64(xp, device) -> bool:
 
 def eye_like(xp, n: int, like):
     """Identity of size ``n`` with the dtype and device of ``like``."""
-    return xp.eye(n, dtype=like.dtype, device=device_of(like))
+    return xp.eye(n, dtype=like.dtype, device=placement(like))
 
 
 def scalar(x) -> float:

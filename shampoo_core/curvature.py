@@ -36,7 +36,7 @@ def layer_curvature(xp, kind: str, a, g, batch: int):
     """
     if kind not in ("eva", "kfac"):
         raise ValueError(f"kind must be 'eva' or 'kfac'; got {kind!r}")
-    ones = xp.ones((a.shape[0], 1), dtype=a.dtype, device=_xp.device_of(a))
+    ones = xp.ones((a.shape[0], 1), dtype=a.dtype, device=_xp.placement(a))
     a = xp.concat([a, ones], axis=1)
     g = g * batch
     if kind == "eva":

@@ -87,7 +87,7 @@ def _init(params, want_vectors):
     leaves, _ = tree.flatten(params)
     check_leaves("params", leaves, tree.leaf_paths(params))
     xp = _xp.namespace(*leaves)
-    dev = _xp.device_of(leaves[0])
+    dev = _xp.placement(leaves[0])
     left = tuple(xp.zeros((p.shape[0],), dtype=p.dtype, device=dev) if want_vectors(p) else None for p in leaves)
     right = tuple(xp.zeros((p.shape[1],), dtype=p.dtype, device=dev) if want_vectors(p) else None for p in leaves)
     moms = tuple(xp.zeros_like(p) for p in leaves)
@@ -325,7 +325,7 @@ def checked_curvature(c, g, path: str, names: tuple[str, str], shapes: tuple | N
             raise ValueError(f"curvature{path} must be ({want}); got {name} of shape {got}")
         if x.dtype != g.dtype:
             raise ValueError(f"curvature{path}: {name} has dtype {x.dtype}; the gradient has {g.dtype}")
-        got, want = _xp.device_of(x), _xp.device_of(g)
+        got, want = _xp.placement(x), _xp.placement(g)  # the devices, whatever the sharding
         if got is not None and want is not None and got != want:  # traced arrays have no device
             raise ValueError(f"curvature{path}: {name} is on device {got}; the gradient is on {want}")
     return tuple(c)

@@ -43,7 +43,7 @@ def _transform(learning_rate, graft_type, *, beta1, beta2, epsilon, weight_decay
         count = 0
         if leaves:
             xp = _xp.namespace(*leaves)
-            count = zero_count(xp, _xp.device_of(leaves[0]))
+            count = zero_count(xp, _xp.placement(leaves[0]))
         return FirstOrderState(count, moms, grafts)
 
     def update(state, grads, params=None):

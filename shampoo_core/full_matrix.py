@@ -44,9 +44,9 @@ def full_matrix_adagrad(learning_rate=1e-2, *, epsilon: float = 1e-6, max_size: 
             if n > max_size:
                 raise ValueError(f"params{path} has {n} entries; full_matrix_adagrad allows max_size={max_size}")
             xp = _xp.namespace(p)
-            stats.append(xp.zeros((n, n), dtype=p.dtype, device=_xp.device_of(p)))
+            stats.append(xp.zeros((n, n), dtype=p.dtype, device=_xp.placement(p)))
         xp = _xp.namespace(*leaves)
-        return FullMatrixState(zero_count(xp, _xp.device_of(leaves[0])), tuple(stats))
+        return FullMatrixState(zero_count(xp, _xp.placement(leaves[0])), tuple(stats))
 
     def update(state, grads, params=None):
         leaves, spec = tree.flatten(grads)

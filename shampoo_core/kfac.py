@@ -62,7 +62,7 @@ def kfac(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.
         leaves, _ = tree.flatten(params)
         check_leaves("params", leaves, tree.leaf_paths(params))
         xp = _xp.namespace(*leaves)
-        dev = _xp.device_of(leaves[0])
+        dev = _xp.placement(leaves[0])
 
         two = variant == "kfac"
 

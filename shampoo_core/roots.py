@@ -54,7 +54,7 @@ def max_eigenvalue(xp, a, *, rtol: float = 1e-6, max_iterations: int = 100) -> f
     orthogonal to the top eigenvector. Returns a Python float.
     """
     n = a.shape[0]
-    idx = xp.astype(xp.arange(n, device=_xp.device_of(a)), a.dtype)
+    idx = xp.astype(xp.arange(n, device=_xp.placement(a)), a.dtype)
     # Deterministic, non-constant start: the array API has no random numbers.
     v = 1.0 + 0.5 * xp.cos(idx * 2.399963)
     v = v / xp.linalg.vector_norm(v)
@@ -167,7 +167,7 @@ def _lazy_max_eigenvalue(xp, a, squarings: int = 8):
     for _ in range(squarings):
         b = b @ b
         b = b / xp.clip(xp.linalg.vector_norm(b), min=xp.finfo(a.dtype).tiny)
-    idx = xp.astype(xp.arange(n, device=_xp.device_of(a)), a.dtype)
+    idx = xp.astype(xp.arange(n, device=_xp.placement(a)), a.dtype)
     v = b @ (1.0 + 0.5 * xp.cos(idx * 2.399963))
     v = v / xp.clip(xp.linalg.vector_norm(v), min=xp.finfo(a.dtype).tiny)
     lam = xp.sum(v * (a @ v))

@@ -259,7 +259,7 @@ def shampoo(
         if not leaves:
             return ShampooState(0, states, 0)
         xp = _xp.namespace(*leaves)
-        dev = _xp.device_of(leaves[0])
+        dev = _xp.placement(leaves[0])
         return ShampooState(zero_count(xp, dev), states, zero_count(xp, dev))
 
     def update(state: ShampooState, grads, params=None):
@@ -346,15 +346,16 @@ def _init_param(config: ShampooConfig, p) -> ParamState:
     if config.state_dtype == "float64" and not _xp.supports_float64(xp, dev):
         raise ValueError(f"state_dtype='float64' is not available on device {dev} of {xp.__name__} "
                          "(for JAX, enable jax_enable_x64)")
+    place = _xp.placement(p)  # statistics have other shapes than p
     blocks = []
     for dims in plan.statistic_sizes:
         blocks.append(
             BlockState(
-                statistics=tuple(xp.zeros((d, d), dtype=dtype, device=dev) for d in dims),
-                preconditioners=tuple(xp.eye(d, dtype=dtype, device=dev) for d in dims),
-                failures=zero_count(xp, dev),
-                last_error=xp.asarray(0.0, dtype=dtype, device=dev),
-                lambda_max=xp.asarray(0.0, dtype=dtype, device=dev),
+                statistics=tuple(xp.zeros((d, d), dtype=dtype, device=place) for d in dims),
+                preconditioners=tuple(xp.eye(d, dtype=dtype, device=place) for d in dims),
+                failures=zero_count(xp, place),
+                last_error=xp.asarray(0.0, dtype=dtype, device=place),
+                lambda_max=xp.asarray(0.0, dtype=dtype, device=place),
             )
         )
     like = p if p.dtype == dtype else xp.zeros(p.shape, dtype=dtype, device=dev)
@@ -424,7 +425,7 @@ def _root_dtype(config: ShampooConfig, xp, like):
 
 def _as_array(xp, value, like):
     if isinstance(value, (int, float)):
-        return xp.asarray(value, dtype=like.dtype, device=_xp.device_of(like))
+        return xp.asarray(value, dtype=like.dtype, device=_xp.placement(like))
     return xp.astype(value, like.dtype)
 
 
