@@ -36,6 +36,7 @@ _CONDS: dict = {}
 _DEVICE_KINDS: dict = {}
 # Namespace name -> fn(array) -> where new arrays of other shapes beside it go (sharded JAX arrays).
 _PLACEMENTS: dict = {}
+_PLACEMENT_OF_TYPE: dict = {}  # array type -> its rule or None; placement runs per leaf per step
 
 
 def namespace(*arrays):
@@ -55,13 +56,17 @@ def placement(x):
     (``backends.jax_backend``): the "device" of an array sharded over several devices is its
     sharding, which fits only arrays of its rank, so new arrays are replicated over those devices.
     """
-    rule = _PLACEMENTS.get(namespace(x).__name__)
+    kind = type(x)
+    if kind not in _PLACEMENT_OF_TYPE:
+        _PLACEMENT_OF_TYPE[kind] = _PLACEMENTS.get(namespace(x).__name__)
+    rule = _PLACEMENT_OF_TYPE[kind]
     return device_of(x) if rule is None else rule(x)
 
 
 def register_placement(namespace_name: str, fn) -> None:
     """Register ``fn(array) -> device`` as :func:`placement` for arrays of ``namespace_name``."""
     _PLACEMENTS[namespace_name] = fn
+    _PLACEMENT_OF_TYPE.clear()
 
 
 def device_kind(x) -> str:
