@@ -90,103 +90,62 @@ def _jax_tree(tree, layout: _Layout | None):
     return tree if layout is None else layout.treedef.unflatten([tree[k] for k in layout.keys])
 
 
-def _with_signature(core, learning_rate):
-    """Give an adapter factory ``core``'s signature, with its own learning-rate default and
-    ``nonfinite="skip"`` (read by ``optax.inject_hyperparams``, which binds arguments by name)."""
+def _adapter(core, learning_rate: float, curvature: bool | None, summary: str):
+    """The optax factory over ``core``: its signature (``optax.inject_hyperparams`` binds arguments
+    by name) with ``learning_rate`` and ``nonfinite="skip"`` as defaults, optax's argument order,
+    and trees read through :func:`_layout`.
+
+    ``curvature``: ``None`` gives a ``GradientTransformation`` (Shampoo); ``True`` an
+    ``optax.GradientTransformationExtraArgs`` whose ``update`` hands its ``curvature`` to the core;
+    ``False`` one that drops it (Eva-s). Other members' extra arguments, which ``optax.chain``
+    passes along, are dropped.
+    """
+    name = core.__name__
+    returns = optax.GradientTransformation if curvature is None else optax.GradientTransformationExtraArgs
+
+    def factory(learning_rate=learning_rate, **hyperparameters):
+        _check_not_arrays(name, hyperparameters)
+        tx = core(learning_rate, **{"nonfinite": "skip", **hyperparameters})
+
+        def init_fn(params):
+            return tx.init(_core_tree(params, _layout(params)))
+
+        def update_fn(updates, state, params=None, **extra_args):
+            layout = _layout(updates)
+            args = (state, _core_tree(updates, layout), _core_tree(params, layout, "params"))
+            if curvature:
+                new, state = tx.update(*args, curvature=_core_tree(extra_args.get("curvature"), layout, "curvature"))
+            else:
+                new, state = tx.update(*args)
+            return _jax_tree(new, layout), state
+
+        return returns(init_fn, update_fn)
+
     defaults = {"learning_rate": learning_rate, "nonfinite": "skip"}
+    signature = inspect.signature(core)
+    factory.__signature__ = signature.replace(
+        parameters=[p.replace(default=defaults[p.name]) if p.name in defaults else p
+                    for p in signature.parameters.values()],
+        return_annotation=returns,
+    )
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = f"""{summary}
 
-    def wrap(factory):
-        signature = inspect.signature(core)
-        factory.__signature__ = signature.replace(
-            parameters=[p.replace(default=defaults[p.name]) if p.name in defaults else p
-                        for p in signature.parameters.values()],
-            return_annotation=inspect.signature(factory).return_annotation,
-        )
-        return factory
-
-    return wrap
-
-
-@_with_signature(sc.shampoo, learning_rate=1e-3)
-def shampoo(learning_rate=1e-3, **hyperparameters) -> optax.GradientTransformation:
-    """Distributed Shampoo as an optax transformation; the keywords of :func:`shampoo_core.shampoo`.
-
-    ``nonfinite`` defaults to ``"skip"`` here: ``"raise"`` cannot read traced gradients.
-    ``learning_rate`` may also be a 0-d array, traced or not (``optax.inject_hyperparams``).
+    The keywords of :func:`shampoo_core.{name}`. ``nonfinite`` defaults to ``"skip"`` here:
+    ``"raise"`` cannot read traced gradients. ``learning_rate`` may also be a 0-d array, traced or
+    not (``optax.inject_hyperparams``).
 
     Raises:
         ValueError / TypeError: invalid hyperparameters, naming the argument; TypeError for an
             array given for any hyperparameter but ``learning_rate``.
     """
-    _check_not_arrays("shampoo", hyperparameters)
-    hyperparameters.setdefault("nonfinite", "skip")
-    tx = sc.shampoo(learning_rate, **hyperparameters)
-
-    def init_fn(params):
-        return tx.init(_core_tree(params, _layout(params)))
-
-    def update_fn(updates, state, params=None):
-        layout = _layout(updates)
-        new, state = tx.update(state, _core_tree(updates, layout), _core_tree(params, layout, "params"))
-        return _jax_tree(new, layout), state
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return factory
 
 
-def _extra_args(make, learning_rate, hyperparameters, takes_curvature: bool):
-    """``make(learning_rate, nonfinite="skip" unless given, ...)`` with optax's argument order;
-    other members' extra arguments, which optax.chain passes along, are dropped."""
-    _check_not_arrays(make.__name__, hyperparameters)
-    tx = make(learning_rate, **{"nonfinite": "skip", **hyperparameters})
-
-    def init_fn(params):
-        return tx.init(_core_tree(params, _layout(params)))
-
-    def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
-        del extra_args
-        layout = _layout(updates)
-        args = (state, _core_tree(updates, layout), _core_tree(params, layout, "params"))
-        if takes_curvature:
-            new, state = tx.update(*args, curvature=_core_tree(curvature, layout, "curvature"))
-        else:
-            new, state = tx.update(*args)
-        return _jax_tree(new, layout), state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-@_with_signature(sc.eva, learning_rate=0.1)
-def eva(learning_rate=0.1, **hyperparameters) -> optax.GradientTransformationExtraArgs:
-    """:func:`shampoo_core.eva` (Eva, Eva-f, two-sided) as an optax transformation;
-    ``update(updates, state, params, curvature=...)``. ``nonfinite`` defaults to ``"skip"``.
-
-    Raises:
-        ValueError / TypeError: invalid hyperparameters, naming the argument; TypeError for an
-            array given for any hyperparameter but ``learning_rate``.
-    """
-    return _extra_args(sc.eva, learning_rate, hyperparameters, takes_curvature=True)
-
-
-@_with_signature(sc.kfac, learning_rate=0.1)
-def kfac(learning_rate=0.1, **hyperparameters) -> optax.GradientTransformationExtraArgs:
-    """:func:`shampoo_core.kfac` (K-FAC, FOOF) as an optax transformation;
-    ``update(updates, state, params, curvature=...)``. ``nonfinite`` defaults to ``"skip"``.
-
-    Raises:
-        ValueError / TypeError: invalid hyperparameters, naming the argument; TypeError for an
-            array given for any hyperparameter but ``learning_rate``.
-    """
-    return _extra_args(sc.kfac, learning_rate, hyperparameters, takes_curvature=True)
-
-
-@_with_signature(sc.eva_s, learning_rate=0.1)
-def eva_s(learning_rate=0.1, **hyperparameters) -> optax.GradientTransformationExtraArgs:
-    """:func:`shampoo_core.eva_s` (gradients only) as an optax transformation; a ``curvature``
-    passed along by ``optax.chain`` for another member is ignored. ``nonfinite`` defaults to
-    ``"skip"``.
-
-    Raises:
-        ValueError / TypeError: invalid hyperparameters, naming the argument; TypeError for an
-            array given for any hyperparameter but ``learning_rate``.
-    """
-    return _extra_args(sc.eva_s, learning_rate, hyperparameters, takes_curvature=False)
+shampoo = _adapter(sc.shampoo, 1e-3, None, "Distributed Shampoo as an optax transformation.")
+eva = _adapter(sc.eva, 0.1, True, ":func:`shampoo_core.eva` (Eva, Eva-f, two-sided) as an optax transformation; "
+               "``update(updates, state, params, curvature=...)``.")
+kfac = _adapter(sc.kfac, 0.1, True, ":func:`shampoo_core.kfac` (K-FAC, FOOF) as an optax transformation; "
+                "``update(updates, state, params, curvature=...)``.")
+eva_s = _adapter(sc.eva_s, 0.1, False, ":func:`shampoo_core.eva_s` (gradients only) as an optax transformation; a "
+                 "``curvature`` passed along by ``optax.chain`` for another member is ignored.")

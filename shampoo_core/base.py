@@ -11,7 +11,6 @@ from . import _xp, tree
 __all__ = [
     "GradientTransformation",
     "apply_updates",
-    "learning_rate_at",
     "count_and_learning_rate",
     "scalar_as",
     "check_leaves",
@@ -47,13 +46,6 @@ def apply_updates(params, updates):
         xp = _xp.namespace(p, u)
         out.append(p + xp.astype(u, p.dtype))
     return tree.unflatten(spec, out)
-
-
-def learning_rate_at(learning_rate, count: int) -> float:
-    """Evaluate a constant or a schedule; a schedule gets the number of previous updates (optax)."""
-    if callable(learning_rate):
-        return float(learning_rate(count))
-    return float(learning_rate)
 
 
 def count_and_learning_rate(learning_rate, count):

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 from . import _xp, roots, tree
 from .base import (GradientTransformation, check_against_state, check_leaf_count, check_leaves,
-                   learning_rate_at, record_hyperparameters, zero_count)
+                   count_and_learning_rate, record_hyperparameters, zero_count)
 from .options import check_int, check_learning_rate, check_real
 
 __all__ = ["full_matrix_adagrad", "FullMatrixState"]
@@ -59,8 +59,7 @@ def full_matrix_adagrad(learning_rate=1e-2, *, epsilon: float = 1e-6, max_size: 
                 raise ValueError(
                     f"grads{path} has {math.prod(g.shape)} entries; the state holds a statistic for {h.shape[0]}"
                 )
-        count = int(state.count)
-        lr = learning_rate_at(learning_rate, count)
+        _, lr = count_and_learning_rate(learning_rate, int(state.count))
         updates, stats = [], []
         for g, h in zip(leaves, state.statistics):
             xp = _xp.namespace(g)

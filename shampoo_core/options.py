@@ -128,10 +128,8 @@ def check_learning_rate(value):
         xp = array_api_compat.array_namespace(value)
         if not xp.isdtype(value.dtype, ("real floating", "signed integer", "unsigned integer")):
             raise TypeError(f"learning_rate must have a real dtype; got {_xp.dtype_name(value.dtype)}")
-        try:
-            concrete = float(value)
-        except TypeError:  # traced (JAX's ConcretizationTypeError subclasses TypeError)
-            return value
-        check_real("learning_rate", concrete, low=0.0)
+        concrete = _xp.concrete(value, float)
+        if concrete is not None:  # a traced value cannot be read
+            check_real("learning_rate", concrete, low=0.0)
         return value
     return check_real("learning_rate", value, low=0.0)
