@@ -7,6 +7,11 @@ select them with ``where`` (same numbers, more work). It also tells ``root_metho
 device a traced statistic will be computed on (JAX's default backend, where ``jit`` places
 computations on uncommitted arguments); without it the cost model falls back to eigh under jit.
 
+New arrays follow the parameter's commitment: beside an uncommitted parameter (``jnp.asarray``)
+they are uncommitted, as optax's states are, so ``jax.jit`` compiles the step once; a state that
+mixed committed and uncommitted arrays would be compiled again for the committed state the first
+step returns.
+
 Parameters sharded over several devices (``jax.sharding.NamedSharding``, e.g. FSDP-style) have
 their sharding as "device", which fits only arrays of their rank. With this module imported, the
 state arrays of other shapes (statistics, preconditioners, counters) are replicated over the
@@ -34,12 +39,23 @@ def device_kind(x) -> str:
     return jax.default_backend()
 
 
-def placement(x):
-    """The device of a single-device array; for an array over several devices, a sharding that
-    replicates new arrays of any shape over the same devices (the same mesh when it has one)."""
+def placement(x, same_shape: bool = False):
+    """Where new arrays beside ``x`` go.
+
+    * ``None`` (JAX's default device, uncommitted) for an uncommitted ``x``: a jitted step's outputs
+      are committed, so a state that mixed committed and uncommitted arrays would be compiled
+      twice, once for ``init``'s state and once for the state the step returns;
+    * the device of a committed single-device ``x``;
+    * for ``x`` over several devices: its sharding for arrays of its shape (``same_shape``), else a
+      sharding that replicates over the same devices (the same mesh when it has one).
+    """
     device = _xp.device_of(x)
-    if not isinstance(device, jax.sharding.Sharding) or len(device.device_set) == 1:
-        return device  # a jax.Device, or None for a tracer
+    if device is None:
+        return None  # a tracer
+    if not getattr(x, "committed", True):
+        return None
+    if not isinstance(device, jax.sharding.Sharding) or len(device.device_set) == 1 or same_shape:
+        return device
     replicated = jax.sharding.PartitionSpec()
     if isinstance(device, jax.sharding.NamedSharding):
         return jax.sharding.NamedSharding(device.mesh, replicated, memory_kind=device.memory_kind)

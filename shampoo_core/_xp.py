@@ -49,22 +49,24 @@ def device_of(x):
     return array_api_compat.device(x)
 
 
-def placement(x):
-    """The ``device=`` for new arrays of any shape that go with ``x`` (state, identities, counters).
+def placement(x, *, same_shape: bool = False):
+    """The ``device=`` for new arrays that go with ``x`` (state, identities, counters).
 
     ``x``'s device, unless its library registered a rule with :func:`register_placement`. JAX does
-    (``backends.jax_backend``): the "device" of an array sharded over several devices is its
-    sharding, which fits only arrays of its rank, so new arrays are replicated over those devices.
+    (``backends.jax_backend``): new arrays follow ``x``'s commitment, so that a jitted step's state
+    keeps one signature, and the "device" of an array sharded over several devices is its sharding,
+    which fits only arrays of its rank, so new arrays of other shapes are replicated over those
+    devices. ``same_shape=True`` asks for arrays of ``x``'s shape, which may share its sharding.
     """
     kind = type(x)
     if kind not in _PLACEMENT_OF_TYPE:
         _PLACEMENT_OF_TYPE[kind] = _PLACEMENTS.get(namespace(x).__name__)
     rule = _PLACEMENT_OF_TYPE[kind]
-    return device_of(x) if rule is None else rule(x)
+    return device_of(x) if rule is None else rule(x, same_shape)
 
 
 def register_placement(namespace_name: str, fn) -> None:
-    """Register ``fn(array) -> device`` as :func:`placement` for arrays of ``namespace_name``."""
+    """Register ``fn(array, same_shape) -> device`` as :func:`placement` for arrays of ``namespace_name``."""
     _PLACEMENTS[namespace_name] = fn
     _PLACEMENT_OF_TYPE.clear()
 

@@ -57,7 +57,7 @@ class AsyncPreconditioners:
             if key in self._pending:
                 return
             if self.host:
-                device = [(_xp.namespace(h), _xp.device_of(h)) for h in statistics]
+                device = [(_xp.namespace(h), _xp.placement(h, same_shape=True)) for h in statistics]
                 host_stats = [_xp.to_numpy(h) for h in statistics]
 
                 def job():

@@ -179,7 +179,7 @@ def _decode_pending(pending, state, data) -> list:
         for r, like in zip(entry["results"], block.preconditioners):
             xp = _xp.namespace(like)
             root = data[r["root"]]
-            results.append(RootResult(xp.asarray(root, device=_xp.device_of(like)), r["error"],
+            results.append(RootResult(xp.asarray(root, device=_xp.placement(like, same_shape=True)), r["error"],
                                       r["lambda_max"], r["iterations"]))
         out.append(((i, j), entry["step"], results))
     return out
@@ -232,7 +232,7 @@ def _decode(node, like, data, path: str):
     if stored != _xp.dtype_name(like.dtype):
         raise CheckpointError(f"{path}: checkpoint dtype {stored}, the state expects {like.dtype}")
     if "dtype" in node:
-        return xp.astype(xp.asarray(array, device=_xp.device_of(like)), like.dtype)
-    return xp.asarray(array, dtype=like.dtype, device=_xp.device_of(like))
+        return xp.astype(xp.asarray(array, device=_xp.placement(like, same_shape=True)), like.dtype)
+    return xp.asarray(array, dtype=like.dtype, device=_xp.placement(like, same_shape=True))
 
 

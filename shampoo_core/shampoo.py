@@ -358,7 +358,7 @@ def _init_param(config: ShampooConfig, p) -> ParamState:
                 lambda_max=xp.asarray(0.0, dtype=dtype, device=place),
             )
         )
-    like = p if p.dtype == dtype else xp.zeros(p.shape, dtype=dtype, device=dev)
+    like = p if p.dtype == dtype else xp.zeros_like(p, dtype=dtype)
     return ParamState(
         momentum=xp.zeros_like(like) if config.beta1 > 0.0 else None,
         graft=grafting.init_graft(xp, config.graft_type, like),

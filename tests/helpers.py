@@ -74,3 +74,24 @@ def train(step, params, state, steps: int):
         params, state, loss = step(params, state)
         losses.append(float(loss))
     return params, state, losses
+
+
+class XlaCompiles:
+    """Counts JAX's XLA compilations while active (``jax.monitoring``'s backend-compile events)."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __enter__(self):
+        import jax.monitoring
+
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def _listen(self, name, duration, **kwargs):
+        self.count += name == self.EVENT
+
+    def __exit__(self, *exc):
+        import jax.monitoring
+
+        jax.monitoring.unregister_event_duration_listener(self._listen)

@@ -11,7 +11,7 @@ import jax.numpy as jnp  # noqa: E402
 import shampoo_core as sc  # noqa: E402
 from backends import optax_adapter  # noqa: E402
 from shampoo_core import _xp  # noqa: E402
-from helpers import train  # noqa: E402
+from helpers import XlaCompiles, train  # noqa: E402
 
 HP = dict(block_size=4, start_preconditioning_step=3, preconditioning_compute_steps=2,
           statistics_compute_steps=1, beta2=0.99, graft_type="adam", nonfinite="skip", epsilon=1e-3)
@@ -245,3 +245,52 @@ def test_optax_adapter_takes_custom_jax_pytrees():
         tx.update(bad, s_custom, None)
     with pytest.raises(ValueError, match="params does not have the structure of the gradients"):
         tx.update(custom(grads[0]), s_custom, params)
+
+
+COMPILE_ONCE = {
+    "shampoo": lambda: sc.shampoo(0.1, **HP),
+    "shampoo_bf16_params": lambda: sc.shampoo(0.1, **HP),
+    "shampoo_state_float32": lambda: sc.shampoo(0.1, state_dtype="float32", **HP),
+    "adam": lambda: sc.adam(0.1),
+    "sgd": lambda: sc.sgd(0.1, momentum=0.9),
+    "adagrad": lambda: sc.adagrad(0.1),
+    "eva_s": lambda: sc.eva_s(0.1, nonfinite="skip"),
+    "optax_shampoo": lambda: optax_adapter.shampoo(0.1, **{k: v for k, v in HP.items() if k != "nonfinite"}),
+}
+
+
+@pytest.mark.parametrize("committed", [False, True], ids=["uncommitted", "committed"])
+@pytest.mark.parametrize("name", sorted(COMPILE_ONCE))
+def test_jitted_update_compiles_once(name, committed):
+    """``init``'s state has the signature of the state a jitted step returns: a state mixing
+    committed and uncommitted arrays compiled the step a second time (a minute for a large model)."""
+    dtype = jnp.bfloat16 if name == "shampoo_bf16_params" else jnp.float64
+    params, grads = params_and_grads(dtype, steps=4)
+    if committed:
+        params, grads = jax.device_put((params, grads), jax.devices()[0])
+    tx = COMPILE_ONCE[name]()
+    state = tx.init(params)
+    leaves = jax.tree_util.tree_leaves(state)
+    assert [x.committed for x in leaves if isinstance(x, jax.Array)] == [committed] * len(leaves)
+    if name.startswith("optax"):
+        step = jax.jit(lambda s, g, p: tx.update(g, s, p))
+    else:
+        step = jax.jit(tx.update)
+    _, state = step(state, grads[0], params)
+    with XlaCompiles() as compiles:
+        for g in grads[1:]:
+            _, state = step(state, g, params)
+    assert compiles.count == 0
+
+
+def test_restored_state_keeps_the_jitted_signature(tmp_path):
+    tx = sc.shampoo(0.1, **HP)
+    params, grads = params_and_grads(jnp.float64, steps=3)
+    step = jax.jit(tx.update)
+    _, state = step(tx.init(params), grads[0], params)
+    sc.save_state(tmp_path / "s.npz", state, tx=tx)
+    restored = sc.load_state(tmp_path / "s.npz", like=tx.init(params), tx=tx)
+    with XlaCompiles() as compiles:
+        _, state = step(restored, grads[1], params)
+        _, state = step(state, grads[2], params)
+    assert compiles.count == 0

@@ -10,7 +10,7 @@ import jax.numpy as jnp  # noqa: E402
 import shampoo_core as sc  # noqa: E402
 from backends import jax_backend  # noqa: E402, F401  (registers lax.cond)
 from backends.jax_curvature import Taps, value_grads_and_curvature  # noqa: E402
-from helpers import train  # noqa: E402
+from helpers import XlaCompiles, train  # noqa: E402
 
 
 def mlp_loss(params, taps, x, y):
@@ -114,6 +114,22 @@ def test_jitted_step_equals_eager_and_learns(kind, make):
         np.testing.assert_allclose(np.asarray(p_jit[k]), np.asarray(p_eager[k]), rtol=1e-9, atol=1e-12)
     assert int(s_jit.count) == 12
     assert losses[-1] < 0.7 * losses[0]
+
+
+@pytest.mark.parametrize("kind, make", [
+    ("eva", lambda: sc.eva(0.3, nonfinite="skip")),
+    ("kfac", lambda: sc.kfac(0.3, inverse_steps=2, nonfinite="skip")),
+])
+def test_jitted_step_compiles_once(kind, make):
+    """``init``'s state has the signature of the state the jitted step returns (no second compile)."""
+    params, x, y = problem()
+    tx = make()
+    jitted = jax.jit(make_step(tx, mlp_loss, x, y, kind=kind))
+    p, s, _ = jitted(params, tx.init(params))
+    with XlaCompiles() as compiles:
+        for _ in range(3):
+            p, s, _ = jitted(p, s)
+    assert compiles.count == 0
 
 
 def test_eva_s_jits_with_a_schedule():
