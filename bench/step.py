@@ -11,14 +11,20 @@ kernel and biases), float32, one BLAS thread. For each block size:
 * ``torch.optim.AdamW`` on the same shapes, for scale;
 * the block matmuls of the largest gradient as a loop over blocks (what the step does) against one
   batched matmul over the block grid (whether batching equal-shaped blocks would pay).
+
+``--library torch`` or ``jax`` runs the step and its floor on that library's CPU arrays instead of
+NumPy's: torch eagerly, JAX under ``jax.jit`` (XLA fuses the elementwise passes, and the first
+call, which compiles the step, is reported instead of the root step).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import statistics
 import time
+from typing import Callable, NamedTuple
 
 from .timing import call_times
 
@@ -54,15 +60,55 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed non-root steps per block size")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--small", action="store_true", help="16x smaller shapes (smoke test)")
+    parser.add_argument("--library", choices=("numpy", "torch", "jax"), default="numpy",
+                        help="array library of the step and its floor (jax: under jax.jit)")
     parser.set_defaults(func=run)
+
+
+class Library(NamedTuple):
+    """How the step and its floor run on one array library's CPU arrays."""
+
+    name: str
+    asarray: Callable  # float32 NumPy array -> the library's array
+    compile: Callable  # fn -> fn that runs to completion (jitted and awaited for JAX)
+
+
+def library(name: str, threads: int) -> Library:
+    if name == "numpy":
+        return Library(name, lambda a: a, lambda fn: fn)
+    if name == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+        return Library(name, torch.from_numpy, lambda fn: fn)
+    import jax
+    import jax.numpy as jnp
+
+    import backends.jax_backend  # noqa: F401  (lax.cond: roots only on their steps)
+
+    if threads == 1 and "XLA_FLAGS" not in os.environ:
+        # Read once, when JAX starts its CPU client (a no-op if it already runs); not left in the
+        # environment, where child processes would inherit it.
+        os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        try:
+            jax.devices()
+        finally:
+            del os.environ["XLA_FLAGS"]
+
+    def compile_(fn):
+        jitted = jax.jit(fn)
+        return lambda *args: jax.block_until_ready(jitted(*args))
+
+    return Library(name, jnp.asarray, compile_)
 
 
 def _median(fn, n):
     return statistics.median(call_times(fn, n)[0])
 
 
-def floor_seconds(block_size: int, params, repeats: int) -> float:
-    """Time of the Gram and mode-product matmuls of every block, each distinct shape timed once.
+def floor_seconds(block_size: int, params, repeats: int, lib: Library | None = None) -> float:
+    """Time of the Gram and mode-product matmuls of every block, each distinct shape timed once,
+    on ``lib``'s arrays (NumPy by default; JAX: one jitted call per block, dispatch included).
 
     Blocks are planned as ``sc.shampoo``'s defaults do (merge small dims, skip dims > 4096).
     """
@@ -70,6 +116,7 @@ def floor_seconds(block_size: int, params, repeats: int) -> float:
 
     from shampoo_core import blocking
 
+    lib = lib or library("numpy", 1)
     counts: dict = {}
     for p in params.values():
         plan = blocking.make_plan(tuple(p.shape), block_size, skip_preconditioning_dim_size_gt=4096)
@@ -79,6 +126,12 @@ def floor_seconds(block_size: int, params, repeats: int) -> float:
             counts[(shape, plan.preconditioned)] = counts.get((shape, plan.preconditioned), 0) + 1
     total = 0.0
     rng = np.random.default_rng(0)
+
+    def products(mats):
+        # the statistic (NumPy uses a symmetric rank-k product) and the mode product
+        return [(m @ m.T, h @ m) for m, h in mats]
+
+    run_products = lib.compile(products)
     for (shape, pre), count in counts.items():
         g = rng.standard_normal(shape).astype(np.float32)
         mats = []
@@ -86,14 +139,8 @@ def floor_seconds(block_size: int, params, repeats: int) -> float:
             if flag:
                 m = np.ascontiguousarray(np.moveaxis(g, i, 0).reshape(shape[i], -1))
                 h = (m @ m.T).astype(np.float32)
-                mats.append((m, h))
-
-        def work():
-            for m, h in mats:
-                m @ m.T  # the statistic (NumPy uses a symmetric rank-k product)
-                h @ m  # the mode product with the preconditioner
-
-        total += count * _median(work, repeats)
+                mats.append((lib.asarray(m), lib.asarray(h)))
+        total += count * _median(lambda: run_products(mats), repeats)
     return total
 
 
@@ -129,47 +176,57 @@ def run(args) -> int:
     from .roots import _pin_threads
 
     threads = _pin_threads(args.threads)
+    lib = library(args.library, args.threads)
     import shampoo_core as sc
 
     shapes = SMALL_SHAPES if args.small else SHAPES
-    params, grads = model_problem(shapes)
-    n_params = sum(p.size for p in params.values())
+    np_params, np_grads = model_problem(shapes)
+    params = {k: lib.asarray(v) for k, v in np_params.items()}
+    grads = {k: lib.asarray(v) for k, v in np_grads.items()}
+    n_params = sum(p.size for p in np_params.values())
+    jitted = args.library == "jax"
     rows = []
     for block_size in [int(b) for b in args.block_sizes.split(",") if b]:
         tx = sc.shampoo(1e-3, block_size=block_size, start_preconditioning_step=1,
-                        preconditioning_compute_steps=10**9)
+                        preconditioning_compute_steps=10**9, nonfinite="skip" if jitted else "raise")
+        update = lib.compile(tx.update)
         state0 = tx.init(params)
         t0 = time.perf_counter()
-        _, state = tx.update(state0, grads, params)  # step 1: computes every root
+        _, state = update(state0, grads, params)  # step 1: computes every root (and compiles, under jit)
         first = time.perf_counter() - t0
         box = {"state": state}
 
         def step():
-            _, box["state"] = tx.update(box["state"], grads, params)
+            _, box["state"] = update(box["state"], grads, params)
 
         nonroot = _median(step, args.steps)
-        root = max(first - nonroot, 0.0)
-        floor = floor_seconds(block_size, params, args.steps)
-        row = dict(block_size=block_size, nonroot_ms=1e3 * nonroot, floor_ms=1e3 * floor,
-                   ratio_to_floor=nonroot / floor, root_step_extra_ms=1e3 * root,
-                   amortized_ms={n: 1e3 * (nonroot + root / n) for n in (1, 10, 100)})
-        big = max(params.values(), key=lambda p: p.size).shape
-        if len(big) == 2 and all(d % block_size == 0 and d > block_size for d in big):
+        floor = floor_seconds(block_size, np_params, args.steps, lib)
+        row = dict(block_size=block_size, blocks=sum(len(s.blocks) for s in state0.params),
+                   nonroot_ms=1e3 * nonroot, floor_ms=1e3 * floor, ratio_to_floor=nonroot / floor)
+        if jitted:
+            row.update(first_call_s=first)  # compilation dominates; the root step is not separable
+            roots_text = f"first call (compiles) {first:.1f} s"
+        else:
+            root = max(first - nonroot, 0.0)
+            row.update(root_step_extra_ms=1e3 * root, amortized_ms={n: 1e3 * (nonroot + root / n) for n in (1, 10, 100)})
+            roots_text = (f"roots +{row['root_step_extra_ms']:.0f} ms; amortized N=1/10/100: "
+                          + " / ".join(f"{v:.0f}" for v in row["amortized_ms"].values()) + " ms")
+        big = max(np_params.values(), key=lambda p: p.size).shape
+        if args.library == "numpy" and len(big) == 2 and all(d % block_size == 0 and d > block_size for d in big):
             loop, batched = batching_seconds(block_size, args.steps, big)
             row.update(block_matmuls_loop_ms=1e3 * loop, block_matmuls_batched_ms=1e3 * batched)
         rows.append(row)
-        print(f"block_size {block_size:5d}: non-root step {row['nonroot_ms']:8.1f} ms, floor {row['floor_ms']:8.1f} ms "
-              f"({row['ratio_to_floor']:.2f}x); roots +{row['root_step_extra_ms']:.0f} ms; amortized N=1/10/100: "
-              + " / ".join(f"{v:.0f}" for v in row["amortized_ms"].values()) + " ms", flush=True)
+        print(f"block_size {block_size:5d} ({row['blocks']} blocks): non-root step {row['nonroot_ms']:8.1f} ms, "
+              f"floor {row['floor_ms']:8.1f} ms ({row['ratio_to_floor']:.2f}x); {roots_text}", flush=True)
         if "block_matmuls_loop_ms" in row:
             print(f"    block matmuls of the {big[0]}x{big[1]} gradient: loop over blocks "
                   f"{row['block_matmuls_loop_ms']:.1f} ms, one batched matmul {row['block_matmuls_batched_ms']:.1f} ms")
-    adamw = _adamw_ms(params, grads, args.steps, args.threads)
+    adamw = _adamw_ms(np_params, np_grads, args.steps, args.threads)
     if adamw is not None:
         print(f"torch.optim.AdamW step: {adamw:.1f} ms")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "step.json").write_text(json.dumps(dict(threads=threads, parameters=n_params, shapes=shapes,
+    (out / "step.json").write_text(json.dumps(dict(library=args.library, threads=threads, parameters=n_params, shapes=shapes,
                                                    rows=rows, adamw_ms=adamw), indent=2))
     print(f"{n_params} parameters; written to {out}/step.json")
     return 0

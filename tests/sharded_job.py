@@ -3,7 +3,7 @@ starts. Trains with parameters sharded over both, and compares with the same run
 
 import os
 
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"  # alone: other flags could stop its parsing
 
 import jax  # noqa: E402
 

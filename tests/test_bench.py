@@ -39,6 +39,17 @@ def test_step_benchmark(tmp_path):
         assert r["block_matmuls_loop_ms"] > 0 and r["block_matmuls_batched_ms"] > 0  # 64x256 splits evenly
 
 
+@pytest.mark.parametrize("lib", ["torch", "jax"])
+def test_step_benchmark_on_other_libraries(tmp_path, lib):
+    pytest.importorskip(lib)
+    assert main(["step", "--out", str(tmp_path), "--small", "--block-sizes", "32", "--steps", "2", "--library", lib]) == 0
+    report = json.loads((tmp_path / "step.json").read_text())
+    (row,) = report["rows"]
+    assert report["library"] == lib and row["blocks"] == 57
+    assert row["floor_ms"] > 0 and row["nonroot_ms"] > 0
+    assert ("first_call_s" in row) == (lib == "jax") and ("amortized_ms" in row) == (lib == "torch")
+
+
 def test_adapters_benchmark(tmp_path):
     pytest.importorskip("torch")
     assert main(["adapters", "--out", str(tmp_path), "--steps", "3", "--warmup", "1"]) == 0
