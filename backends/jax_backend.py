@@ -1,5 +1,5 @@
 """JAX policy: register ``jax.lax.cond`` so traced updates compute roots only when due, the
-device kind of traced arrays, and where new arrays beside a sharded parameter go.
+device kind of traced arrays, and where new arrays beside a parameter go (commitment, sharding).
 
 Importing this module (the optax adapter does) makes ``shampoo_core`` gate its root computation
 with ``lax.cond`` under ``jax.jit``; without it, traced updates compute the roots every step and

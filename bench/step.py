@@ -108,7 +108,7 @@ def _median(fn, n):
 
 def floor_seconds(block_size: int, params, repeats: int, lib: Library | None = None) -> float:
     """Time of the Gram and mode-product matmuls of every block, each distinct shape timed once,
-    on ``lib``'s arrays (NumPy by default; JAX: one jitted call per block, dispatch included).
+    on ``lib``'s arrays (NumPy by default; JAX: a jitted call per block, its dispatch included).
 
     Blocks are planned as ``sc.shampoo``'s defaults do (merge small dims, skip dims > 4096).
     """
@@ -184,7 +184,7 @@ def run(args) -> int:
     params = {k: lib.asarray(v) for k, v in np_params.items()}
     grads = {k: lib.asarray(v) for k, v in np_grads.items()}
     n_params = sum(p.size for p in np_params.values())
-    jitted = args.library == "jax"
+    jitted = lib.name == "jax"
     rows = []
     for block_size in [int(b) for b in args.block_sizes.split(",") if b]:
         tx = sc.shampoo(1e-3, block_size=block_size, start_preconditioning_step=1,
@@ -212,7 +212,7 @@ def run(args) -> int:
             roots_text = (f"roots +{row['root_step_extra_ms']:.0f} ms; amortized N=1/10/100: "
                           + " / ".join(f"{v:.0f}" for v in row["amortized_ms"].values()) + " ms")
         big = max(np_params.values(), key=lambda p: p.size).shape
-        if args.library == "numpy" and len(big) == 2 and all(d % block_size == 0 and d > block_size for d in big):
+        if lib.name == "numpy" and len(big) == 2 and all(d % block_size == 0 and d > block_size for d in big):
             loop, batched = batching_seconds(block_size, args.steps, big)
             row.update(block_matmuls_loop_ms=1e3 * loop, block_matmuls_batched_ms=1e3 * batched)
         rows.append(row)
