@@ -69,20 +69,25 @@ def _transform(learning_rate, graft_type, *, beta1, beta2, epsilon, weight_decay
                 g = g + weight_decay * p
             m = state.momentum[i]
             graft = grafting.update_graft(graft_type, state.graft[i], g, beta2)
+            scale = 1.0  # the direction is scale · d: per-step scalars join the learning rate
             if heavy_ball:
                 d = g
             else:
-                f = g
+                f, f_scale = g, 1.0
                 if m is not None:
                     m = momentum.ema(m, g, beta1)
-                    f = momentum.filtered_gradient(m, g, beta1, step_i, nesterov)
-                d = grafting.graft_direction(xp, graft_type, graft, f, epsilon=epsilon, beta2=beta2, step=step_i)
+                    f, f_scale = momentum.filtered_gradient(m, g, beta1, step_i, nesterov)
+                d, scale = grafting.graft_direction(xp, graft_type, graft, f, epsilon=epsilon, beta2=beta2,
+                                                    step=step_i, f_scale=f_scale)
             if heavy_ball and m is not None:
                 m = beta1 * m + g  # the buffer starts at zero, so step 1 gives m = g as in torch
                 d = g + beta1 * m if nesterov else m
+            neg_lr = -scalar_as(xp, lr, d.dtype)
             if weight_decay > 0.0 and decoupled:
-                d = d + weight_decay * p
-            updates.append((-scalar_as(xp, lr, d.dtype)) * d)
+                d = d * (neg_lr * scale) + (neg_lr * weight_decay) * p
+            else:
+                d = d * (neg_lr * scale)
+            updates.append(d)
             moms.append(m)
             grafts.append(graft)
         return tree.unflatten(spec, updates), FirstOrderState(state.count + 1, tuple(moms), tuple(grafts))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+from . import _xp
 from .options import GraftType
 
 __all__ = ["GraftState", "init_graft", "update_graft", "graft_direction", "graft_norm", "NORM_FLOOR"]
@@ -43,25 +44,38 @@ def update_graft(graft_type: GraftType, state: GraftState, g, beta2: float) -> G
     return state
 
 
-def graft_direction(xp, graft_type: GraftType, state: GraftState, f, *, epsilon: float, beta2: float, step: int):
-    """The grafting optimizer's direction for filtered gradient ``f`` at ``step`` (1-based).
+def graft_direction(xp, graft_type: GraftType, state: GraftState, f, *, epsilon: float, beta2: float, step,
+                    f_scale=1.0):
+    """The grafting optimizer's direction for the filtered gradient ``f_scale · f`` at ``step``
+    (1-based, an int or 0-d array), as ``(d, scale)`` with direction = ``scale · d``.
 
     sgd/none: f; adagrad: f / (√Σg² + ε); rmsprop: f / (√v + ε); adam: f / (√(v / (1-β₂ᵗ)) + ε);
     sqrt_n: f rescaled to norm √numel (unit RMS per entry).
+
+    Every direction is linear in ``f`` up to per-step scalars (``f_scale``, Adam's bias correction
+    1/√(1-β₂ᵗ), sqrt_n's normalisation), which are returned in ``scale`` instead of applied: the
+    caller multiplies by a scalar anyway (the learning rate, the grafted norm), so each saves a pass
+    over the parameter. Adam's ε moves inside: f / (√(v/c) + ε) = √c · f / (√v + ε√c), c = 1-β₂ᵗ.
+
+    Args:
+        f: array of the parameter's shape; ``f_scale``: a float or 0-d array > 0.
+
+    Returns:
+        ``(d, scale)``: ``d`` of ``f``'s shape and dtype; ``scale`` a float or 0-d array.
     """
     if graft_type in (GraftType.NONE, GraftType.SGD):
-        return f
-    if graft_type is GraftType.SQRT_N:
-        norm = xp.linalg.vector_norm(f)
-        return f * (math.sqrt(math.prod(f.shape)) / xp.clip(norm, min=NORM_FLOOR))
+        return f, f_scale
+    if graft_type is GraftType.SQRT_N:  # f_scale > 0 cancels
+        return f, math.sqrt(math.prod(f.shape)) / xp.clip(_xp.norm(xp, f), min=NORM_FLOOR)
     acc = state.accumulator
     if graft_type is GraftType.ADAM:
-        acc = acc * (1.0 / (1.0 - beta2**step))
-    return f / (xp.sqrt(acc) + epsilon)
+        root_c = (1.0 - beta2**step) ** 0.5
+        return f / (xp.sqrt(acc) + epsilon * root_c), f_scale * root_c
+    return f / (xp.sqrt(acc) + epsilon), f_scale
 
 
-def graft_norm(xp, graft_type: GraftType, d):
-    """Norm of the grafting direction ``d`` over one grafting unit (a layer or a block)."""
+def graft_norm(xp, graft_type: GraftType, d, scale=1.0):
+    """Norm of the grafting direction ``scale · d`` over one grafting unit (a layer or a block)."""
     if graft_type is GraftType.SQRT_N:
         return math.sqrt(math.prod(d.shape))
-    return xp.linalg.vector_norm(d)
+    return scale * _xp.norm(xp, d)

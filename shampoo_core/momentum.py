@@ -14,14 +14,18 @@ def ema(m, g, beta1: float):
     return beta1 * m + (1.0 - beta1) * g
 
 
-def filtered_gradient(m, g, beta1: float, step: int, nesterov: bool):
-    """Bias-corrected first moment at ``step`` (1-based).
+def filtered_gradient(m, g, beta1: float, step, nesterov: bool):
+    """Bias-corrected first moment at ``step`` (1-based), as ``(f, scale)``: m̂_t = ``f · scale``.
 
     Plain: m_t / (1 - beta1^t). Nesterov (optax's ``nesterov=True`` form of NAdam):
     beta1 m_t / (1 - beta1^(t+1)) + (1 - beta1) g_t / (1 - beta1^t).
+
+    The plain bias correction 1/(1 - beta1^t) is returned instead of applied, so that a caller
+    that scales its result anyway saves a pass over the parameter. ``scale`` is a float, or a 0-d
+    array when ``step`` is one; 1.0 for beta1 = 0 and for Nesterov's form.
     """
     if beta1 == 0.0:
-        return g
+        return g, 1.0
     if nesterov:
-        return (beta1 / (1.0 - beta1 ** (step + 1))) * m + ((1.0 - beta1) / (1.0 - beta1**step)) * g
-    return m * (1.0 / (1.0 - beta1**step))
+        return (beta1 / (1.0 - beta1 ** (step + 1))) * m + ((1.0 - beta1) / (1.0 - beta1**step)) * g, 1.0
+    return m, 1.0 / (1.0 - beta1**step)

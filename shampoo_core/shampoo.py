@@ -508,24 +508,25 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
     if config.weight_decay > 0.0 and not config.decoupled_weight_decay:
         g = g + config.weight_decay * p
 
-    new_m = None
+    # F = f_scale · f and the grafting direction D = d_scale · d: per-step scalars are applied with
+    # the learning rate, not in passes of their own.
+    new_m, f, f_scale = None, g, 1.0
     if s.momentum is not None:
         new_m = momentum.ema(s.momentum, g, config.beta1)
-        f = momentum.filtered_gradient(new_m, g, config.beta1, step, config.nesterov)
-    else:
-        f = g
+        f, f_scale = momentum.filtered_gradient(new_m, g, config.beta1, step, config.nesterov)
 
     new_graft = grafting.update_graft(config.graft_type, s.graft, g, config.graft_beta2)
-    direction = grafting.graft_direction(
-        xp, config.graft_type, new_graft, f, epsilon=config.diagonal_epsilon, beta2=config.graft_beta2, step=step
+    direction, d_scale = grafting.graft_direction(
+        xp, config.graft_type, new_graft, f, epsilon=config.diagonal_epsilon, beta2=config.graft_beta2, step=step,
+        f_scale=f_scale,
     )
 
     plan = config.plan(tuple(g.shape))
     new_blocks = s.blocks
-    neg_lr = -scalar_as(xp, schedule.learning_rate, dtype)  # folded into each path's scalar factor: one pass fewer
+    neg_lr = -scalar_as(xp, schedule.learning_rate, dtype)
 
     def first_order():
-        return direction * neg_lr
+        return direction * (neg_lr * d_scale)
 
     u = None
     if plan.num_preconditioned:
@@ -538,7 +539,7 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
         )
 
         def preconditioned():
-            return _preconditioned_update(config, xp, new_blocks, f, direction, plan, neg_lr)
+            return _preconditioned_update(config, xp, new_blocks, f, f_scale, direction, d_scale, plan, neg_lr)
 
         u = _select(xp, schedule.precondition, preconditioned, first_order)
     else:
@@ -551,8 +552,13 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
     return u, ParamState(new_m, new_graft, new_blocks)
 
 
-def _preconditioned_update(config, xp, blocks, f, direction, plan, factor):
-    """Shampoo's direction for ``f``, grafted to the norm of ``direction``, times ``factor``."""
+def _preconditioned_update(config, xp, blocks, f, f_scale, direction, d_scale, plan, factor):
+    """Shampoo's direction for the filtered gradient ``f_scale · f``, grafted to the norm of the
+    grafting direction ``d_scale · direction``, times ``factor``.
+
+    Preconditioning is linear, so it runs on ``f`` and the scalars meet in one multiply: with
+    P = precondition(f), the grafted update is P · f_scale‖D‖ / max(f_scale‖P‖, 1e-16).
+    """
     f_blocks = blocking.split_blocks(xp, f, plan)
     pre = [
         preconditioner.precondition_block(xp, fb, b.preconditioners, plan.preconditioned)
@@ -560,15 +566,15 @@ def _preconditioned_update(config, xp, blocks, f, direction, plan, factor):
     ]
     graft_type = config.graft_type
     if graft_type is GraftType.NONE:
-        return blocking.merge_blocks(xp, pre, plan) * factor
+        return blocking.merge_blocks(xp, pre, plan) * (factor * f_scale)
     floor = grafting.NORM_FLOOR
+
+    def grafted(p, d):
+        target = grafting.graft_norm(xp, graft_type, d, d_scale)
+        return factor * f_scale * target / xp.clip(f_scale * _xp.norm(xp, p), min=floor)
+
     if config.graft_granularity is GraftGranularity.BLOCK:
         d_blocks = blocking.split_blocks(xp, direction, plan)
-        pre = [
-            pb * (factor * grafting.graft_norm(xp, graft_type, db) / xp.clip(xp.linalg.vector_norm(pb), min=floor))
-            for pb, db in zip(pre, d_blocks)
-        ]
-        return blocking.merge_blocks(xp, pre, plan)
+        return blocking.merge_blocks(xp, [pb * grafted(pb, db) for pb, db in zip(pre, d_blocks)], plan)
     merged = blocking.merge_blocks(xp, pre, plan)
-    scale = grafting.graft_norm(xp, graft_type, direction) / xp.clip(xp.linalg.vector_norm(merged), min=floor)
-    return merged * (factor * scale)
+    return merged * grafted(merged, direction)

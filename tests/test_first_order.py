@@ -35,6 +35,9 @@ def quad_grad(a):
 CASES = [
     (lambda: sc.adam(0.05, beta1=0.9, beta2=0.99, epsilon=1e-8),
      lambda p: torch.optim.Adam(p, lr=0.05, betas=(0.9, 0.99), eps=1e-8)),
+    # an ε comparable to √v̂: its place relative to the bias correction shows
+    (lambda: sc.adam(0.05, beta1=0.8, beta2=0.9, epsilon=0.3),
+     lambda p: torch.optim.Adam(p, lr=0.05, betas=(0.8, 0.9), eps=0.3)),
     (lambda: sc.adam(0.05, weight_decay=0.1, decoupled_weight_decay=True),
      lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1)),
     (lambda: sc.adam(0.05, weight_decay=0.1),
