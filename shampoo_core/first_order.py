@@ -83,11 +83,10 @@ def _transform(learning_rate, graft_type, *, beta1, beta2, epsilon, weight_decay
                 m = beta1 * m + g  # the buffer starts at zero, so step 1 gives m = g as in torch
                 d = g + beta1 * m if nesterov else m
             neg_lr = -scalar_as(xp, lr, d.dtype)
+            u = d * (neg_lr * scale)
             if weight_decay > 0.0 and decoupled:
-                d = d * (neg_lr * scale) + (neg_lr * weight_decay) * p
-            else:
-                d = d * (neg_lr * scale)
-            updates.append(d)
+                u = u + (neg_lr * weight_decay) * p
+            updates.append(u)
             moms.append(m)
             grafts.append(graft)
         return tree.unflatten(spec, updates), FirstOrderState(state.count + 1, tuple(moms), tuple(grafts))

@@ -74,7 +74,7 @@ def graft_direction(xp, graft_type: GraftType, state: GraftState, f, *, epsilon:
     return f / (xp.sqrt(acc) + epsilon), f_scale
 
 
-def graft_norm(xp, graft_type: GraftType, d, scale=1.0):
+def graft_norm(xp, graft_type: GraftType, d, scale):
     """Norm of the grafting direction ``scale · d`` over one grafting unit (a layer or a block)."""
     if graft_type is GraftType.SQRT_N:
         return math.sqrt(math.prod(d.shape))
