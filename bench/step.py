@@ -88,8 +88,9 @@ def library(name: str, threads: int) -> Library:
 
     if threads == 1 and "XLA_FLAGS" not in os.environ:
         # Read once, when JAX starts its CPU client (a no-op if it already runs); not left in the
-        # environment, where child processes would inherit it.
-        os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        # environment, where child processes would inherit it. XLA stops parsing at a token that
+        # is not a --flag, so only real flags go here.
+        os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false"
         try:
             jax.devices()
         finally:
