@@ -4,6 +4,8 @@ Each parameter keeps its own functional state (as torch optimizers keep per-para
 stored in ``self.state[p]`` as flat tensors (``"leaf0"``, ``"leaf1"``, ...) so that
 ``state_dict``/``load_state_dict`` work as for any torch optimizer. The learning rate is read
 from ``param_group["lr"]`` at every step, so ``torch.optim.lr_scheduler`` schedules apply.
+As in ``torch.optim.Adam``, the two decays are ``betas=(beta1, beta2)`` in each param group, where
+the schedulers that cycle momentum (``OneCycleLR``, ``CyclicLR``) find and set them.
 Tensors stay torch tensors on the parameter's device; nothing goes through NumPy.
 """
 
@@ -20,8 +22,45 @@ from shampoo_core.nonfinite import guard
 
 __all__ = ["Shampoo"]
 
-# Schedulers and other tools add their own keys to param groups (e.g. "initial_lr").
-_DEFAULTS = {k: v.default for k, v in inspect.signature(sc.shampoo).parameters.items() if k != "learning_rate"}
+_CORE = {k: v.default for k, v in inspect.signature(sc.shampoo).parameters.items() if k != "learning_rate"}
+# A group's hyperparameters: the core's keywords, with (beta1, beta2) spelled as torch does, betas.
+# Schedulers and other tools add their own keys to param groups (e.g. "initial_lr"), ignored here.
+_DEFAULTS = {"betas": (_CORE["beta1"], _CORE["beta2"]),
+             **{k: v for k, v in _CORE.items() if k not in ("beta1", "beta2")}}
+# Values that never change which arrays a parameter's state holds (beta1 does only through beta1 > 0):
+# a change of these alone, e.g. OneCycleLR cycling beta1 every step, keeps the cached layouts.
+_LAYOUT_FREE = ("betas", "epsilon", "diagonal_epsilon", "weight_decay", "graft_beta2", "inverse_failure_threshold")
+
+
+def _fold_betas(group: dict, where: str, default) -> None:
+    """Replace the core's spelling ``beta1``/``beta2`` in ``group`` by torch's ``betas`` tuple."""
+    given = [k for k in ("beta1", "beta2") if k in group]
+    if not given:
+        return
+    if "betas" in group:
+        raise TypeError(f"{where}: give betas=(beta1, beta2) or {' and '.join(given)}, not both")
+    beta1, beta2 = default
+    group["betas"] = (group.pop("beta1", beta1), group.pop("beta2", beta2))
+
+
+def _check_betas(betas, where: str) -> tuple:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"{where}betas must be a pair (beta1, beta2); got {type(betas).__name__} {betas!r}")
+    return tuple(betas)
+
+
+def _core_hyperparameters(hp: dict) -> dict:
+    """A group's hyperparameters as keywords of :func:`shampoo_core.shampoo`."""
+    out = {k: v for k, v in hp.items() if k != "betas"}
+    if "betas" in hp:
+        out["beta1"], out["beta2"] = hp["betas"]
+    return out
+
+
+def _layout_key(hp: dict) -> dict:
+    """The hyperparameters that may change which arrays a parameter's state holds."""
+    beta1 = hp.get("betas", _DEFAULTS["betas"])[0]
+    return {**{k: v for k, v in hp.items() if k not in _LAYOUT_FREE}, "momentum": beta1 > 0.0}
 
 
 class Shampoo(torch.optim.Optimizer):
@@ -30,32 +69,69 @@ class Shampoo(torch.optim.Optimizer):
     Args:
         params: iterable of parameters or of param-group dicts (as for any torch optimizer).
         lr: learning rate (>= 0); schedulers may change ``param_group["lr"]``.
-        **hyperparameters: any keyword of :func:`shampoo_core.shampoo` except ``learning_rate``;
-            per-group values override these defaults.
+        betas: ``(beta1, beta2)``, the first-moment and statistics decays of
+            :func:`shampoo_core.shampoo` (default ``(0.9, 0.999)``), spelled as in
+            ``torch.optim.Adam``; ``OneCycleLR`` and ``CyclicLR`` cycle ``betas[0]``. The core's
+            ``beta1=``/``beta2=`` are accepted instead and stored as ``betas``.
+        **hyperparameters: any other keyword of :func:`shampoo_core.shampoo` except
+            ``learning_rate``; per-group values override these defaults.
 
     Raises:
-        ValueError / TypeError: invalid hyperparameters (at construction, naming the argument);
-            at ``step``, see :meth:`step`.
+        ValueError / TypeError: invalid hyperparameters (at construction, naming the argument;
+            ``betas`` beside ``beta1``/``beta2``); at ``step``, see :meth:`step`.
     """
 
-    def __init__(self, params, lr: float = 1e-3, **hyperparameters):
+    def __init__(self, params, lr: float = 1e-3, betas=None, **hyperparameters):
         if "learning_rate" in hyperparameters:
             raise TypeError("use lr=..., as torch optimizers do, instead of learning_rate=...")
-        sc.shampoo(lr, **hyperparameters)  # validate eagerly, naming the bad argument
-        super().__init__(params, dict(lr=lr, **hyperparameters))
+        if betas is not None:
+            hyperparameters["betas"] = _check_betas(betas, "")
+        _fold_betas(hyperparameters, "Shampoo()", _DEFAULTS["betas"])
+        hyperparameters.setdefault("betas", _DEFAULTS["betas"])
+        sc.shampoo(lr, **_core_hyperparameters(hyperparameters))  # validate eagerly, naming the bad argument
         self._transforms: dict = {}
         self._stepped: dict = {}  # id(group) -> the hyperparameters of its last completed step
+        super().__init__(params, dict(lr=lr, **hyperparameters))
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As ``torch.optim.Optimizer.add_param_group``; a group's ``beta1``/``beta2`` become its
+        ``betas``, and its hyperparameters are checked here, naming the group.
+
+        Raises:
+            TypeError / ValueError: an invalid hyperparameter, or ``betas`` beside ``beta1``/``beta2``.
+        """
+        where = f"param_groups[{len(self.param_groups)}]"
+        param_group = dict(param_group)
+        _fold_betas(param_group, where, self.defaults["betas"])
+        if "betas" in param_group:
+            param_group["betas"] = _check_betas(param_group["betas"], f"{where}: ")
+        hp = {k: param_group[k] if k in param_group else self.defaults[k]
+              for k in _DEFAULTS if k in param_group or k in self.defaults}
+        try:
+            sc.shampoo(param_group.get("lr", self.defaults["lr"]), **_core_hyperparameters(hp))
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{where}: {err}") from None
+        super().add_param_group(param_group)
 
     def _transform(self, group) -> "_GroupTransform":
         hp = {k: v for k, v in group.items() if k in _DEFAULTS}
         cached = self._transforms.get(id(group))
         # Rebuilt only when a group's hyperparameters change (compared by value: they may be
         # unhashable, e.g. a CostModel); the learning rate is read from the group every step.
-        if cached is None or cached.hyperparameters != hp:
+        if cached is None or cached.hyperparameters != hp or "beta1" in group or "beta2" in group:
+            where = f"param_groups[{next(i for i, g in enumerate(self.param_groups) if g is group)}]"
+            given = [repr(k) for k in ("beta1", "beta2") if k in group]
+            if given:  # set on the group after construction, beside its betas
+                raise ValueError(f"{where} has {' and '.join(given)}: this optimizer reads group['betas'] = "
+                                 "(beta1, beta2), as torch.optim.Adam does; set that instead")
+            # A list (from a JSON round trip, say) is as good as a tuple; anything else is named.
+            core = _core_hyperparameters(dict(hp, betas=_check_betas(hp["betas"], f"{where}: ")) if "betas" in hp else hp)
             # step() checks the gradients of "raise" groups itself, all at once, before any update.
-            checks = hp.get("nonfinite", _DEFAULTS["nonfinite"]) == "raise"
-            tx = sc.shampoo(lambda count, group=group: group["lr"], **(dict(hp, nonfinite="ignore") if checks else hp))
-            cached = self._transforms[id(group)] = _GroupTransform(hp, tx, {}, self._stepped.get(id(group), hp), checks)
+            checks = core.get("nonfinite", _DEFAULTS["nonfinite"]) == "raise"
+            tx = sc.shampoo(lambda count, group=group: group["lr"], **(dict(core, nonfinite="ignore") if checks else core))
+            same_layout = cached is not None and _layout_key(cached.hyperparameters) == _layout_key(hp)
+            layouts = cached._layouts if same_layout else {}
+            cached = self._transforms[id(group)] = _GroupTransform(hp, tx, layouts, self._stepped.get(id(group), hp), checks)
         return cached
 
     @torch.no_grad()
@@ -68,7 +144,7 @@ class Shampoo(torch.optim.Optimizer):
         Raises:
             ValueError: a sparse gradient; a non-finite gradient in a group with
                 ``nonfinite="raise"`` (the default); or a parameter's stored state does not have
-                the layout its group's hyperparameters give (``beta1``, ``graft_type``,
+                the layout its group's hyperparameters give (``betas[0]`` > 0, ``graft_type``,
                 ``block_size`` and others decide which arrays the state holds), e.g. after
                 changing one of them mid-run or loading a state dict made with other values.
             TypeError / ValueError: a parameter the core cannot hold state for (complex; float64
@@ -121,6 +197,8 @@ class Shampoo(torch.optim.Optimizer):
         (``state_dtype``). Errors are torch's (group and parameter counts).
         """
         super().load_state_dict(state_dict)
+        for i, group in enumerate(self.param_groups):  # a state dict may spell beta1/beta2 as the core does
+            _fold_betas(group, f"param_groups[{i}]", self.defaults["betas"])
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         for saved_id, p in zip(saved_ids, params):
@@ -155,7 +233,7 @@ class _GroupTransform:
             raise ValueError(
                 f"the stored optimizer state of a parameter of shape {tuple(p.shape)} ({len(leaves)} "
                 f"arrays) does not have the layout its group's hyperparameters give ({len(shapes)} arrays "
-                "of fixed shapes; beta1, graft_type, block_size and others decide it)"
+                "of fixed shapes; beta1 > 0 (betas[0]), graft_type, block_size and others decide it)"
                 + (f"; changed since the group's last step: {changed}" if changed else "")
                 + ". Keep those values, or start a new optimizer for the new ones."
             )

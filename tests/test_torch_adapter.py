@@ -226,12 +226,11 @@ def test_layout_changing_hyperparameter_is_named_and_changes_nothing():
     opt = Shampoo(model.parameters(), lr=0.05, **HP)
     _steps(model, opt, x, y, 2)
     snapshot = _snapshot(model, opt)
-    opt.param_groups[0]["beta1"] = 0.0  # no momentum array: another state layout
-    with pytest.raises(ValueError, match=r"does not have the layout .* beta1 0\.9 -> 0\.0"):
+    opt.param_groups[0]["betas"] = (0.0, 0.99)  # no momentum array: another state layout
+    with pytest.raises(ValueError, match=r"does not have the layout .* betas \(0\.9, 0\.99\) -> \(0\.0, 0\.99\)"):
         _steps(model, opt, x, y, 1)
     _assert_unchanged(model, opt, snapshot)
-    opt.param_groups[0]["beta1"] = 0.9
-    opt.param_groups[0]["beta2"] = 0.9  # same layout: takes effect at the next step
+    opt.param_groups[0]["betas"] = (0.9, 0.9)  # same layout: takes effect at the next step
     _steps(model, opt, x, y, 1)
 
 
@@ -279,3 +278,146 @@ def test_cuda_parameters_keep_their_state_on_the_gpu():
     # cuBLAS/cuSOLVER and CPU LAPACK round differently; 6 float64 steps stay far inside 1e-9.
     for p, q in zip(model.parameters(), gpu_model.parameters()):
         np.testing.assert_allclose(q.detach().cpu().numpy(), p.detach().numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_betas_as_torch_spells_them():
+    """``betas=(beta1, beta2)`` as in torch.optim.Adam; the core's beta1=/beta2= are stored as betas."""
+    runs = []
+    for kwargs in (dict(betas=(0.5, 0.9)), dict(beta1=0.5, beta2=0.9), dict(betas=[0.5, 0.9])):
+        model, x, y = model_and_data()
+        opt = Shampoo(model.parameters(), lr=0.05, block_size=4, start_preconditioning_step=2, **kwargs)
+        assert opt.param_groups[0]["betas"] == (0.5, 0.9) and "beta1" not in opt.param_groups[0]
+        _steps(model, opt, x, y, 4)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    model, x, y = model_and_data()
+    tx = sc.shampoo(0.05, block_size=4, start_preconditioning_step=2, beta1=0.5, beta2=0.9)
+    params = [p.detach().clone() for p in model.parameters()]
+    states = [tx.init(p) for p in params]
+    for _ in range(4):
+        for p, q in zip(model.parameters(), params):
+            p.data.copy_(q)
+        model.zero_grad()
+        loss_of(model, x, y).backward()
+        for i, p in enumerate(model.parameters()):
+            u, states[i] = tx.update(states[i], p.grad, params[i])
+            params[i] = params[i] + u
+    for run in runs:
+        for a, b in zip(run, params):
+            assert torch.equal(a, b)
+    # A group given in the core's spelling gets betas too, from its own values and the defaults.
+    opt = Shampoo([{"params": [torch.nn.Parameter(torch.ones(2))], "beta2": 0.8}], lr=0.1, betas=(0.7, 0.95))
+    assert opt.param_groups[0]["betas"] == (0.7, 0.8) and "beta2" not in opt.param_groups[0]
+
+
+def test_bad_betas_are_named():
+    model, x, y = model_and_data()
+    with pytest.raises(TypeError, match=r"give betas=\(beta1, beta2\) or beta1, not both"):
+        Shampoo(model.parameters(), betas=(0.9, 0.99), beta1=0.9)
+    with pytest.raises(TypeError, match=r"betas must be a pair \(beta1, beta2\); got float 0.9"):
+        Shampoo(model.parameters(), betas=0.9)
+    with pytest.raises(ValueError, match=r"beta1 must be in \[0.0, 1.0\)"):
+        Shampoo(model.parameters(), betas=(1.0, 0.99))
+    with pytest.raises(ValueError, match=r"param_groups\[1\]: beta2 must be in \(0.0, 1.0\]"):
+        Shampoo([{"params": model[0].parameters()}, {"params": model[2].parameters(), "betas": (0.9, 0.0)}])
+    opt = Shampoo(model.parameters(), lr=0.05, **HP)
+    _steps(model, opt, x, y, 2)
+    snapshot = _snapshot(model, opt)
+    opt.param_groups[0]["beta2"] = 0.9  # the core's spelling, set after construction
+    with pytest.raises(ValueError, match=r"param_groups\[0\] has 'beta2': .* group\['betas'\]"):
+        _steps(model, opt, x, y, 1)
+    del opt.param_groups[0]["beta2"]
+    opt.param_groups[0]["betas"] = (0.9,)
+    with pytest.raises(TypeError, match=r"param_groups\[0\]: betas must be a pair"):
+        _steps(model, opt, x, y, 1)
+    _assert_unchanged(model, opt, snapshot)
+
+
+def test_state_dict_in_the_core_spelling_loads():
+    """A state dict whose groups hold beta1/beta2 (as the core names them) loads as betas."""
+    model, x, y = model_and_data()
+    opt = Shampoo(model.parameters(), lr=0.05, **HP)
+    _steps(model, opt, x, y, 2)
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        group["beta1"], group["beta2"] = group.pop("betas")
+    other = Shampoo(model.parameters(), lr=0.05, **HP)
+    other.load_state_dict(saved)
+    assert other.param_groups[0]["betas"] == (0.9, 0.99) and "beta1" not in other.param_groups[0]
+    _steps(model, other, x, y, 1)
+
+
+def _schedulers():
+    s = torch.optim.lr_scheduler
+    return {
+        "LambdaLR": lambda o: s.LambdaLR(o, lambda e: 0.9**e),
+        "MultiplicativeLR": lambda o: s.MultiplicativeLR(o, lambda e: 0.9),
+        "StepLR": lambda o: s.StepLR(o, step_size=2),
+        "MultiStepLR": lambda o: s.MultiStepLR(o, milestones=[1, 3]),
+        "ConstantLR": lambda o: s.ConstantLR(o, factor=0.5, total_iters=2),
+        "LinearLR": lambda o: s.LinearLR(o, start_factor=0.1, total_iters=3),
+        "ExponentialLR": lambda o: s.ExponentialLR(o, gamma=0.8),
+        "PolynomialLR": lambda o: s.PolynomialLR(o, total_iters=4),
+        "CosineAnnealingLR": lambda o: s.CosineAnnealingLR(o, T_max=4),
+        "CosineAnnealingWarmRestarts": lambda o: s.CosineAnnealingWarmRestarts(o, T_0=2),
+        "CyclicLR": lambda o: s.CyclicLR(o, base_lr=0.01, max_lr=0.1, step_size_up=2),
+        "OneCycleLR": lambda o: s.OneCycleLR(o, max_lr=0.1, total_steps=6),
+        "SequentialLR": lambda o: s.SequentialLR(o, [s.ConstantLR(o, factor=0.5, total_iters=2),
+                                                     s.ExponentialLR(o, gamma=0.9)], milestones=[2]),
+        "ChainedScheduler": lambda o: s.ChainedScheduler([s.ConstantLR(o, factor=0.5, total_iters=2),
+                                                          s.ExponentialLR(o, gamma=0.9)]),
+        "ReduceLROnPlateau": lambda o: s.ReduceLROnPlateau(o, patience=0),
+    }
+
+
+@pytest.mark.parametrize("name", list(_schedulers()))
+def test_every_lr_scheduler_drives_it_as_it_drives_adam(name):
+    """Each scheduler of torch.optim.lr_scheduler, defaults included (OneCycleLR and CyclicLR
+    cycle betas[0]), sets the same lr and betas per step as on torch.optim.Adam, and the step uses
+    them: the parameters equal the core's, rebuilt each step with that step's lr and beta1."""
+    make = _schedulers()[name]
+    model, x, y = model_and_data()
+    shampoo = Shampoo(model.parameters(), lr=0.05, **HP)
+    adam = torch.optim.Adam(copy.deepcopy(model).parameters(), lr=0.05, betas=(0.9, 0.99))
+    s_shampoo, s_adam = make(shampoo), make(adam)
+    seen = []
+    for step in range(6):
+        group, adam_group = shampoo.param_groups[0], adam.param_groups[0]
+        assert group["lr"] == pytest.approx(adam_group["lr"], rel=1e-12)
+        assert group["betas"] == pytest.approx(adam_group["betas"], rel=1e-12)
+        seen.append((group["lr"], group["betas"][0]))
+        _steps(model, shampoo, x, y, 1)
+        adam.step()
+        for sched in (s_shampoo, s_adam):
+            sched.step(*([1.0] if name == "ReduceLROnPlateau" else []))
+    if name in ("OneCycleLR", "CyclicLR"):
+        assert len({b for _, b in seen}) > 1, "betas[0] should have been cycled"
+    model_ref, x, y = model_and_data()
+    params = [p.detach().clone() for p in model_ref.parameters()]
+    states = None
+    for lr, beta1 in seen:
+        tx = sc.shampoo(lr, **{**HP, "beta1": beta1})
+        states = states or [tx.init(p) for p in params]
+        for p, q in zip(model_ref.parameters(), params):
+            p.data.copy_(q)
+        model_ref.zero_grad()
+        loss_of(model_ref, x, y).backward()
+        for i, p in enumerate(model_ref.parameters()):
+            u, states[i] = tx.update(states[i], p.grad, params[i])
+            params[i] = params[i] + u
+    for a, b in zip(model.parameters(), params):
+        torch.testing.assert_close(a.detach(), b, rtol=1e-12, atol=1e-14)
+
+
+def test_cycled_betas_keep_the_state_layouts():
+    """A change of betas alone rebuilds the group's transformation but keeps its layout cache
+    (no state template per parameter shape per step); a block_size change drops it."""
+    model, x, y = model_and_data()
+    opt = Shampoo(model.parameters(), lr=0.05, **HP)
+    _steps(model, opt, x, y, 2)  # the second step reads the stored state through the layouts
+    group = opt.param_groups[0]
+    before = opt._transform(group)
+    group["betas"] = (0.8, 0.95)
+    after = opt._transform(group)
+    assert after is not before and after._layouts is before._layouts and before._layouts
+    group["block_size"] = 2
+    assert opt._transform(group)._layouts is not before._layouts
