@@ -161,13 +161,18 @@ class Shampoo(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 where = f"param_groups[{g_index}]['params'][{p_index}]"
+                if "param_names" in group:  # the optimizer was given named_parameters()
+                    where += f" ({group['param_names'][p_index]!r})"
                 if p.grad.is_sparse:
                     raise ValueError(f"{where}: Shampoo does not support sparse gradients")
                 if gt.checks_finite:
                     checked.append((f"the gradient of {where}", p.grad))
                 packed = self.state[p]
                 if packed:
-                    functional = gt.unpack(p, [packed.get(f"leaf{i}") for i in range(len(packed))])
+                    try:
+                        functional = gt.unpack(p, [packed.get(f"leaf{i}") for i in range(len(packed))])
+                    except ValueError as err:
+                        raise ValueError(f"{where}: {err}") from None
                 else:  # a parameter init refuses (complex, float64 where the device has none) updates none
                     try:
                         functional = gt.tx.init(p.detach())

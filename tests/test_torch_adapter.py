@@ -227,7 +227,8 @@ def test_layout_changing_hyperparameter_is_named_and_changes_nothing():
     _steps(model, opt, x, y, 2)
     snapshot = _snapshot(model, opt)
     opt.param_groups[0]["betas"] = (0.0, 0.99)  # no momentum array: another state layout
-    with pytest.raises(ValueError, match=r"does not have the layout .* betas \(0\.9, 0\.99\) -> \(0\.0, 0\.99\)"):
+    with pytest.raises(ValueError, match=r"^param_groups\[0\]\['params'\]\[0\]: the stored optimizer state .* "
+                       r"does not have the layout .* betas \(0\.9, 0\.99\) -> \(0\.0, 0\.99\)"):
         _steps(model, opt, x, y, 1)
     _assert_unchanged(model, opt, snapshot)
     opt.param_groups[0]["betas"] = (0.9, 0.9)  # same layout: takes effect at the next step
@@ -421,3 +422,19 @@ def test_cycled_betas_keep_the_state_layouts():
     assert after is not before and after._layouts is before._layouts and before._layouts
     group["block_size"] = 2
     assert opt._transform(group)._layouts is not before._layouts
+
+
+def test_errors_name_parameters_given_by_name():
+    """With ``named_parameters()`` (torch >= 2.6 keeps ``param_names``) errors give the name too."""
+    model, x, y = model_and_data()
+    opt = Shampoo(model.named_parameters(), lr=0.05, **HP)
+    if "param_names" not in opt.param_groups[0]:
+        pytest.skip("this torch does not keep param_names")
+    _steps(model, opt, x, y, 1)
+    snapshot = _snapshot(model, opt)
+    opt.zero_grad()
+    loss_of(model, x, y).backward()
+    model[2].weight.grad[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[2\] \('2\.weight'\) has non-finite"):
+        opt.step()
+    _assert_unchanged(model, opt, snapshot)
