@@ -12,12 +12,13 @@ follows optax's conventions: ``update(updates, state, params)`` argument order, 
 arguments (``backends.jax_curvature.value_grads_and_curvature`` computes it).
 
 Each factory has the signature of its core function, so ``optax.inject_hyperparams`` can wrap it.
-Only ``learning_rate`` can be injected (it may be a traced array); every other hyperparameter fixes
-the state's layout or its validation at construction, and must be named in ``static_args``::
+``learning_rate`` and ``weight_decay`` can be injected (they may be traced arrays, and optax
+schedules of them work as for ``optax.adamw``); every other hyperparameter fixes the state's
+layout or its validation at construction, and must be named in ``static_args``::
 
     tx = optax.inject_hyperparams(optax_adapter.shampoo,
                                   static_args=optax_adapter.static_args(optax_adapter.shampoo))(
-        learning_rate=1e-3, block_size=128)
+        learning_rate=1e-3, weight_decay=optax.cosine_decay_schedule(1e-2, 10_000), block_size=128)
     state.hyperparams["learning_rate"] = 3e-4   # read and change it between steps, as in optax
 """
 
@@ -35,23 +36,27 @@ import shampoo_core as sc
 
 from . import jax_backend  # noqa: F401  (registers lax.cond for traced updates)
 
-__all__ = ["shampoo", "eva", "eva_s", "kfac", "static_args"]
+__all__ = ["shampoo", "eva", "eva_s", "kfac", "static_args", "INJECTABLE"]
+
+# Hyperparameters that may be (traced) 0-d arrays: the rest fix the state's layout or branches.
+INJECTABLE = ("learning_rate", "weight_decay")
 
 
 def static_args(factory) -> tuple[str, ...]:
-    """The hyperparameters of ``factory`` (one of this module's) other than ``learning_rate``: the
-    ``static_args`` that ``optax.inject_hyperparams`` needs to wrap it."""
-    return tuple(name for name in inspect.signature(factory).parameters if name != "learning_rate")
+    """The hyperparameters of ``factory`` (one of this module's) other than those in
+    ``INJECTABLE``: the ``static_args`` that ``optax.inject_hyperparams`` needs to wrap it."""
+    return tuple(name for name in inspect.signature(factory).parameters if name not in INJECTABLE)
 
 
 def _check_not_arrays(factory: str, hyperparameters: dict) -> None:
-    """Only the learning rate may be an array; name the way out of ``optax.inject_hyperparams``."""
+    """Only ``INJECTABLE`` ones may be arrays; name the way out of ``optax.inject_hyperparams``."""
     for name, value in hyperparameters.items():
-        if array_api_compat.is_array_api_obj(value):
+        if name not in INJECTABLE and array_api_compat.is_array_api_obj(value):
             raise TypeError(
-                f"{name} must be a Python value, not an array ({value.dtype}): only learning_rate can "
-                "change after construction. optax.inject_hyperparams makes arrays of every numeric "
-                f"argument, defaults included; pass it static_args=optax_adapter.static_args(optax_adapter.{factory})"
+                f"{name} must be a Python value, not an array ({value.dtype}): only "
+                f"{' and '.join(INJECTABLE)} can change after construction. optax.inject_hyperparams "
+                "makes arrays of every numeric argument, defaults included; pass it "
+                f"static_args=optax_adapter.static_args(optax_adapter.{factory})"
             )
 
 
@@ -132,12 +137,12 @@ def _adapter(core, learning_rate: float, curvature: bool | None, summary: str):
     factory.__doc__ = f"""{summary}
 
     The keywords of :func:`shampoo_core.{name}`. ``nonfinite`` defaults to ``"skip"`` here:
-    ``"raise"`` cannot read traced gradients. ``learning_rate`` may also be a 0-d array, traced or
-    not (``optax.inject_hyperparams``).
+    ``"raise"`` cannot read traced gradients. ``learning_rate`` and ``weight_decay`` may also be
+    0-d arrays, traced or not (``optax.inject_hyperparams``).
 
     Raises:
         ValueError / TypeError: invalid hyperparameters, naming the argument; TypeError for an
-            array given for any hyperparameter but ``learning_rate``.
+            array given for any hyperparameter but ``learning_rate`` and ``weight_decay``.
     """
     return factory
 

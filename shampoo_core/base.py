@@ -13,6 +13,8 @@ __all__ = [
     "apply_updates",
     "count_and_learning_rate",
     "scalar_as",
+    "readable",
+    "may_be_positive",
     "check_leaves",
     "check_leaf_count",
     "check_against_state",
@@ -62,6 +64,19 @@ def count_and_learning_rate(learning_rate, count):
     lr = learning_rate(count) if callable(learning_rate) else learning_rate
     value = _xp.concrete(lr, float)
     return count, lr if value is None else value
+
+
+def readable(value):
+    """A hyperparameter from :func:`~shampoo_core.options.check_injectable` as a Python float
+    where its value can be read (a number, a concrete 0-d array), else the traced array."""
+    concrete = _xp.concrete(value, float)
+    return value if concrete is None else concrete
+
+
+def may_be_positive(value) -> bool:
+    """Whether a non-negative hyperparameter (after :func:`readable`) can be nonzero: a traced
+    one can, so its term is computed (and multiplies by zero when it is zero)."""
+    return not isinstance(value, float) or value > 0.0
 
 
 def scalar_as(xp, value, dtype):

@@ -24,9 +24,10 @@ from typing import NamedTuple
 
 from . import _xp, tree
 from .base import (GradientTransformation, check_against_state, check_leaf_count, check_leaves,
-                   count_and_learning_rate, record_hyperparameters, scalar_as, shape_and_dtype, zero_count)
+                   count_and_learning_rate, may_be_positive, readable, record_hyperparameters, scalar_as,
+                   shape_and_dtype, zero_count)
 from .nonfinite import Guard, check_mode, guard, skipped_step
-from .options import check_bool, check_learning_rate, check_real
+from .options import check_bool, check_injectable, check_learning_rate, check_real
 
 __all__ = [
     "eva_precondition",
@@ -95,9 +96,10 @@ def _init(params, want_vectors):
 
 
 def param_leaves(params, spec, n, weight_decay):
+    """``weight_decay``: a float, or a (traced) 0-d array, which may be nonzero."""
     if params is None:
-        if weight_decay > 0.0:
-            raise ValueError("params are required when weight_decay > 0")
+        if may_be_positive(weight_decay):
+            raise ValueError("params are required when weight_decay > 0 (or an array)")
         return [None] * n
     return tree.check_same_structure("params", params, spec)
 
@@ -114,6 +116,7 @@ class UpdateInputs(NamedTuple):
     learning_rate: object
     xp: object
     verdict: Guard  # of the non-finite check over grads and curvature
+    weight_decay: object  # a float, or the traced 0-d array
 
 
 def begin_update(state, grads, params, curvature, learning_rate, weight_decay, *, nonfinite: str,
@@ -133,6 +136,7 @@ def begin_update(state, grads, params, curvature, learning_rate, weight_decay, *
     g_leaves, spec = tree.flatten(grads)
     paths = tree.leaf_paths(grads)
     check_leaf_count("grads", g_leaves, len(state.momentum))
+    weight_decay = readable(weight_decay)
     p_leaves = param_leaves(params, spec, len(g_leaves), weight_decay)
     check_leaves("grads", g_leaves, paths, reference=None if params is None else p_leaves)
     check_against_state(g_leaves, paths, [shape_and_dtype(m) for m in state.momentum], state.momentum,
@@ -151,7 +155,7 @@ def begin_update(state, grads, params, curvature, learning_rate, weight_decay, *
     g_leaves = [verdict.clean(xp, g) for g in g_leaves]
     c_leaves = [c if c is None else tuple(None if s is None else verdict.clean(xp, x) for x, s in zip(c, sh))
                 for c, sh in zip(c_leaves, shapes)]
-    return UpdateInputs(g_leaves, spec, paths, p_leaves, c_leaves, count, lr, xp, verdict)
+    return UpdateInputs(g_leaves, spec, paths, p_leaves, c_leaves, count, lr, xp, verdict, weight_decay)
 
 
 def run_step(state, inputs: UpdateInputs, step):
@@ -171,7 +175,7 @@ def validate(learning_rate, damping, stat_decay, momentum, weight_decay, nonfini
     return (check_learning_rate(learning_rate), check_real("damping", damping, low=0.0, low_open=True),
             check_real("stat_decay", stat_decay, low=0.0, high=1.0, high_open=True),
             check_real("momentum", momentum, low=0.0, high=1.0, high_open=True),
-            check_real("weight_decay", weight_decay, low=0.0), check_mode(nonfinite))
+            check_injectable("weight_decay", weight_decay), check_mode(nonfinite))
 
 
 def clipped_momentum_step(xp, vs, g_leaves, c_leaves, buffers, p_leaves, *, lr, kl_clip, momentum, weight_decay):
@@ -208,18 +212,18 @@ def kl_scale(xp, vs, g_leaves, c_leaves, lr, kl_clip):
     return xp.where(ok, xp.clip(xp.sqrt(kl_clip / safe), max=1.0), xp.ones_like(quad))
 
 
-def _finish(state, inputs: UpdateInputs, vs, lefts, rights, *, kl_clip, momentum, weight_decay):
+def _finish(state, inputs: UpdateInputs, vs, lefts, rights, *, kl_clip, momentum):
     """The step of ``sc.eva``/``sc.eva_s`` from the directions ``vs``: updates and the new state."""
     updates, moms = clipped_momentum_step(
         inputs.xp, vs, inputs.g_leaves, inputs.c_leaves, state.momentum, inputs.p_leaves,
-        lr=inputs.learning_rate, kl_clip=kl_clip, momentum=momentum, weight_decay=weight_decay)
+        lr=inputs.learning_rate, kl_clip=kl_clip, momentum=momentum, weight_decay=inputs.weight_decay)
     return tree.unflatten(inputs.spec, updates), EvaState(state.count + 1, tuple(moms), tuple(lefts), tuple(rights),
                                                           state.skipped)
 
 
 def _sgd_step(xp, d, buf, p, momentum, weight_decay):
-    if weight_decay > 0.0:
-        d = d + weight_decay * p
+    if may_be_positive(weight_decay):
+        d = d + scalar_as(xp, weight_decay, d.dtype) * p
     buf = momentum * buf + d
     return buf
 
@@ -235,6 +239,7 @@ def eva(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.0
     the batch-mean layer input (n,) (for Eva-f only ``a_bar`` is used). Running averages decay by
     ``stat_decay``. Each preconditioned V is scaled by ν = min(1, sqrt(kl_clip / Σ lr²⟨V, G⟩)) over
     all layers (``kl_clip=None`` disables it), then SGD with momentum and L2 weight decay.
+    ``learning_rate`` and ``weight_decay`` may be 0-d arrays, traced or not (as in ``sc.shampoo``).
 
     ``nonfinite``: a gradient or curvature with NaN or inf either raises (``"raise"``, naming it;
     the state is untouched) or skips the step (``"skip"``: zero updates, state unchanged but
@@ -280,8 +285,7 @@ def eva(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.0
             vs.append(v)
             lefts.append(left)
             rights.append(right)
-        return _finish(state, inputs, vs, lefts, rights, kl_clip=kl_clip, momentum=momentum,
-                       weight_decay=weight_decay)
+        return _finish(state, inputs, vs, lefts, rights, kl_clip=kl_clip, momentum=momentum)
 
     return record_hyperparameters(GradientTransformation(init, update), variant, dict(
         learning_rate=learning_rate, damping=damping, kl_clip=kl_clip, stat_decay=stat_decay, momentum=momentum,
@@ -345,7 +349,8 @@ def eva_s(learning_rate=0.1, *, damping: float = 0.03, stat_decay: float = 0.95,
 
     For each 2-D leaf, running row means l and column means r of G (decay ``stat_decay``) give
     P = G - (lᵀGr)/(γ + ‖l‖²‖r‖²) · lrᵀ, rescaled to ‖G‖; other leaves use G. Then SGD with
-    momentum and L2 weight decay. ``nonfinite``: as in :func:`eva`.
+    momentum and L2 weight decay. ``nonfinite``, and arrays for ``learning_rate`` and
+    ``weight_decay``: as in :func:`eva`.
 
     Raises:
         ValueError: bad hyperparameters; with ``nonfinite="raise"``, a non-finite gradient (named)
@@ -373,8 +378,7 @@ def eva_s(learning_rate=0.1, *, damping: float = 0.03, stat_decay: float = 0.95,
             lefts.append(left)
             rights.append(right)
         # No curvature leaves, so no KL clipping: SGD with momentum on each direction.
-        return _finish(state, inputs, ds, lefts, rights, kl_clip=None, momentum=momentum,
-                       weight_decay=weight_decay)
+        return _finish(state, inputs, ds, lefts, rights, kl_clip=None, momentum=momentum)
 
     return record_hyperparameters(GradientTransformation(init, update), "eva_s", dict(
         learning_rate=learning_rate, damping=damping, stat_decay=stat_decay, momentum=momentum,

@@ -4,7 +4,8 @@ They share the grafting and first-moment kernels with :func:`shampoo_core.shampo
 before ``start_preconditioning_step`` is exactly the matching optimizer here. Semantics follow
 ``torch.optim`` (SGD: buf = μ buf + g; AdaGrad: ε outside the root; Adam: ε outside the root,
 bias-corrected moments; L2 weight decay added to the gradient, or AdamW-style when decoupled).
-``learning_rate`` is taken as by :func:`shampoo_core.shampoo`: a float, a 0-d array or a schedule.
+``learning_rate`` is taken as by :func:`shampoo_core.shampoo`: a float, a 0-d array or a schedule;
+``weight_decay`` a float or a 0-d array (which may be traced: ``optax.inject_hyperparams``).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from typing import NamedTuple
 
 from . import _xp, grafting, momentum, tree
 from .base import (GradientTransformation, check_against_state, check_leaf_count, check_leaves,
-                   count_and_learning_rate, record_hyperparameters, scalar_as, shape_and_dtype, zero_count)
-from .options import GraftType, check_bool, check_learning_rate, check_real
+                   count_and_learning_rate, may_be_positive, readable, record_hyperparameters, scalar_as,
+                   shape_and_dtype, zero_count)
+from .options import GraftType, check_bool, check_injectable, check_learning_rate, check_real
 
 __all__ = ["sgd", "adagrad", "adam", "FirstOrderState"]
 
@@ -51,10 +53,12 @@ def _transform(learning_rate, graft_type, *, beta1, beta2, epsilon, weight_decay
         paths = tree.leaf_paths(grads)
         check_leaf_count("grads", g_leaves, len(state.graft))
         p_leaves = None
+        wd = readable(weight_decay)
+        decay = may_be_positive(wd)
         if params is not None:
             p_leaves = tree.check_same_structure("params", params, spec)
-        elif weight_decay > 0.0:
-            raise ValueError("params are required when weight_decay > 0")
+        elif decay:
+            raise ValueError("params are required when weight_decay > 0 (or an array)")
         check_leaves("grads", g_leaves, paths, reference=p_leaves)
         refs = [m if m is not None else a.accumulator for m, a in zip(state.momentum, state.graft)]
         check_against_state(g_leaves, paths, [shape_and_dtype(r) for r in refs], refs, p_leaves)
@@ -65,8 +69,9 @@ def _transform(learning_rate, graft_type, *, beta1, beta2, epsilon, weight_decay
             xp = _xp.namespace(g)
             step_i = step if isinstance(step, int) else xp.astype(step, g.dtype)
             p = None if p_leaves is None else p_leaves[i]
-            if weight_decay > 0.0 and not decoupled:
-                g = g + weight_decay * p
+            wd_i = scalar_as(xp, wd, g.dtype) if decay else 0.0
+            if decay and not decoupled:
+                g = g + wd_i * p
             m = state.momentum[i]
             graft = grafting.update_graft(graft_type, state.graft[i], g, beta2)
             scale = 1.0  # the direction is scale · d: per-step scalars join the learning rate
@@ -84,8 +89,8 @@ def _transform(learning_rate, graft_type, *, beta1, beta2, epsilon, weight_decay
                 d = g + beta1 * m if nesterov else m
             neg_lr = -scalar_as(xp, lr, d.dtype)
             u = d * (neg_lr * scale)
-            if weight_decay > 0.0 and decoupled:
-                u = u + (neg_lr * weight_decay) * p
+            if decay and decoupled:
+                u = u + (neg_lr * wd_i) * p
             updates.append(u)
             moms.append(m)
             grafts.append(graft)
@@ -105,7 +110,7 @@ def sgd(learning_rate=1e-2, *, momentum: float = 0.0, nesterov: bool = False, we
     check_bool("nesterov", nesterov)
     return _transform(
         learning_rate, GraftType.SGD, beta1=momentum, beta2=1.0, epsilon=0.0,
-        weight_decay=check_real("weight_decay", weight_decay, low=0.0), decoupled=False,
+        weight_decay=check_injectable("weight_decay", weight_decay), decoupled=False,
         nesterov=nesterov, heavy_ball=True,
     )
 
@@ -115,7 +120,7 @@ def adagrad(learning_rate=1e-2, *, epsilon: float = 1e-10, initial_accumulator_v
     return _transform(
         learning_rate, GraftType.ADAGRAD, beta1=0.0, beta2=1.0,
         epsilon=check_real("epsilon", epsilon, low=0.0),
-        weight_decay=check_real("weight_decay", weight_decay, low=0.0), decoupled=False, nesterov=False,
+        weight_decay=check_injectable("weight_decay", weight_decay), decoupled=False, nesterov=False,
         heavy_ball=False,
         initial_accumulator_value=check_real("initial_accumulator_value", initial_accumulator_value, low=0.0),
     )
@@ -129,7 +134,7 @@ def adam(learning_rate=1e-3, *, beta1: float = 0.9, beta2: float = 0.999, epsilo
         beta1=check_real("beta1", beta1, low=0.0, high=1.0, high_open=True),
         beta2=check_real("beta2", beta2, low=0.0, high=1.0, high_open=True),
         epsilon=check_real("epsilon", epsilon, low=0.0),
-        weight_decay=check_real("weight_decay", weight_decay, low=0.0),
+        weight_decay=check_injectable("weight_decay", weight_decay),
         decoupled=check_bool("decoupled_weight_decay", decoupled_weight_decay),
         nesterov=check_bool("nesterov", nesterov), heavy_ball=False,
     )

@@ -44,7 +44,8 @@ def kfac(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.
     for a 2-D leaf (m, n): the batch's output-gradient second moment (m, m) and input second
     moment (n, n) (FOOF ignores S; it may be ``None``). ``nonfinite``: as in ``sc.eva`` (a NaN
     factor would otherwise stay in the running average, and every later decomposition of it would
-    fail and keep the old inverse).
+    fail and keep the old inverse). ``learning_rate`` and ``weight_decay`` may be 0-d arrays,
+    traced or not (as in ``sc.eva``).
 
     Raises:
         ValueError: bad hyperparameters; curvature of the wrong structure, not a pair, of another
@@ -114,7 +115,7 @@ def kfac(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.
         return run_step(state, inputs, step)
 
     def step(state, inputs):
-        g_leaves, spec, _, p_leaves, c_leaves, count, lr, xp, _ = inputs
+        g_leaves, spec, _, p_leaves, c_leaves, count, lr, xp, _, wd = inputs
         first, recompute = count == 0, count % inverse_steps == 0
         vs, s_f, a_f, s_i, a_i = [], [], [], [], []
         for i, (g, c) in enumerate(zip(g_leaves, c_leaves)):
@@ -138,7 +139,7 @@ def kfac(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.
             s_i.append(s_inv)
             a_i.append(a_inv)
         updates, moms = clipped_momentum_step(xp, vs, g_leaves, c_leaves, state.momentum, p_leaves, lr=lr,
-                                              kl_clip=kl_clip, momentum=momentum, weight_decay=weight_decay)
+                                              kl_clip=kl_clip, momentum=momentum, weight_decay=wd)
         new = KFACState(state.count + 1, tuple(moms), tuple(s_f), tuple(a_f), tuple(s_i), tuple(a_i), state.skipped)
         return tree.unflatten(spec, updates), new
 

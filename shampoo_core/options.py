@@ -23,6 +23,7 @@ __all__ = [
     "check_int",
     "check_bool",
     "check_learning_rate",
+    "check_injectable",
 ]
 
 
@@ -110,11 +111,7 @@ def check_bool(name, value) -> bool:
 
 def check_learning_rate(value):
     """A learning rate is a non-negative real number, a 0-d real array, or a callable
-    ``count -> float`` (a schedule).
-
-    A 0-d array is what ``optax.inject_hyperparams`` passes, traced under ``jax.jit``; it is
-    checked like a number when its value can be read and kept as the array, so that a traced
-    value never reaches the host.
+    ``count -> float`` (a schedule); see :func:`check_injectable`.
 
     Raises:
         TypeError: not a number, array or callable; an array of bool or complex dtype.
@@ -122,14 +119,29 @@ def check_learning_rate(value):
     """
     if callable(value):
         return value
+    return check_injectable("learning_rate", value)
+
+
+def check_injectable(name: str, value):
+    """A non-negative real number, or a 0-d real array (a hyperparameter that may change after
+    construction, such as the weight decay).
+
+    A 0-d array is what ``optax.inject_hyperparams`` passes, traced under ``jax.jit``; it is
+    checked like a number when its value can be read and kept as the array, so that a traced
+    value never reaches the host.
+
+    Raises:
+        TypeError: not a number or array; an array of bool or complex dtype.
+        ValueError: negative or NaN; an array that is not 0-d. Each message names ``name``.
+    """
     if array_api_compat.is_array_api_obj(value):
         if tuple(value.shape) != ():
-            raise ValueError(f"learning_rate must be a scalar (0-d array); got shape {tuple(value.shape)}")
+            raise ValueError(f"{name} must be a scalar (0-d array); got shape {tuple(value.shape)}")
         xp = array_api_compat.array_namespace(value)
         if not xp.isdtype(value.dtype, ("real floating", "signed integer", "unsigned integer")):
-            raise TypeError(f"learning_rate must have a real dtype; got {_xp.dtype_name(value.dtype)}")
+            raise TypeError(f"{name} must have a real dtype; got {_xp.dtype_name(value.dtype)}")
         concrete = _xp.concrete(value, float)
         if concrete is not None:  # a traced value cannot be read
-            check_real("learning_rate", concrete, low=0.0)
+            check_real(name, concrete, low=0.0)
         return value
-    return check_real("learning_rate", value, low=0.0)
+    return check_real(name, value, low=0.0)

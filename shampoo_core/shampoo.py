@@ -31,13 +31,15 @@ import optree
 from . import _xp, blocking, grafting, momentum, preconditioner, roots, statistics, tree
 from .cost_model import CostModel
 from .base import (GradientTransformation, check_against_state, check_leaf_count, check_leaves,
-                   count_and_learning_rate, record_hyperparameters, scalar_as, shape_and_dtype, zero_count)
+                   count_and_learning_rate, may_be_positive, readable, record_hyperparameters, scalar_as,
+                   shape_and_dtype, zero_count)
 from .nonfinite import check_mode, guard, skipped_step
 from .options import (
     GraftGranularity,
     GraftType,
     RootMethod,
     check_bool,
+    check_injectable,
     check_int,
     check_learning_rate,
     check_real,
@@ -95,7 +97,7 @@ class ShampooConfig:
     epsilon: float
     relative_epsilon: bool
     diagonal_epsilon: float
-    weight_decay: float
+    weight_decay: object
     decoupled_weight_decay: bool
     nesterov: bool
     start_preconditioning_step: int
@@ -168,8 +170,10 @@ def shampoo(
         epsilon: ridge (>= 0) added to each statistic before its root.
         relative_epsilon: scale the ridge by the statistic's λmax.
         diagonal_epsilon: ε (>= 0) of the diagonal grafting optimizers.
-        weight_decay: λ >= 0. decoupled_weight_decay: AdamW-style (added after preconditioning,
-            multiplied by the learning rate once) instead of added to the gradient.
+        weight_decay: λ >= 0, a float or a 0-d real array (may be traced, as the learning rate:
+            ``optax.inject_hyperparams`` can schedule it). decoupled_weight_decay: AdamW-style
+            (added after preconditioning, multiplied by the learning rate once) instead of added
+            to the gradient.
         nesterov: Nesterov form of the first moment (NAdam).
         start_preconditioning_step: first step (1-based) that uses Shampoo's direction; before it
             the grafting optimizer runs alone.
@@ -229,7 +233,7 @@ def shampoo(
         epsilon=check_real("epsilon", epsilon, low=0.0),
         relative_epsilon=check_bool("relative_epsilon", relative_epsilon),
         diagonal_epsilon=check_real("diagonal_epsilon", diagonal_epsilon, low=0.0),
-        weight_decay=check_real("weight_decay", weight_decay, low=0.0),
+        weight_decay=check_injectable("weight_decay", weight_decay),
         decoupled_weight_decay=check_bool("decoupled_weight_decay", decoupled_weight_decay),
         nesterov=check_bool("nesterov", nesterov),
         start_preconditioning_step=check_int("start_preconditioning_step", start_preconditioning_step, low=1),
@@ -270,8 +274,8 @@ def shampoo(
         if params is not None:
             p_leaves = tree.check_same_structure("params", params, spec)
             check_leaves("params", p_leaves, paths)
-        elif config.weight_decay > 0.0:
-            raise ValueError("params are required when weight_decay > 0")
+        elif may_be_positive(readable(config.weight_decay)):
+            raise ValueError("params are required when weight_decay > 0 (or an array)")
         check_leaves("grads", g_leaves, paths, reference=p_leaves)
         check_against_state(g_leaves, paths, [_expected_leaf(s) for s in state.params],
                             [_reference_leaf(s) for s in state.params], p_leaves,
@@ -375,14 +379,17 @@ class _Schedule(NamedTuple):
     roots: object  # recompute the inverse roots
     precondition: object  # use Shampoo's direction (else the grafting optimizer's)
     learning_rate: object
+    weight_decay: object  # a float, or the traced 0-d array
 
 
 def _schedule(config: ShampooConfig, count) -> _Schedule:
     start, n, k = config.start_preconditioning_step, config.preconditioning_compute_steps, config.statistics_compute_steps
     count, lr = count_and_learning_rate(config.learning_rate, count)
+    wd = readable(config.weight_decay)
     step = count + 1
     if isinstance(count, int):
-        return _Schedule(count, step, (step - 1) % k == 0, step >= start and (step - start) % n == 0, step >= start, lr)
+        return _Schedule(count, step, (step - 1) % k == 0, step >= start and (step - start) % n == 0, step >= start,
+                         lr, wd)
     return _Schedule(
         count,
         step,
@@ -390,6 +397,7 @@ def _schedule(config: ShampooConfig, count) -> _Schedule:
         (step >= start) & ((step - start) % n == 0),
         True if start <= 1 else step >= start,
         lr,
+        wd,
     )
 
 
@@ -500,13 +508,15 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
     dtype = _state_dtype(config, xp, g.dtype)
     if dtype != g.dtype:
         g = xp.astype(g, dtype)
-    if config.weight_decay > 0.0 and p.dtype != dtype:
+    decay = may_be_positive(schedule.weight_decay)
+    wd = scalar_as(xp, schedule.weight_decay, dtype) if decay else 0.0
+    if decay and p.dtype != dtype:
         p = xp.astype(p, dtype)
     step = schedule.step
     if not isinstance(step, int):
         step = xp.astype(step, g.dtype)  # bias corrections in the parameter dtype
-    if config.weight_decay > 0.0 and not config.decoupled_weight_decay:
-        g = g + config.weight_decay * p
+    if decay and not config.decoupled_weight_decay:
+        g = g + wd * p
 
     # F = f_scale · f and the grafting direction D = d_scale · d: per-step scalars are applied with
     # the learning rate, not in passes of their own.
@@ -545,8 +555,8 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
     else:
         u = first_order()
 
-    if config.weight_decay > 0.0 and config.decoupled_weight_decay:
-        u = u + (neg_lr * config.weight_decay) * p
+    if decay and config.decoupled_weight_decay:
+        u = u + (neg_lr * wd) * p
     if u.dtype != out_dtype:
         u = xp.astype(u, out_dtype)
     return u, ParamState(new_m, new_graft, new_blocks)

@@ -166,6 +166,34 @@ def test_inject_hyperparams_learning_rate_can_be_read_and_changed():
             np.testing.assert_array_equal(np.asarray(u[k]), np.asarray(r[k]))
 
 
+@pytest.mark.parametrize("name", ["shampoo", "eva_s"])
+def test_inject_hyperparams_weight_decay_follows_an_optax_schedule(name):
+    """weight_decay is injectable, as in optax.adamw: an optax schedule of it, under jit and
+    compiled once, gives the updates of the core rebuilt at every step with that step's float."""
+    params, grads = params_and_grads(jnp.float64, steps=6)
+    schedule = optax.linear_schedule(0.1, 0.0, transition_steps=4)
+    factory = getattr(optax_adapter, name)
+    hp = dict(HP, decoupled_weight_decay=True) if name == "shampoo" else {}
+    tx = _inject(factory, learning_rate=0.1, weight_decay=schedule, **hp)
+    state = tx.init(params)
+    ref_state = factory(0.1, **hp).init(params)
+    update = jax.jit(tx.update)
+    update(grads[0], state, params)  # compiles
+    runs = []
+    with XlaCompiles() as compiles:
+        for g in grads:
+            u, state = update(g, state, params)
+            runs.append((u, float(state.hyperparams["weight_decay"])))  # the value this update used
+    assert compiles.count == 0
+    for i, (g, (u, wd)) in enumerate(zip(grads, runs)):
+        assert wd == pytest.approx(float(schedule(i)), rel=1e-7, abs=1e-9)
+        r, ref_state = factory(0.1, weight_decay=wd, **hp).update(g, ref_state, params)
+        for k in params:
+            np.testing.assert_allclose(np.asarray(u[k]), np.asarray(r[k]), rtol=1e-11, atol=1e-14)
+    with pytest.raises(ValueError, match=r"params are required when weight_decay > 0 \(or an array\)"):
+        update(grads[0], state)
+
+
 @pytest.mark.parametrize("name", ["shampoo", "eva", "eva_s", "kfac"])
 def test_adapters_have_their_core_signature(name):
     """inject_hyperparams binds arguments by name: each factory must list its core's keywords."""
@@ -177,7 +205,7 @@ def test_adapters_have_their_core_signature(name):
     params, grads = params_and_grads(jnp.float64, steps=1)
     tx = _inject(factory, learning_rate=0.1)
     state = tx.init(params)
-    assert set(state.hyperparams) == {"learning_rate"}
+    assert set(state.hyperparams) == {"learning_rate", "weight_decay"}
     if name in ("shampoo", "eva_s"):  # the others take their curvature from taps (test_jax_curvature)
         u, _ = jax.jit(tx.update)(grads[0], state, params)
         u_ref, _ = getattr(optax_adapter, name)(0.1).update(grads[0], getattr(optax_adapter, name)(0.1).init(params), params)
