@@ -101,16 +101,20 @@ class Shampoo(torch.optim.Optimizer):
             TypeError / ValueError: an invalid hyperparameter, or ``betas`` beside ``beta1``/``beta2``.
         """
         where = f"param_groups[{len(self.param_groups)}]"
-        param_group = dict(param_group)
-        _fold_betas(param_group, where, self.defaults["betas"])
-        if "betas" in param_group:
-            param_group["betas"] = _check_betas(param_group["betas"], f"{where}: ")
-        hp = {k: param_group[k] if k in param_group else self.defaults[k]
-              for k in _DEFAULTS if k in param_group or k in self.defaults}
+        checked = {k: v for k, v in param_group.items() if k != "params"}
+        _fold_betas(checked, where, self.defaults["betas"])
+        if "betas" in checked:
+            checked["betas"] = _check_betas(checked["betas"], f"{where}: ")
+        hp = {k: checked[k] if k in checked else self.defaults[k]
+              for k in _DEFAULTS if k in checked or k in self.defaults}
         try:
-            sc.shampoo(param_group.get("lr", self.defaults["lr"]), **_core_hyperparameters(hp))
+            sc.shampoo(checked.get("lr", self.defaults["lr"]), **_core_hyperparameters(hp))
         except (TypeError, ValueError) as err:
             raise type(err)(f"{where}: {err}") from None
+        # Only a valid group is changed, in place: torch keeps the dict it was given as the group.
+        for key in ("beta1", "beta2"):
+            param_group.pop(key, None)
+        param_group.update({k: checked[k] for k in ("betas",) if k in checked})
         super().add_param_group(param_group)
 
     def _transform(self, group) -> "_GroupTransform":

@@ -25,25 +25,31 @@ def loss_of(model, x, y):
     return torch.mean((model(x) - y) ** 2)
 
 
+def core_run(txs):
+    """The parameters after one step of each of ``txs`` in turn, each parameter with its own state
+    (as the adapter keeps it), from :func:`model_and_data`'s model and data."""
+    model, x, y = model_and_data()
+    params = [p.detach().clone() for p in model.parameters()]
+    states = [txs[0].init(p) for p in params]
+    for tx in txs:
+        for p, q in zip(model.parameters(), params):
+            p.data.copy_(q)
+        model.zero_grad()
+        loss_of(model, x, y).backward()
+        for i, p in enumerate(model.parameters()):
+            u, states[i] = tx.update(states[i], p.grad, params[i])
+            params[i] = params[i] + u
+    return params
+
+
 def test_matches_functional_core():
     model, x, y = model_and_data()
-    reference = copy.deepcopy(model)
     opt = Shampoo(model.parameters(), lr=0.05, **HP)
-    tx = sc.shampoo(0.05, **HP)
-    params = [p.detach().clone() for p in reference.parameters()]
-    states = [tx.init(p) for p in params]
     for _ in range(6):
         opt.zero_grad()
         loss_of(model, x, y).backward()
         opt.step()
-        for p, q in zip(reference.parameters(), params):
-            p.data.copy_(q)
-        reference.zero_grad()
-        loss_of(reference, x, y).backward()
-        for i, p in enumerate(reference.parameters()):
-            u, states[i] = tx.update(states[i], p.grad, params[i])
-            params[i] = params[i] + u
-    for p, q in zip(model.parameters(), params):
+    for p, q in zip(model.parameters(), core_run([sc.shampoo(0.05, **HP)] * 6)):
         assert torch.equal(p.detach(), q)
 
 
@@ -290,24 +296,19 @@ def test_betas_as_torch_spells_them():
         assert opt.param_groups[0]["betas"] == (0.5, 0.9) and "beta1" not in opt.param_groups[0]
         _steps(model, opt, x, y, 4)
         runs.append([p.detach().clone() for p in model.parameters()])
-    model, x, y = model_and_data()
-    tx = sc.shampoo(0.05, block_size=4, start_preconditioning_step=2, beta1=0.5, beta2=0.9)
-    params = [p.detach().clone() for p in model.parameters()]
-    states = [tx.init(p) for p in params]
-    for _ in range(4):
-        for p, q in zip(model.parameters(), params):
-            p.data.copy_(q)
-        model.zero_grad()
-        loss_of(model, x, y).backward()
-        for i, p in enumerate(model.parameters()):
-            u, states[i] = tx.update(states[i], p.grad, params[i])
-            params[i] = params[i] + u
+    params = core_run([sc.shampoo(0.05, block_size=4, start_preconditioning_step=2, beta1=0.5, beta2=0.9)] * 4)
     for run in runs:
         for a, b in zip(run, params):
             assert torch.equal(a, b)
     # A group given in the core's spelling gets betas too, from its own values and the defaults.
-    opt = Shampoo([{"params": [torch.nn.Parameter(torch.ones(2))], "beta2": 0.8}], lr=0.1, betas=(0.7, 0.95))
-    assert opt.param_groups[0]["betas"] == (0.7, 0.8) and "beta2" not in opt.param_groups[0]
+    group = {"params": [torch.nn.Parameter(torch.ones(2))], "beta2": 0.8}
+    opt = Shampoo([group], lr=0.1, betas=(0.7, 0.95))
+    assert opt.param_groups[0] is group  # as torch keeps the dict it was given
+    assert group["betas"] == (0.7, 0.8) and "beta2" not in group
+    bad = {"params": [torch.nn.Parameter(torch.ones(2))], "beta2": 0.0}
+    with pytest.raises(ValueError, match=r"param_groups\[1\]: beta2 must be in"):
+        opt.add_param_group(bad)
+    assert bad["beta2"] == 0.0 and "betas" not in bad and len(opt.param_groups) == 1
 
 
 def test_bad_betas_are_named():
@@ -392,19 +393,7 @@ def test_every_lr_scheduler_drives_it_as_it_drives_adam(name):
             sched.step(*([1.0] if name == "ReduceLROnPlateau" else []))
     if name in ("OneCycleLR", "CyclicLR"):
         assert len({b for _, b in seen}) > 1, "betas[0] should have been cycled"
-    model_ref, x, y = model_and_data()
-    params = [p.detach().clone() for p in model_ref.parameters()]
-    states = None
-    for lr, beta1 in seen:
-        tx = sc.shampoo(lr, **{**HP, "beta1": beta1})
-        states = states or [tx.init(p) for p in params]
-        for p, q in zip(model_ref.parameters(), params):
-            p.data.copy_(q)
-        model_ref.zero_grad()
-        loss_of(model_ref, x, y).backward()
-        for i, p in enumerate(model_ref.parameters()):
-            u, states[i] = tx.update(states[i], p.grad, params[i])
-            params[i] = params[i] + u
+    params = core_run([sc.shampoo(lr, **{**HP, "beta1": beta1}) for lr, beta1 in seen])
     for a, b in zip(model.parameters(), params):
         torch.testing.assert_close(a.detach(), b, rtol=1e-12, atol=1e-14)
 
