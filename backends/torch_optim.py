@@ -101,7 +101,7 @@ class Shampoo(torch.optim.Optimizer):
             TypeError / ValueError: an invalid hyperparameter, or ``betas`` beside ``beta1``/``beta2``.
         """
         where = f"param_groups[{len(self.param_groups)}]"
-        checked = {k: v for k, v in param_group.items() if k != "params"}
+        checked = dict(param_group)
         _fold_betas(checked, where, self.defaults["betas"])
         if "betas" in checked:
             checked["betas"] = _check_betas(checked["betas"], f"{where}: ")
@@ -112,9 +112,8 @@ class Shampoo(torch.optim.Optimizer):
         except (TypeError, ValueError) as err:
             raise type(err)(f"{where}: {err}") from None
         # Only a valid group is changed, in place: torch keeps the dict it was given as the group.
-        for key in ("beta1", "beta2"):
-            param_group.pop(key, None)
-        param_group.update({k: checked[k] for k in ("betas",) if k in checked})
+        param_group.clear()
+        param_group.update(checked)
         super().add_param_group(param_group)
 
     def _transform(self, group) -> "_GroupTransform":

@@ -15,6 +15,7 @@ __all__ = [
     "scalar_as",
     "readable",
     "may_be_positive",
+    "weight_decay_for_update",
     "check_leaves",
     "check_leaf_count",
     "check_against_state",
@@ -61,9 +62,7 @@ def count_and_learning_rate(learning_rate, count):
     concrete = _xp.concrete(count, int)
     if concrete is not None:
         count = concrete
-    lr = learning_rate(count) if callable(learning_rate) else learning_rate
-    value = _xp.concrete(lr, float)
-    return count, lr if value is None else value
+    return count, readable(learning_rate(count) if callable(learning_rate) else learning_rate)
 
 
 def readable(value):
@@ -77,6 +76,19 @@ def may_be_positive(value) -> bool:
     """Whether a non-negative hyperparameter (after :func:`readable`) can be nonzero: a traced
     one can, so its term is computed (and multiplies by zero when it is zero)."""
     return not isinstance(value, float) or value > 0.0
+
+
+def weight_decay_for_update(weight_decay, params):
+    """The weight decay of one update, read once (:func:`readable`).
+
+    Raises:
+        ValueError: ``params`` is ``None`` while the weight decay may be positive (a traced one
+            may be).
+    """
+    wd = readable(weight_decay)
+    if params is None and may_be_positive(wd):
+        raise ValueError("params are required when weight_decay > 0 (or an array)")
+    return wd
 
 
 def scalar_as(xp, value, dtype):

@@ -24,8 +24,8 @@ from typing import NamedTuple
 
 from . import _xp, tree
 from .base import (GradientTransformation, check_against_state, check_leaf_count, check_leaves,
-                   count_and_learning_rate, may_be_positive, readable, record_hyperparameters, scalar_as,
-                   shape_and_dtype, zero_count)
+                   count_and_learning_rate, may_be_positive, record_hyperparameters, scalar_as,
+                   shape_and_dtype, weight_decay_for_update, zero_count)
 from .nonfinite import Guard, check_mode, guard, skipped_step
 from .options import check_bool, check_injectable, check_learning_rate, check_real
 
@@ -95,11 +95,8 @@ def _init(params, want_vectors):
     return EvaState(zero_count(xp, dev), moms, left, right, zero_count(xp, dev))
 
 
-def param_leaves(params, spec, n, weight_decay):
-    """``weight_decay``: a float, or a (traced) 0-d array, which may be nonzero."""
+def param_leaves(params, spec, n):
     if params is None:
-        if may_be_positive(weight_decay):
-            raise ValueError("params are required when weight_decay > 0 (or an array)")
         return [None] * n
     return tree.check_same_structure("params", params, spec)
 
@@ -136,8 +133,8 @@ def begin_update(state, grads, params, curvature, learning_rate, weight_decay, *
     g_leaves, spec = tree.flatten(grads)
     paths = tree.leaf_paths(grads)
     check_leaf_count("grads", g_leaves, len(state.momentum))
-    weight_decay = readable(weight_decay)
-    p_leaves = param_leaves(params, spec, len(g_leaves), weight_decay)
+    weight_decay = weight_decay_for_update(weight_decay, params)
+    p_leaves = param_leaves(params, spec, len(g_leaves))
     check_leaves("grads", g_leaves, paths, reference=None if params is None else p_leaves)
     check_against_state(g_leaves, paths, [shape_and_dtype(m) for m in state.momentum], state.momentum,
                         None if params is None else p_leaves)

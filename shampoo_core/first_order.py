@@ -14,8 +14,8 @@ from typing import NamedTuple
 
 from . import _xp, grafting, momentum, tree
 from .base import (GradientTransformation, check_against_state, check_leaf_count, check_leaves,
-                   count_and_learning_rate, may_be_positive, readable, record_hyperparameters, scalar_as,
-                   shape_and_dtype, zero_count)
+                   count_and_learning_rate, may_be_positive, record_hyperparameters, scalar_as,
+                   shape_and_dtype, weight_decay_for_update, zero_count)
 from .options import GraftType, check_bool, check_injectable, check_learning_rate, check_real
 
 __all__ = ["sgd", "adagrad", "adam", "FirstOrderState"]
@@ -53,12 +53,10 @@ def _transform(learning_rate, graft_type, *, beta1, beta2, epsilon, weight_decay
         paths = tree.leaf_paths(grads)
         check_leaf_count("grads", g_leaves, len(state.graft))
         p_leaves = None
-        wd = readable(weight_decay)
-        decay = may_be_positive(wd)
         if params is not None:
             p_leaves = tree.check_same_structure("params", params, spec)
-        elif decay:
-            raise ValueError("params are required when weight_decay > 0 (or an array)")
+        wd = weight_decay_for_update(weight_decay, params)
+        decay = may_be_positive(wd)
         check_leaves("grads", g_leaves, paths, reference=p_leaves)
         refs = [m if m is not None else a.accumulator for m, a in zip(state.momentum, state.graft)]
         check_against_state(g_leaves, paths, [shape_and_dtype(r) for r in refs], refs, p_leaves)

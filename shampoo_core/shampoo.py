@@ -31,8 +31,8 @@ import optree
 from . import _xp, blocking, grafting, momentum, preconditioner, roots, statistics, tree
 from .cost_model import CostModel
 from .base import (GradientTransformation, check_against_state, check_leaf_count, check_leaves,
-                   count_and_learning_rate, may_be_positive, readable, record_hyperparameters, scalar_as,
-                   shape_and_dtype, zero_count)
+                   count_and_learning_rate, may_be_positive, record_hyperparameters, scalar_as,
+                   shape_and_dtype, weight_decay_for_update, zero_count)
 from .nonfinite import check_mode, guard, skipped_step
 from .options import (
     GraftGranularity,
@@ -274,8 +274,7 @@ def shampoo(
         if params is not None:
             p_leaves = tree.check_same_structure("params", params, spec)
             check_leaves("params", p_leaves, paths)
-        elif may_be_positive(readable(config.weight_decay)):
-            raise ValueError("params are required when weight_decay > 0 (or an array)")
+        weight_decay = weight_decay_for_update(config.weight_decay, params)
         check_leaves("grads", g_leaves, paths, reference=p_leaves)
         check_against_state(g_leaves, paths, [_expected_leaf(s) for s in state.params],
                             [_reference_leaf(s) for s in state.params], p_leaves,
@@ -288,7 +287,7 @@ def shampoo(
         verdict = guard(xp, [(f"grads{path}", g) for path, g in zip(paths, g_leaves)], config.nonfinite)
 
         def step():
-            schedule = _schedule(config, state.count)
+            schedule = _schedule(config, state.count, weight_decay)
             updates, new_states = [], []
             for i, (g, s) in enumerate(zip(g_leaves, state.params)):
                 p = None if p_leaves is None else p_leaves[i]
@@ -382,10 +381,10 @@ class _Schedule(NamedTuple):
     weight_decay: object  # a float, or the traced 0-d array
 
 
-def _schedule(config: ShampooConfig, count) -> _Schedule:
+def _schedule(config: ShampooConfig, count, wd) -> _Schedule:
+    """``wd``: this update's weight decay, from :func:`~shampoo_core.base.weight_decay_for_update`."""
     start, n, k = config.start_preconditioning_step, config.preconditioning_compute_steps, config.statistics_compute_steps
     count, lr = count_and_learning_rate(config.learning_rate, count)
-    wd = readable(config.weight_decay)
     step = count + 1
     if isinstance(count, int):
         return _Schedule(count, step, (step - 1) % k == 0, step >= start and (step - start) % n == 0, step >= start,
