@@ -131,10 +131,14 @@ class Shampoo(torch.optim.Optimizer):
             core = _core_hyperparameters(dict(hp, betas=_check_betas(hp["betas"], f"{where}: ")) if "betas" in hp else hp)
             # step() checks the gradients of "raise" groups itself, all at once, before any update.
             checks = core.get("nonfinite", _DEFAULTS["nonfinite"]) == "raise"
-            tx = sc.shampoo(lambda count, group=group: group["lr"], **(dict(core, nonfinite="ignore") if checks else core))
+            core = dict(core, nonfinite="ignore") if checks else core
+
+            def make(**override):
+                return sc.shampoo(lambda count, group=group: group["lr"], **{**core, **override})
+
             same_layout = cached is not None and _layout_key(cached.hyperparameters) == _layout_key(hp)
             layouts = cached._layouts if same_layout else {}
-            cached = self._transforms[id(group)] = _GroupTransform(hp, tx, layouts, self._stepped.get(id(group), hp), checks)
+            cached = self._transforms[id(group)] = _GroupTransform(hp, make, layouts, self._stepped.get(id(group), hp), checks)
         return cached
 
     @torch.no_grad()
@@ -181,13 +185,16 @@ class Shampoo(torch.optim.Optimizer):
                         functional = gt.tx.init(p.detach())
                     except (TypeError, ValueError) as err:
                         raise type(err)(f"{where}: {err}; no parameter was updated") from None
-                work.append((gt, p, functional))
+                work.append((gt, p, functional, where))
         try:  # all parameters at once: one host read (one GPU synchronization) per step
             guard(xp, checked, "raise")
         except ValueError as err:
             raise ValueError(f"{err}; no parameter was updated") from None
-        for gt, p, functional in work:
-            updates, functional = gt.tx.update(functional, p.grad.detach(), p.detach())
+        for gt, p, functional, where in work:
+            try:
+                updates, functional = gt.tx_for(p).update(functional, p.grad.detach(), p.detach())
+            except RuntimeError as err:  # e.g. a failed asynchronous root, raised where it is collected
+                raise RuntimeError(f"{where}: {err}") from err
             p.add_(updates)
             packed = self.state[p]
             packed.clear()
@@ -196,17 +203,42 @@ class Shampoo(torch.optim.Optimizer):
             self._stepped[id(group)] = self._transforms[id(group)].hyperparameters
         return loss
 
+    def state_dict(self) -> dict:
+        """As ``torch.optim.Optimizer.state_dict``, with plain data in the param groups, so that
+        ``torch.load`` (``weights_only=True``, its default) reads it back: a ``cost_model`` is
+        stored as :meth:`~shampoo_core.CostModel.to_dict`, an ``async_preconditioners`` executor
+        as its :meth:`~shampoo_core.AsyncPreconditioners.settings` (a thread pool is not state;
+        roots still in flight are not saved and are computed again at the next root step)."""
+        out = super().state_dict()
+        for group in out["param_groups"]:  # torch's packed copies: the live groups keep their objects
+            if isinstance(group.get("cost_model"), sc.CostModel):
+                group["cost_model"] = group["cost_model"].to_dict()
+            if isinstance(group.get("async_preconditioners"), sc.AsyncPreconditioners):
+                group["async_preconditioners"] = group["async_preconditioners"].settings()
+        return out
+
     def load_state_dict(self, state_dict) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``, except that every state tensor keeps the
-        dtype it was saved with (only its device follows the parameter).
+        dtype it was saved with (only its device follows the parameter), a saved ``cost_model``
+        becomes a :class:`~shampoo_core.CostModel` again, and each group keeps the
+        ``async_preconditioners`` this optimizer was given (an executor is not state).
 
         torch casts floating state to the parameter's dtype on load; here that would turn the int32
         counters into floats and round the float32 state of bfloat16 and float16 parameters
-        (``state_dtype``). Errors are torch's (group and parameter counts).
+        (``state_dtype``). Errors are torch's (group and parameter counts), and ValueError for a
+        saved cost model of another format.
         """
+        # Read before anything is loaded, so that a bad one leaves the optimizer as it was.
+        models = [sc.CostModel.from_dict(g["cost_model"], f"the state dict's param_groups[{i}]['cost_model']")
+                  if isinstance(g.get("cost_model"), dict) else None for i, g in enumerate(state_dict["param_groups"])]
+        executors = [group.get("async_preconditioners") for group in self.param_groups]
         super().load_state_dict(state_dict)
-        for i, group in enumerate(self.param_groups):  # a state dict may spell beta1/beta2 as the core does
-            _fold_betas(group, f"param_groups[{i}]", self.defaults["betas"])
+        for i, (group, model, executor) in enumerate(zip(self.param_groups, models, executors)):
+            _fold_betas(group, f"param_groups[{i}]", self.defaults["betas"])  # maybe the core's spelling
+            if model is not None:
+                group["cost_model"] = model
+            if executor is not None or "async_preconditioners" in group:
+                group["async_preconditioners"] = executor
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         for saved_id, p in zip(saved_ids, params):
@@ -218,12 +250,26 @@ class Shampoo(torch.optim.Optimizer):
 class _GroupTransform:
     """A param group's functional optimizer and the state layout it gives each parameter shape."""
 
-    def __init__(self, hyperparameters: dict, tx, layouts: dict, stepped: dict, checks_finite: bool):
+    def __init__(self, hyperparameters: dict, make, layouts: dict, stepped: dict, checks_finite: bool):
         self.hyperparameters = hyperparameters
-        self.tx = tx
+        self.tx = make()
         self.checks_finite = checks_finite  # step() checks this group's gradients; tx does not
+        self._make = make
+        self._async = hyperparameters.get("async_preconditioners")
+        self._param_txs: dict = {}  # id(p) -> p's transformation, with asynchronous roots
         self._layouts = layouts  # (shape, dtype, device) -> (treespec, leaf shapes)
         self._stepped = stepped  # the hyperparameters of the group's last completed step
+
+    def tx_for(self, p):
+        """The transformation that updates ``p``. With asynchronous roots each parameter gets its
+        own view of the executor: the core keys root jobs by leaf and block index, which every
+        one-parameter state repeats."""
+        if self._async is None:
+            return self.tx
+        tx = self._param_txs.get(id(p))
+        if tx is None:  # the optimizer holds p, so its id is not reused while the entry lives
+            tx = self._param_txs[id(p)] = self._make(async_preconditioners=self._async.scoped(("param", id(p))))
+        return tx
 
     def unpack(self, p, leaves: list):
         """The functional state of ``p`` from its stored leaves, checked against the layout."""

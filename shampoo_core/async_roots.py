@@ -13,6 +13,7 @@ timing. An exception in a worker is raised in the caller at the step that collec
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import threading
 
 from . import _xp
@@ -31,7 +32,9 @@ class AsyncPreconditioners:
         host: compute on host NumPy copies of the statistics (for device arrays, e.g. CuPy or
             CUDA tensors), copying the roots back; ``False`` computes on the arrays as they are.
 
-    One executor serves one optimizer state. Not for lazy arrays (JAX): use ``jax.jit`` there.
+    One executor serves one optimizer state: jobs are keyed by leaf and block index, which another
+    state would repeat. States that should share the workers take a view each, :meth:`scoped`.
+    Not for lazy arrays (JAX): use ``jax.jit`` there.
 
     Raises:
         ValueError: ``max_workers < 1`` or ``max_staleness < 1``.
@@ -50,9 +53,35 @@ class AsyncPreconditioners:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="shampoo-roots")
         self._pending: dict = {}
         self._lock = threading.Lock()
+        self._scope: tuple = ()
+
+    def settings(self) -> dict:
+        """The constructor's arguments, as plain values (what a checkpoint can record)."""
+        return dict(max_workers=self.max_workers, max_staleness=self.max_staleness,
+                    deterministic=self.deterministic, host=self.host)
+
+    def scoped(self, scope) -> "AsyncPreconditioners":
+        """A view that shares this executor's workers and settings and keys its jobs under
+        ``scope`` (hashable), so that several optimizer states can use one pool: each passes its
+        own view as ``async_preconditioners``. ``backends.torch_optim.Shampoo`` keeps one state per
+        parameter and gives each a view.
+
+        :meth:`pending`, :meth:`wait`, :meth:`export_pending` and :meth:`import_pending` of a view
+        cover its own jobs (of the executor: all of them); :meth:`close` closes the shared pool.
+        """
+        view = copy.copy(self)
+        view._scope = self._scope + (scope,)
+        return view
+
+    def _key(self, key) -> tuple:
+        return self._scope + tuple(key)
+
+    def _own(self, full_key) -> bool:
+        return full_key[:len(self._scope)] == self._scope
 
     def submit(self, key, step: int, fn, statistics) -> None:
         """Start ``fn(statistics)`` for ``key`` (a block), unless a job for it is still pending."""
+        key = self._key(key)
         with self._lock:
             if key in self._pending:
                 return
@@ -75,6 +104,7 @@ class AsyncPreconditioners:
         Raises:
             RuntimeError: the worker failed; the original exception is chained.
         """
+        key = self._key(key)
         with self._lock:
             entry = self._pending.get(key)
         if entry is None:
@@ -103,11 +133,11 @@ class AsyncPreconditioners:
         """
         self.wait()
         with self._lock:
-            items = list(self._pending.items())
+            items = [(k, v) for k, v in self._pending.items() if self._own(k)]
         out = []
         for key, (future, submitted) in items:
             try:
-                out.append((key, submitted, future.result()))
+                out.append((key[len(self._scope):], submitted, future.result()))
             except Exception as err:
                 raise RuntimeError(f"inverse root computation for block {key} failed") from err
         return out
@@ -118,17 +148,17 @@ class AsyncPreconditioners:
             for key, submitted, results in entries:
                 future = concurrent.futures.Future()
                 future.set_result(results)
-                self._pending[tuple(key)] = (future, submitted)
+                self._pending[self._key(key)] = (future, submitted)
 
     @property
     def pending(self) -> int:
         with self._lock:
-            return len(self._pending)
+            return sum(1 for k in self._pending if self._own(k))
 
     def wait(self) -> None:
         """Block until every submitted job has finished (results stay to be collected)."""
         with self._lock:
-            futures = [f for f, _ in self._pending.values()]
+            futures = [f for k, (f, _) in self._pending.items() if self._own(k)]
         concurrent.futures.wait(futures)
 
     def close(self) -> None:

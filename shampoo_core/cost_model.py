@@ -65,29 +65,42 @@ class CostModel:
             timings.setdefault(backend, {}).setdefault(device, {})[dtype] = other.table(backend, device, dtype)
         return CostModel(timings)
 
+    def to_dict(self) -> dict:
+        """``{"format_version", "timings"}``: plain dicts, lists, strings and numbers (what
+        :meth:`save` writes as JSON, and what ``torch.load(weights_only=True)`` accepts)."""
+        return {"format_version": FORMAT_VERSION, "timings": json.loads(json.dumps(self.timings))}
+
+    @classmethod
+    def from_dict(cls, data, source: str = "the data") -> "CostModel":
+        """The model of a :meth:`to_dict` result; ``source`` names it in errors.
+
+        Raises:
+            ValueError: not a cost model, or one of another format version (version 1, without
+                the device level, must be measured again).
+        """
+        if not isinstance(data, dict) or "timings" not in data or "format_version" not in data:
+            raise ValueError(f"{source} is not a shampoo_core cost model")
+        if data["format_version"] != FORMAT_VERSION:
+            raise ValueError(
+                f"{source} is a cost model of format_version {data['format_version']!r}; this version reads "
+                f"{FORMAT_VERSION} (timings per backend, device and dtype): measure it again with "
+                f"`python -m bench roots --save-cost-model`"
+            )
+        return cls(data["timings"])
+
     def save(self, path) -> None:
         with open(path, "w") as f:
-            json.dump({"format_version": FORMAT_VERSION, "timings": self.timings}, f, indent=2)
+            json.dump(self.to_dict(), f, indent=2)
 
     @classmethod
     def load(cls, path) -> "CostModel":
         """Read a model written by :meth:`save`.
 
         Raises:
-            ValueError: not a cost model file, or one of another format version (version 1 files,
-                without the device level, must be measured again).
+            ValueError: as :meth:`from_dict`, naming ``path``.
         """
         with open(path) as f:
-            data = json.load(f)
-        if not isinstance(data, dict) or "timings" not in data or "format_version" not in data:
-            raise ValueError(f"{path} is not a shampoo_core cost model")
-        if data["format_version"] != FORMAT_VERSION:
-            raise ValueError(
-                f"{path} is a cost model of format_version {data['format_version']!r}; this version reads "
-                f"{FORMAT_VERSION} (timings per backend, device and dtype): measure it again with "
-                f"`python -m bench roots --save-cost-model`"
-            )
-        return cls(data["timings"])
+            return cls.from_dict(json.load(f), str(path))
 
 
 _METHODS = ("eigh", "newton")

@@ -112,6 +112,58 @@ def test_worker_error_surfaces_in_caller(monkeypatch):
         assert isinstance(info.value.__cause__, MemoryError)
 
 
+def test_views_let_several_states_share_one_executor():
+    # Two states on one executor repeat each other's job keys (leaf 0, block 0): with a view each
+    # they run as with an executor each; on the executor itself the second state's roots are lost.
+    ga, gb = grads(9, seed=1), [100.0 * g for g in grads(9, seed=2)]
+    own = []
+    for gs in (ga, gb):
+        with sc.AsyncPreconditioners(max_staleness=2, deterministic=True) as ex:
+            own.append(run(sc.shampoo(1.0, async_preconditioners=ex, **HP), np, gs)[1])
+
+    def shared(view):
+        with sc.AsyncPreconditioners(max_workers=2, max_staleness=2, deterministic=True) as ex:
+            txs = [sc.shampoo(1.0, async_preconditioners=view(ex, name), **HP) for name in ("a", "b")]
+            params = np.zeros((6, 5))
+            states = [tx.init(params) for tx in txs]
+            out = [[], []]
+            for t in range(9):
+                for i, (tx, gs) in enumerate(zip(txs, (ga, gb))):
+                    u, states[i] = tx.update(states[i], gs[t], params)
+                    out[i].append(u)
+                if t == 4:  # step 5 submitted a job per state, unless the keys collided
+                    assert ex.pending == (1 if view is _same else 2)
+            return out
+
+    for got, want in zip(shared(lambda ex, name: ex.scoped(name)), own):
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+    collided = shared(_same)
+    assert not all(np.array_equal(a, b) for a, b in zip(collided[1], own[1]))
+
+
+def _same(ex, name):
+    return ex
+
+
+def test_view_exports_and_imports_its_own_jobs():
+    with sc.AsyncPreconditioners(max_staleness=3, deterministic=True) as ex:
+        a, b = ex.scoped("a"), ex.scoped("b")
+        for view in (a, b):
+            tx = sc.shampoo(1.0, async_preconditioners=view, **HP)
+            params = np.zeros((6, 5))
+            tx.update(tx.init(params), grads(1)[0], params)
+        assert (ex.pending, a.pending, b.pending) == (2, 1, 1)
+        exported = a.export_pending()
+        assert [(key, step) for key, step, _ in exported] == [((0, 0), 1)]
+        assert sorted(key for key, _, _ in ex.export_pending()) == [("a", 0, 0), ("b", 0, 0)]
+        with sc.AsyncPreconditioners(max_staleness=3, deterministic=True) as other:
+            view = other.scoped("a")
+            view.import_pending(exported)
+            assert (other.pending, view.pending, other.scoped("b").pending) == (1, 1, 0)
+            assert view.collect((0, 0), 4, 10) is not None
+
+
 @pytest.mark.parametrize("backend", ["torch", "array_api_strict:device1", "torch:cuda", "cupy"])
 def test_host_copies_give_the_same_roots(backend):
     """host=True: roots from NumPy copies of device statistics come back on that device.

@@ -27,16 +27,18 @@ def loss_of(model, x, y):
 
 def core_run(txs):
     """The parameters after one step of each of ``txs`` in turn, each parameter with its own state
-    (as the adapter keeps it), from :func:`model_and_data`'s model and data."""
+    (as the adapter keeps it), from :func:`model_and_data`'s model and data. An item of ``txs`` may
+    be a list: one transformation per parameter."""
     model, x, y = model_and_data()
     params = [p.detach().clone() for p in model.parameters()]
-    states = [txs[0].init(p) for p in params]
-    for tx in txs:
+    per_param = [tx if isinstance(tx, list) else [tx] * len(params) for tx in txs]
+    states = [tx.init(p) for tx, p in zip(per_param[0], params)]
+    for step_txs in per_param:
         for p, q in zip(model.parameters(), params):
             p.data.copy_(q)
         model.zero_grad()
         loss_of(model, x, y).backward()
-        for i, p in enumerate(model.parameters()):
+        for i, (p, tx) in enumerate(zip(model.parameters(), step_txs)):
             u, states[i] = tx.update(states[i], p.grad, params[i])
             params[i] = params[i] + u
     return params
@@ -144,6 +146,53 @@ def test_state_dict_round_trip_is_exact():
         opt2.step()
     for p, e in zip(model2.parameters(), expected):
         assert torch.equal(p.detach(), e)
+
+
+def test_state_dict_with_cost_model_and_executor_loads_with_weights_only(tmp_path):
+    # Param groups hold the live CostModel and executor; the state dict holds plain data, which
+    # torch.load reads with weights_only=True (its default), and the resumed run is exact.
+    cm = sc.CostModel({"array_api_compat.torch": {"cpu": {"float64": [[4, {"newton": 1e-6, "eigh": 2e-6}]]}}})
+
+    def optimizer(model):
+        executor = sc.AsyncPreconditioners(max_staleness=1, deterministic=True)
+        return Shampoo(model.parameters(), lr=0.05, root_method="auto", cost_model=cm,
+                       async_preconditioners=executor, **HP), executor
+
+    def steps(model, opt, n):
+        for _ in range(n):
+            opt.zero_grad()
+            loss_of(model, x, y).backward()
+            opt.step()
+
+    model, x, y = model_and_data()
+    opt, executor = optimizer(model)
+    steps(model, opt, 3)  # roots submitted at step 2 were swapped in at step 3: none in flight
+    assert executor.pending == 0
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    assert isinstance(opt.param_groups[0]["cost_model"], sc.CostModel)  # the live groups keep theirs
+    steps(model, opt, 4)
+
+    model2, _, _ = model_and_data()
+    opt2, executor2 = optimizer(model2)
+    saved = torch.load(tmp_path / "ckpt.pt")
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    assert opt2.param_groups[0]["cost_model"] == cm
+    assert opt2.param_groups[0]["async_preconditioners"] is executor2
+    steps(model2, opt2, 4)
+    for p, q in zip(model2.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+    executor.close()
+    executor2.close()
+
+    bad = opt.state_dict()
+    bad["param_groups"][0]["cost_model"] = {"format_version": 1, "timings": {}}
+    before = copy.deepcopy(opt2.state_dict())
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['cost_model'\] is a cost model of format_version 1"):
+        opt2.load_state_dict(bad)
+    after = opt2.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert all(torch.equal(a, b) for k in before["state"] for a, b in zip(before["state"][k].values(), after["state"][k].values()))
 
 
 def test_grad_scaler_skips_inf_steps():
@@ -427,3 +476,42 @@ def test_errors_name_parameters_given_by_name():
     with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[2\] \('2\.weight'\) has non-finite"):
         opt.step()
     _assert_unchanged(model, opt, snapshot)
+
+
+def test_asynchronous_roots_are_each_parameters_own():
+    # The core keys root jobs by leaf and block index, which every one-parameter state repeats:
+    # without a view of the executor per parameter, only the first parameter's blocks got roots.
+    model, x, y = model_and_data()
+    with sc.AsyncPreconditioners(max_workers=2, max_staleness=2, deterministic=True) as ex:
+        opt = Shampoo(model.parameters(), lr=0.05, async_preconditioners=ex, **HP)
+        for _ in range(8):
+            opt.zero_grad()
+            loss_of(model, x, y).backward()
+            opt.step()
+    executors = [sc.AsyncPreconditioners(max_staleness=2, deterministic=True) for _ in model.parameters()]
+    txs = [sc.shampoo(0.05, async_preconditioners=e, **HP) for e in executors]
+    expected = core_run([txs] * 8)
+    for e in executors:
+        e.close()
+    for p, q in zip(model.parameters(), expected):
+        assert torch.equal(p.detach(), q)
+    for p in model.parameters():  # every preconditioned block got roots of its own statistics
+        block_arrays = [t for t in opt.state[p].values() if t.ndim == 2]
+        assert any(not torch.equal(t, torch.eye(t.shape[0], dtype=t.dtype)) for t in block_arrays[len(block_arrays) // 2:])
+
+
+def test_failed_asynchronous_root_names_the_parameter(monkeypatch):
+    from shampoo_core import roots as roots_module
+
+    def broken(*args, **kwargs):
+        raise np.linalg.LinAlgError("broken")
+
+    monkeypatch.setattr(roots_module, "inverse_pth_root", broken)
+    model, x, y = model_and_data()
+    with sc.AsyncPreconditioners(max_staleness=1, deterministic=True) as ex:
+        opt = Shampoo(model.named_parameters(), lr=0.05, async_preconditioners=ex, **HP)
+        with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[0\] \('0.weight'\).*inverse root computation"):
+            for _ in range(4):
+                opt.zero_grad()
+                loss_of(model, x, y).backward()
+                opt.step()
