@@ -190,12 +190,13 @@ class Shampoo(torch.optim.Optimizer):
             guard(xp, checked, "raise")
         except ValueError as err:
             raise ValueError(f"{err}; no parameter was updated") from None
-        for gt, p, functional, where in work:
-            try:
-                updates, functional = gt.tx_for(p).update(functional, p.grad.detach(), p.detach())
-            except RuntimeError as err:  # e.g. a failed asynchronous root, raised where it is collected
-                raise RuntimeError(f"{where}: {err}") from err
-            p.add_(updates)
+        # Every update is computed before any is applied: an error leaves parameters and state as
+        # they were.
+        results = []
+        for gt, items in _by_transform(work):
+            results += gt.updates(items)
+        for p, update, functional in results:
+            p.add_(update)
             packed = self.state[p]
             packed.clear()
             packed.update({f"leaf{i}": t for i, t in enumerate(optree.tree_leaves(functional))})
@@ -247,6 +248,22 @@ class Shampoo(torch.optim.Optimizer):
                 self.state[p] = {k: v.to(device=p.device) if torch.is_tensor(v) else v for k, v in saved.items()}
 
 
+def _by_transform(work: list) -> list:
+    """``[(gt, [(p, functional, where), ...])]``: the work items of each group, in order."""
+    out: dict = {}
+    for gt, p, functional, where in work:
+        out.setdefault(id(gt), (gt, []))[1].append((p, functional, where))
+    return list(out.values())
+
+
+def _named(where: str, call):
+    """``call()``, its errors prefixed with ``where`` (a parameter)."""
+    try:
+        return call()
+    except (TypeError, ValueError, RuntimeError) as err:  # RuntimeError: e.g. a failed asynchronous root
+        raise type(err)(f"{where}: {err}") from err
+
+
 class _GroupTransform:
     """A param group's functional optimizer and the state layout it gives each parameter shape."""
 
@@ -270,6 +287,45 @@ class _GroupTransform:
         if tx is None:  # the optimizer holds p, so its id is not reused while the entry lives
             tx = self._param_txs[id(p)] = self._make(async_preconditioners=self._async.scoped(("param", id(p))))
         return tx
+
+    def updates(self, items: list) -> list:
+        """``[(p, update, new functional state)]`` for ``items = [(p, functional, where)]``.
+
+        Parameters with equal step counts on one device are updated by one call of the core, as
+        the core updates a tree: one count read (a GPU synchronization) and one schedule for all
+        of them instead of one per parameter. With ``nonfinite="skip"`` (each parameter skips on
+        its own gradient) or asynchronous roots (each parameter has its own executor view), each
+        parameter is a call of its own.
+        """
+        if self._async is not None or self.tx.init.hyperparameters["nonfinite"] == "skip":
+            return [(p, *_named(where, lambda: self.tx_for(p).update(f, p.grad.detach(), p.detach())))
+                    for p, f, where in items]
+        cohorts: dict = {}
+        for device in {p.device for p, _, _ in items}:
+            on_device = [item for item in items if item[0].device == device]
+            counts = torch.stack([f.count for _, f, _ in on_device]).tolist()  # one host read
+            for count, item in zip(counts, on_device):
+                cohorts.setdefault((device, count), []).append(item)
+        out = []
+        for cohort in cohorts.values():
+            if len(cohort) == 1:
+                (p, f, where), = cohort
+                out.append((p, *_named(where, lambda: self.tx.update(f, p.grad.detach(), p.detach()))))
+                continue
+            first = cohort[0][1]
+            state = first._replace(params=tuple(f.params[0] for _, f, _ in cohort))
+            try:
+                updates, new = self.tx.update(state, [p.grad.detach() for p, _, _ in cohort],
+                                              [p.detach() for p, _, _ in cohort])
+            except (TypeError, ValueError, RuntimeError):
+                for p, f, where in cohort:  # the core names a list index; name the parameter
+                    _named(where, lambda: self.tx.update(f, p.grad.detach(), p.detach()))
+                raise
+            for i, ((p, f, _), u) in enumerate(zip(cohort, updates)):
+                # Each parameter keeps a count tensor of its own, as torch optimizers keep "step".
+                count = new.count if i == 0 else new.count.clone()
+                out.append((p, u, f._replace(count=count, params=(new.params[i],))))
+        return out
 
     def unpack(self, p, leaves: list):
         """The functional state of ``p`` from its stored leaves, checked against the layout."""

@@ -515,3 +515,46 @@ def test_failed_asynchronous_root_names_the_parameter(monkeypatch):
                 opt.zero_grad()
                 loss_of(model, x, y).backward()
                 opt.step()
+
+
+def test_parameters_with_different_step_counts_match_the_core():
+    # Parameters are updated together while their step counts agree; one that had no gradient at
+    # some steps falls behind and is updated on its own count, as by a state of its own.
+    model, x, y = model_and_data()
+    params = [p.detach().clone() for p in model.parameters()]
+    opt = Shampoo(model.parameters(), lr=0.05, **HP)
+    tx = sc.shampoo(0.05, **HP)
+    states = [tx.init(p) for p in params]
+    for t in range(8):
+        opt.zero_grad()
+        loss_of(model, x, y).backward()
+        if t % 3 == 1:
+            model[2].weight.grad = None  # skipped by the step, as torch optimizers do
+        grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+        opt.step()
+        for i, g in enumerate(grads):
+            if g is not None:
+                u, states[i] = tx.update(states[i], g, params[i])
+                params[i] = params[i] + u
+    assert [int(s.count) for s in states] == [8, 8, 5, 8]
+    for p, q in zip(model.parameters(), params):
+        assert torch.equal(p.detach(), q)
+
+
+def test_core_error_names_the_parameter_and_updates_none():
+    model, x, y = model_and_data()
+    opt = Shampoo(model.named_parameters(), lr=0.05, **HP)
+    for _ in range(2):
+        opt.zero_grad()
+        loss_of(model, x, y).backward()
+        opt.step()
+    model[2].weight.data = model[2].weight.data.float()  # its state was made for float64
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in model.parameters()]
+    state_before = copy.deepcopy(opt.state_dict()["state"])
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[2\] \('2.weight'\): grads has dtype"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    state_after = opt.state_dict()["state"]
+    assert all(torch.equal(a, b) for k in state_before for a, b in zip(state_before[k].values(), state_after[k].values()))
