@@ -194,16 +194,13 @@ class Shampoo(torch.optim.Optimizer):
             guard(xp, checked, "raise")
         except ValueError as err:
             raise ValueError(f"{err}; no parameter was updated") from None
-        # Every update is computed before any is applied: an error leaves parameters and state as
-        # they were.
-        results = []
         for gt, items in _by_transform(work):
-            results += gt.updates(items)
-        for p, update, functional in results:
-            p.add_(update)
-            packed = self.state[p]
-            packed.clear()
-            packed.update({f"leaf{i}": t for i, t in enumerate(optree.tree_leaves(functional))})
+            for results in gt.calls(items):
+                for p, update, functional in results:
+                    p.add_(update)
+                    packed = self.state[p]
+                    packed.clear()
+                    packed.update({f"leaf{i}": t for i, t in enumerate(optree.tree_leaves(functional))})
         for group in self.param_groups:
             self._stepped[id(group)] = self._transforms[id(group)].hyperparameters
         return loss
@@ -260,6 +257,24 @@ def _by_transform(work: list) -> list:
     return list(out.values())
 
 
+# Entries of the parameters one core call may update together (see _GroupTransform.calls).
+_CALL_NUMEL = 1 << 20
+
+
+def _chunks(items: list) -> list:
+    """``items`` (``(p, functional, where)``) in consecutive runs of at most ``_CALL_NUMEL``
+    parameter entries; a larger parameter is a run of its own."""
+    out, run, size = [], [], 0
+    for item in items:
+        n = item[0].numel()
+        if run and size + n > _CALL_NUMEL:
+            out.append(run)
+            run, size = [], 0
+        run.append(item)
+        size += n
+    return out + [run] if run else out
+
+
 def _named(where: str, call):
     """``call()``, its errors prefixed with ``where`` (a parameter)."""
     try:
@@ -278,7 +293,7 @@ class _GroupTransform:
         self._make = make
         self._async = hyperparameters.get("async_preconditioners")
         self._param_txs: dict = {}  # id(p) -> p's transformation, with asynchronous roots
-        self._layouts = layouts  # (shape, dtype, device) -> (treespec, leaf shapes)
+        self._layouts = layouts  # (shape, dtype, device) -> (treespec, leaf shapes, leaf dtypes)
         self._stepped = stepped  # the hyperparameters of the group's last completed step
 
     def tx_for(self, p):
@@ -292,44 +307,46 @@ class _GroupTransform:
             tx = self._param_txs[id(p)] = self._make(async_preconditioners=self._async.scoped(("param", id(p))))
         return tx
 
-    def updates(self, items: list) -> list:
-        """``[(p, update, new functional state)]`` for ``items = [(p, functional, where)]``.
+    def calls(self, items: list):
+        """The core calls that update ``items = [(p, functional, where)]``: yields, per call, a list
+        of ``(p, update, new functional state)``, to be applied before the next call is made.
 
-        Parameters with equal step counts on one device are updated by one call of the core, as
-        the core updates a tree: one count read (a GPU synchronization) and one schedule for all
-        of them instead of one per parameter. With ``nonfinite="skip"`` (each parameter skips on
-        its own gradient) or asynchronous roots (each parameter has its own executor view), each
-        parameter is a call of its own.
+        Parameters with equal step counts on one device are updated together, as the core updates
+        a tree: one count read (a GPU synchronization) and one schedule per call instead of one
+        per parameter. A call holds the old and the new state of its parameters at once, so it
+        takes parameters only up to ``_CALL_NUMEL`` entries (a larger one is a call of its own):
+        the optimizer's peak memory stays the state plus that much, as when each parameter was a
+        call. With ``nonfinite="skip"`` (each parameter skips on its own gradient) or
+        asynchronous roots (each parameter has its own executor view) every parameter is a call.
         """
         if self._async is not None or self.tx.init.hyperparameters["nonfinite"] == "skip":
-            return [(p, *_named(where, lambda: self.tx_for(p).update(f, p.grad.detach(), p.detach())))
-                    for p, f, where in items]
+            for p, f, where in items:
+                yield [(p, *_named(where, lambda: self.tx_for(p).update(f, p.grad.detach(), p.detach())))]
+            return
         cohorts: dict = {}
-        for device in {p.device for p, _, _ in items}:
+        for device in {p.device: None for p, _, _ in items}:
             on_device = [item for item in items if item[0].device == device]
             counts = torch.stack([f.count for _, f, _ in on_device]).tolist()  # one host read
             for count, item in zip(counts, on_device):
                 cohorts.setdefault((device, count), []).append(item)
-        out = []
         for cohort in cohorts.values():
-            if len(cohort) == 1:
-                (p, f, where), = cohort
-                out.append((p, *_named(where, lambda: self.tx.update(f, p.grad.detach(), p.detach()))))
-                continue
-            first = cohort[0][1]
-            state = first._replace(params=tuple(f.params[0] for _, f, _ in cohort))
-            try:
-                updates, new = self.tx.update(state, [p.grad.detach() for p, _, _ in cohort],
-                                              [p.detach() for p, _, _ in cohort])
-            except (TypeError, ValueError, RuntimeError):
-                for p, f, where in cohort:  # the core names a list index; name the parameter
-                    _named(where, lambda: self.tx.update(f, p.grad.detach(), p.detach()))
-                raise
-            for i, ((p, f, _), u) in enumerate(zip(cohort, updates)):
-                # Each parameter keeps a count tensor of its own, as torch optimizers keep "step".
-                count = new.count if i == 0 else new.count.clone()
-                out.append((p, u, f._replace(count=count, params=(new.params[i],))))
-        return out
+            for call in _chunks(cohort):
+                yield self._joint_update(call)
+
+    def _joint_update(self, call: list) -> list:
+        if len(call) == 1:
+            (p, f, where), = call
+            return [(p, *_named(where, lambda: self.tx.update(f, p.grad.detach(), p.detach())))]
+        state = call[0][1]._replace(params=tuple(f.params[0] for _, f, _ in call))
+        try:
+            updates, new = self.tx.update(state, [p.grad.detach() for p, _, _ in call], [p.detach() for p, _, _ in call])
+        except (TypeError, ValueError, RuntimeError):
+            for p, f, where in call:  # the core names a list index; name the parameter
+                _named(where, lambda: self.tx.update(f, p.grad.detach(), p.detach()))
+            raise
+        # Each parameter keeps a count tensor of its own, as torch optimizers keep "step".
+        return [(p, u, f._replace(count=new.count if i == 0 else new.count.clone(), params=(new.params[i],)))
+                for i, ((p, f, _), u) in enumerate(zip(call, updates))]
 
     def unpack(self, p, leaves: list):
         """The functional state of ``p`` from its stored leaves, checked against the layout."""
@@ -337,10 +354,11 @@ class _GroupTransform:
         layout = self._layouts.get(key)
         if layout is None:
             template = self.tx.init(p.detach())
+            arrays = optree.tree_leaves(template)
             layout = self._layouts[key] = (
-                optree.tree_structure(template), [tuple(t.shape) for t in optree.tree_leaves(template)]
+                optree.tree_structure(template), [tuple(t.shape) for t in arrays], [t.dtype for t in arrays]
             )
-        spec, shapes = layout
+        spec, shapes, dtypes = layout
         if any(t is None for t in leaves) or [tuple(t.shape) for t in leaves] != shapes:
             before, now = {**_DEFAULTS, **self._stepped}, {**_DEFAULTS, **self.hyperparameters}
             changed = ", ".join(f"{k} {before[k]!r} -> {now[k]!r}" for k in now if before[k] != now[k])
@@ -350,5 +368,12 @@ class _GroupTransform:
                 "of fixed shapes; beta1 > 0 (betas[0]), graft_type, block_size and others decide it)"
                 + (f"; changed since the group's last step: {changed}" if changed else "")
                 + ". Keep those values, or start a new optimizer for the new ones."
+            )
+        stored = [t.dtype for t in leaves]
+        if stored != dtypes:
+            got, want = next((a, b) for a, b in zip(stored, dtypes) if a != b)
+            raise ValueError(
+                f"the stored optimizer state of a parameter of dtype {p.dtype} holds {got} arrays where "
+                f"{want} ones are made for it (did the parameter's dtype change since its state was made?)"
             )
         return optree.tree_unflatten(spec, leaves)

@@ -55,6 +55,27 @@ def test_matches_functional_core():
         assert torch.equal(p.detach(), q)
 
 
+def test_core_calls_are_bounded_in_size(monkeypatch):
+    # A core call holds the old and new state of its parameters at once: it takes parameters up
+    # to _CALL_NUMEL entries (the model's are 30, 5, 15 and 3), a larger one alone.
+    import backends.torch_optim as adapter
+
+    monkeypatch.setattr(adapter, "_CALL_NUMEL", 20)
+    calls = []
+    joint = adapter._GroupTransform._joint_update
+    monkeypatch.setattr(adapter._GroupTransform, "_joint_update",
+                        lambda self, call: calls.append([p.numel() for p, _, _ in call]) or joint(self, call))
+    model, x, y = model_and_data()
+    opt = Shampoo(model.parameters(), lr=0.05, **HP)
+    for _ in range(6):
+        opt.zero_grad()
+        loss_of(model, x, y).backward()
+        opt.step()
+    assert calls == [[30], [5, 15], [3]] * 6
+    for p, q in zip(model.parameters(), core_run([sc.shampoo(0.05, **HP)] * 6)):
+        assert torch.equal(p.detach(), q)
+
+
 def test_closure_and_zero_grad():
     model, x, y = model_and_data()
     opt = Shampoo(model.parameters(), lr=0.05, **HP)
@@ -541,7 +562,7 @@ def test_parameters_with_different_step_counts_match_the_core():
         assert torch.equal(p.detach(), q)
 
 
-def test_core_error_names_the_parameter_and_updates_none():
+def test_changed_dtype_is_refused_before_any_update():
     model, x, y = model_and_data()
     opt = Shampoo(model.named_parameters(), lr=0.05, **HP)
     for _ in range(2):
@@ -553,8 +574,30 @@ def test_core_error_names_the_parameter_and_updates_none():
         p.grad = torch.ones_like(p)
     before = [p.detach().clone() for p in model.parameters()]
     state_before = copy.deepcopy(opt.state_dict()["state"])
-    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[2\] \('2.weight'\): grads has dtype"):
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[2\] \('2.weight'\): the stored "
+                       r"optimizer state of a parameter of dtype torch.float32 holds torch.float64 arrays"):
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     state_after = opt.state_dict()["state"]
     assert all(torch.equal(a, b) for k in state_before for a, b in zip(state_before[k].values(), state_after[k].values()))
+
+
+def test_error_of_a_joint_core_call_names_the_parameter(monkeypatch):
+    # Parameters with equal counts are one core call, whose errors name a list index; the adapter
+    # names the parameter instead.
+    import importlib
+
+    shampoo_module = importlib.import_module("shampoo_core.shampoo")
+    real = shampoo_module._check_blocks
+
+    def refuse_3x5(config, g, s, path):
+        if tuple(g.shape) == (3, 5):
+            raise ValueError(f"grads{path} refused")
+        real(config, g, s, path)
+
+    model, x, y = model_and_data()
+    opt = Shampoo(model.named_parameters(), lr=0.05, **HP)
+    loss_of(model, x, y).backward()
+    monkeypatch.setattr(shampoo_module, "_check_blocks", refuse_3x5)
+    with pytest.raises(ValueError, match=r"^param_groups\[0\]\['params'\]\[2\] \('2.weight'\): grads refused$"):
+        opt.step()
