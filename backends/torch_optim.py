@@ -145,10 +145,11 @@ class Shampoo(torch.optim.Optimizer):
     def step(self, closure=None):
         """One optimizer step; ``closure`` re-evaluates the model and returns the loss.
 
-        The inputs of every parameter are checked, and every update computed, before any
-        parameter is updated, so a step that raises leaves the parameters and the state as they
-        were. Parameters of a group whose step counts agree (on one device) are updated by one
-        call of the core, as a tree; errors name the parameter (``param_groups[i]['params'][j]``).
+        The inputs of every parameter (gradient, stored state layout and dtypes) are checked
+        before any parameter is updated, so a step rejected for its inputs leaves the parameters
+        and the state as they were. Parameters of a group whose step counts agree (on one device)
+        are updated by one call of the core, as a tree, up to a bounded size per call; errors
+        name the parameter (``param_groups[i]['params'][j]``).
 
         Raises:
             ValueError: a sparse gradient; a non-finite gradient in a group with
@@ -157,8 +158,8 @@ class Shampoo(torch.optim.Optimizer):
                 ``block_size`` and others decide which arrays the state holds), e.g. after
                 changing one of them mid-run or loading a state dict made with other values.
             TypeError / ValueError: a parameter the core cannot hold state for (complex; float64
-                state on a device without float64), or whose gradient the core refuses (e.g. a
-                parameter whose dtype changed since its state was made).
+                state on a device without float64), or whose stored state has other dtypes than
+                those made for it (its dtype changed since).
             RuntimeError: an asynchronous root that failed in its worker (``async_preconditioners``).
         """
         loss = None
