@@ -25,6 +25,13 @@ def loss_of(model, x, y):
     return torch.mean((model(x) - y) ** 2)
 
 
+def train(opt, model, x, y, steps):
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_of(model, x, y).backward()
+        opt.step()
+
+
 def core_run(txs):
     """The parameters after one step of each of ``txs`` in turn, each parameter with its own state
     (as the adapter keeps it), from :func:`model_and_data`'s model and data. An item of ``txs`` may
@@ -47,10 +54,7 @@ def core_run(txs):
 def test_matches_functional_core():
     model, x, y = model_and_data()
     opt = Shampoo(model.parameters(), lr=0.05, **HP)
-    for _ in range(6):
-        opt.zero_grad()
-        loss_of(model, x, y).backward()
-        opt.step()
+    train(opt, model, x, y, 6)
     for p, q in zip(model.parameters(), core_run([sc.shampoo(0.05, **HP)] * 6)):
         assert torch.equal(p.detach(), q)
 
@@ -67,10 +71,7 @@ def test_core_calls_are_bounded_in_size(monkeypatch):
                         lambda self, call: calls.append([p.numel() for p, _, _ in call]) or joint(self, call))
     model, x, y = model_and_data()
     opt = Shampoo(model.parameters(), lr=0.05, **HP)
-    for _ in range(6):
-        opt.zero_grad()
-        loss_of(model, x, y).backward()
-        opt.step()
+    train(opt, model, x, y, 6)
     assert calls == [[30], [5, 15], [3]] * 6
     for p, q in zip(model.parameters(), core_run([sc.shampoo(0.05, **HP)] * 6)):
         assert torch.equal(p.detach(), q)
@@ -145,16 +146,10 @@ def test_tensor_lr_steps_as_the_float_lr():
 def test_state_dict_round_trip_is_exact():
     model, x, y = model_and_data(torch.float32)
     opt = Shampoo(model.parameters(), lr=0.05, **HP)
-    for _ in range(3):
-        opt.zero_grad()
-        loss_of(model, x, y).backward()
-        opt.step()
+    train(opt, model, x, y, 3)
     saved_model = copy.deepcopy(model.state_dict())
     saved_opt = copy.deepcopy(opt.state_dict())
-    for _ in range(4):
-        opt.zero_grad()
-        loss_of(model, x, y).backward()
-        opt.step()
+    train(opt, model, x, y, 4)
     expected = [p.detach().clone() for p in model.parameters()]
 
     model2, _, _ = model_and_data(torch.float32)
@@ -180,18 +175,15 @@ def test_state_dict_with_cost_model_and_executor_loads_with_weights_only(tmp_pat
                        async_preconditioners=executor, **HP), executor
 
     def steps(model, opt, n):
-        for _ in range(n):
-            opt.zero_grad()
-            loss_of(model, x, y).backward()
-            opt.step()
+        train(opt, model, x, y, n)
 
     model, x, y = model_and_data()
     opt, executor = optimizer(model)
-    steps(model, opt, 3)  # roots submitted at step 2 were swapped in at step 3: none in flight
+    train(opt, model, x, y, 3)  # roots submitted at step 2 were swapped in at step 3: none in flight
     assert executor.pending == 0
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
     assert isinstance(opt.param_groups[0]["cost_model"], sc.CostModel)  # the live groups keep theirs
-    steps(model, opt, 4)
+    train(opt, model, x, y, 4)
 
     model2, _, _ = model_and_data()
     opt2, executor2 = optimizer(model2)
@@ -200,7 +192,7 @@ def test_state_dict_with_cost_model_and_executor_loads_with_weights_only(tmp_pat
     opt2.load_state_dict(saved["opt"])
     assert opt2.param_groups[0]["cost_model"] == cm
     assert opt2.param_groups[0]["async_preconditioners"] is executor2
-    steps(model2, opt2, 4)
+    train(opt2, model2, x, y, 4)
     for p, q in zip(model2.parameters(), model.parameters()):
         assert torch.equal(p, q)
     executor.close()
@@ -266,10 +258,7 @@ def test_sparse_gradients_rejected():
 def test_unhashable_hyperparameters_and_group_changes():
     model, x, y = model_and_data()
     opt = Shampoo(model.parameters(), lr=0.05, root_method="auto", cost_model=sc.CostModel(), **HP)
-    for _ in range(3):
-        opt.zero_grad()
-        loss_of(model, x, y).backward()
-        opt.step()
+    train(opt, model, x, y, 3)
     tx_before = opt._transform(opt.param_groups[0])
     opt.param_groups[0]["graft_type"] = "sgd"  # a changed group rebuilds its transformation
     assert opt._transform(opt.param_groups[0]) is not tx_before
@@ -277,10 +266,7 @@ def test_unhashable_hyperparameters_and_group_changes():
 
 
 def _steps(model, opt, x, y, n):
-    for _ in range(n):
-        opt.zero_grad()
-        loss_of(model, x, y).backward()
-        opt.step()
+    train(opt, model, x, y, n)
 
 
 def _snapshot(model, opt):
@@ -505,10 +491,7 @@ def test_asynchronous_roots_are_each_parameters_own():
     model, x, y = model_and_data()
     with sc.AsyncPreconditioners(max_workers=2, max_staleness=2, deterministic=True) as ex:
         opt = Shampoo(model.parameters(), lr=0.05, async_preconditioners=ex, **HP)
-        for _ in range(8):
-            opt.zero_grad()
-            loss_of(model, x, y).backward()
-            opt.step()
+        train(opt, model, x, y, 8)
     executors = [sc.AsyncPreconditioners(max_staleness=2, deterministic=True) for _ in model.parameters()]
     txs = [sc.shampoo(0.05, async_preconditioners=e, **HP) for e in executors]
     expected = core_run([txs] * 8)
@@ -532,10 +515,7 @@ def test_failed_asynchronous_root_names_the_parameter(monkeypatch):
     with sc.AsyncPreconditioners(max_staleness=1, deterministic=True) as ex:
         opt = Shampoo(model.named_parameters(), lr=0.05, async_preconditioners=ex, **HP)
         with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[0\] \('0.weight'\).*inverse root computation"):
-            for _ in range(4):
-                opt.zero_grad()
-                loss_of(model, x, y).backward()
-                opt.step()
+            train(opt, model, x, y, 4)
 
 
 def test_parameters_with_different_step_counts_match_the_core():
@@ -565,10 +545,7 @@ def test_parameters_with_different_step_counts_match_the_core():
 def test_changed_dtype_is_refused_before_any_update():
     model, x, y = model_and_data()
     opt = Shampoo(model.named_parameters(), lr=0.05, **HP)
-    for _ in range(2):
-        opt.zero_grad()
-        loss_of(model, x, y).backward()
-        opt.step()
+    train(opt, model, x, y, 2)
     model[2].weight.data = model[2].weight.data.float()  # its state was made for float64
     for p in model.parameters():
         p.grad = torch.ones_like(p)
