@@ -2,7 +2,8 @@
 
 Each parameter keeps its own functional state (as torch optimizers keep per-parameter state),
 stored in ``self.state[p]`` as flat tensors (``"leaf0"``, ``"leaf1"``, ...) so that
-``state_dict``/``load_state_dict`` work as for any torch optimizer. The learning rate is read
+``state_dict``/``load_state_dict`` work as for any torch optimizer. The parameters of a group
+whose step counts agree are updated together, by one call of the core per bounded run of them. The learning rate is read
 from ``param_group["lr"]`` at every step, so ``torch.optim.lr_scheduler`` schedules apply.
 As in ``torch.optim.Adam``, the two decays are ``betas=(beta1, beta2)`` in each param group, where
 the schedulers that cycle momentum (``OneCycleLR``, ``CyclicLR``) find and set them.
