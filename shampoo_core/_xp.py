@@ -40,9 +40,23 @@ _PLACEMENTS: dict = {}
 _PLACEMENT_OF_TYPE: dict = {}  # array type -> its rule or None; placement runs per leaf per step
 
 
+_NAMESPACE_OF_TYPE: dict = {}  # array type -> its namespace; asked for several times per leaf per step
+
+
 def namespace(*arrays):
-    """Return the array-API namespace shared by ``arrays`` (raises TypeError if they mix libraries)."""
-    return array_api_compat.array_namespace(*arrays)
+    """Return the array-API namespace shared by ``arrays`` (raises TypeError if they mix libraries).
+
+    ``array_api_compat.array_namespace``, remembered per array type: it depends on the type only.
+    """
+    if arrays:
+        kind = type(arrays[0])
+        xp = _NAMESPACE_OF_TYPE.get(kind)
+        if xp is not None and all(type(a) is kind for a in arrays):
+            return xp
+    xp = array_api_compat.array_namespace(*arrays)
+    if arrays and all(type(a) is type(arrays[0]) for a in arrays):
+        _NAMESPACE_OF_TYPE[type(arrays[0])] = xp
+    return xp
 
 
 def device_of(x):
@@ -107,9 +121,21 @@ def is_real_floating(xp, x) -> bool:
     return xp.isdtype(x.dtype, "real floating")
 
 
+# (dtype type, dtype) -> is_half, read for every leaf at every step. The type keeps dtypes of
+# different libraries apart (array_api_strict warns when its dtypes are compared with NumPy's).
+_HALF: dict = {}
+
+
 def is_half(xp, dtype) -> bool:
     """Whether ``dtype`` is a real floating dtype narrower than 32 bits (float16, bfloat16)."""
-    return xp.finfo(dtype).bits < 32
+    key = (type(dtype), dtype)
+    try:
+        return _HALF[key]
+    except KeyError:
+        half = _HALF[key] = xp.finfo(dtype).bits < 32
+        return half
+    except TypeError:  # an unhashable dtype object
+        return xp.finfo(dtype).bits < 32
 
 
 def dtype_name(dtype) -> str:
@@ -151,7 +177,7 @@ def norm(xp, x):
         return xp.astype(norm(xp, xp.astype(x, xp.float32)), x.dtype)
     if array_api_compat.is_numpy_array(x) or array_api_compat.is_array_api_strict_namespace(xp):
         v = xp.reshape(x, (-1,))
-        return xp.sqrt(xp.vecdot(v, v))
+        return xp.sqrt(v @ v)  # 1-D @ 1-D: the BLAS dot, without vecdot's wrapper
     return xp.linalg.vector_norm(x)
 
 

@@ -20,6 +20,8 @@ def precondition_block(xp, g, preconditioners, preconditioned: tuple[bool, ...])
     Returns:
         Array of the shape and dtype of ``g``.
     """
+    if g.ndim == 1:
+        return g @ preconditioners[0] if preconditioned[0] else g
     if g.ndim == 2:
         factors = iter(preconditioners)
         if preconditioned[0]:

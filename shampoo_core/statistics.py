@@ -21,6 +21,8 @@ def kronecker_factors(xp, g, preconditioned: tuple[bool, ...]) -> list:
     Returns:
         One ``(d_i, d_i)`` array per preconditioned dim, in the dtype of ``g``.
     """
+    if g.ndim == 1:  # full-matrix AdaGrad on a vector: the outer product, without tensordot's reshapes
+        return [g[:, None] * g[None, :]] if preconditioned[0] else []
     if g.ndim == 2:
         # Plain matmuls: BLAS sees a transposed operand (a symmetric product where the library
         # detects it) instead of tensordot's transpose-and-copy.
