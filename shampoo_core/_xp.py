@@ -23,6 +23,7 @@ __all__ = [
     "supports_float64",
     "eye_like",
     "norm",
+    "at_least",
     "scalar",
     "is_lazy",
     "concrete",
@@ -179,6 +180,19 @@ def norm(xp, x):
         v = xp.reshape(x, (-1,))
         return xp.sqrt(v @ v)  # 1-D @ 1-D: the BLAS dot, without vecdot's wrapper
     return xp.linalg.vector_norm(x)
+
+
+def at_least(xp, x, floor: float):
+    """``max(x, floor)`` elementwise, for a Python float ``floor``.
+
+    torch: ``clip``, which calls ``torch.clamp`` with the scalar (``maximum`` would first make a
+    tensor of it on ``x``'s device). Elsewhere ``maximum``, which takes the scalar as it is:
+    array_api_compat's ``clip`` for NumPy and CuPy runs several Python checks per call, 18 µs
+    against about 1 µs on a 0-d NumPy array.
+    """
+    if array_api_compat.is_torch_namespace(xp):
+        return xp.clip(x, min=floor)
+    return xp.maximum(x, floor)
 
 
 def scalar(x) -> float:

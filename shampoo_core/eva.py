@@ -62,7 +62,7 @@ def eva_s_precondition(xp, g, left, right, damping: float):
     """P = G - (lᵀGr)/(γ + ‖l‖²‖r‖²) · lrᵀ rescaled to ‖G‖ (l: (m,), r: (n,))."""
     coef = (left @ g @ right) / (damping + xp.sum(left * left) * xp.sum(right * right))
     p = g - coef * (left[:, None] * right[None, :])
-    return p * (_xp.norm(xp, g) / xp.maximum(_xp.norm(xp, p), 1e-16))
+    return p * (_xp.norm(xp, g) / _xp.at_least(xp, _xp.norm(xp, p), 1e-16))
 
 
 class EvaState(NamedTuple):

@@ -66,7 +66,7 @@ def graft_direction(xp, graft_type: GraftType, state: GraftState, f, *, epsilon:
     if graft_type in (GraftType.NONE, GraftType.SGD):
         return f, f_scale
     if graft_type is GraftType.SQRT_N:  # f_scale > 0 cancels
-        return f, math.sqrt(math.prod(f.shape)) / xp.maximum(_xp.norm(xp, f), NORM_FLOOR)
+        return f, math.sqrt(math.prod(f.shape)) / _xp.at_least(xp, _xp.norm(xp, f), NORM_FLOOR)
     acc = state.accumulator
     if graft_type is GraftType.ADAM:
         root_c = (1.0 - beta2**step) ** 0.5

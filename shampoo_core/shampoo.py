@@ -580,7 +580,7 @@ def _preconditioned_update(config, xp, blocks, f, f_scale, direction, d_scale, p
 
     def grafted(p, d):
         target = grafting.graft_norm(xp, graft_type, d, d_scale)
-        return factor * f_scale * target / xp.maximum(f_scale * _xp.norm(xp, p), floor)
+        return factor * f_scale * target / _xp.at_least(xp, f_scale * _xp.norm(xp, p), floor)
 
     if config.graft_granularity is GraftGranularity.BLOCK:
         d_blocks = blocking.split_blocks(xp, direction, plan)
