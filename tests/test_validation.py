@@ -58,6 +58,22 @@ def test_first_order_bad_hyperparameters():
         sc.adagrad(epsilon=-1.0)
 
 
+def test_arrays_of_two_libraries_are_refused():
+    # The namespace is remembered per array type: a tree mixing libraries is still refused once
+    # both types are known.
+    torch = pytest.importorskip("torch")
+    from shampoo_core import _xp
+
+    tx = sc.shampoo()
+    a, b = np.ones((2, 2)), torch.ones((2, 2), dtype=torch.float64)
+    tx.init(a), tx.init(b)
+    assert _xp.namespace(a, a) is _xp.namespace(a) and _xp.namespace(b) is not _xp.namespace(a)
+    with pytest.raises(TypeError, match="Multiple namespaces"):
+        _xp.namespace(a, b)
+    with pytest.raises(TypeError, match="Multiple namespaces"):
+        tx.init({"a": a, "b": b})
+
+
 def test_integer_params_rejected(xp):
     tx = sc.shampoo()
     with pytest.raises(TypeError, match=r"params\['w'\].*real floating"):
