@@ -167,9 +167,11 @@ class Shampoo(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work, checked = [], []
+        work, checked = [], []  # work: (group transform, [(p, functional state, where)])
         for g_index, group in enumerate(self.param_groups):
             gt = self._transform(group)
+            items = []
+            work.append((gt, items))
             for p_index, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
@@ -191,12 +193,12 @@ class Shampoo(torch.optim.Optimizer):
                         functional = gt.tx.init(p.detach())
                     except (TypeError, ValueError) as err:
                         raise type(err)(f"{where}: {err}; no parameter was updated") from None
-                work.append((gt, p, functional, where))
+                items.append((p, functional, where))
         try:  # all parameters at once: one host read (one GPU synchronization) per step
             guard(xp, checked, "raise")
         except ValueError as err:
             raise ValueError(f"{err}; no parameter was updated") from None
-        for gt, items in _by_transform(work):
+        for gt, items in work:
             for results in gt.calls(items):
                 for p, update, functional in results:
                     p.add_(update)
@@ -251,14 +253,6 @@ class Shampoo(torch.optim.Optimizer):
                 self.state[p] = {k: v.to(device=p.device) if torch.is_tensor(v) else v for k, v in saved.items()}
 
 
-def _by_transform(work: list) -> list:
-    """``[(gt, [(p, functional, where), ...])]``: the work items of each group, in order."""
-    out: dict = {}
-    for gt, p, functional, where in work:
-        out.setdefault(id(gt), (gt, []))[1].append((p, functional, where))
-    return list(out.values())
-
-
 # Entries of the parameters one core call may update together (see _GroupTransform.calls).
 _CALL_NUMEL = 1 << 20
 
@@ -277,11 +271,12 @@ def _chunks(items: list) -> list:
     return out + [run] if run else out
 
 
-def _named(where: str, call):
-    """``call()``, its errors prefixed with ``where`` (a parameter)."""
+def _update_one(tx, p, functional, where: str) -> tuple:
+    """``(p, update, new functional state)`` from one core call on ``p`` alone; its errors are
+    prefixed with ``where`` (RuntimeError: e.g. a failed asynchronous root)."""
     try:
-        return call()
-    except (TypeError, ValueError, RuntimeError) as err:  # RuntimeError: e.g. a failed asynchronous root
+        return (p, *tx.update(functional, p.grad.detach(), p.detach()))
+    except (TypeError, ValueError, RuntimeError) as err:
         raise type(err)(f"{where}: {err}") from err
 
 
@@ -294,6 +289,8 @@ class _GroupTransform:
         self.checks_finite = checks_finite  # step() checks this group's gradients; tx does not
         self._make = make
         self._async = hyperparameters.get("async_preconditioners")
+        # A call per parameter: each skips on its own gradient, or has its own executor view.
+        self._per_parameter = self._async is not None or self.tx.init.hyperparameters["nonfinite"] == "skip"
         self._param_txs: dict = {}  # id(p) -> p's transformation, with asynchronous roots
         self._layouts = layouts  # (shape, dtype, device) -> (treespec, leaf shapes, leaf dtypes)
         self._stepped = stepped  # the hyperparameters of the group's last completed step
@@ -321,9 +318,9 @@ class _GroupTransform:
         call. With ``nonfinite="skip"`` (each parameter skips on its own gradient) or
         asynchronous roots (each parameter has its own executor view) every parameter is a call.
         """
-        if self._async is not None or self.tx.init.hyperparameters["nonfinite"] == "skip":
+        if self._per_parameter:
             for p, f, where in items:
-                yield [(p, *_named(where, lambda: self.tx_for(p).update(f, p.grad.detach(), p.detach())))]
+                yield [_update_one(self.tx_for(p), p, f, where)]
             return
         cohorts: dict = {}
         for device in {p.device: None for p, _, _ in items}:
@@ -337,14 +334,13 @@ class _GroupTransform:
 
     def _joint_update(self, call: list) -> list:
         if len(call) == 1:
-            (p, f, where), = call
-            return [(p, *_named(where, lambda: self.tx.update(f, p.grad.detach(), p.detach())))]
+            return [_update_one(self.tx, *call[0])]
         state = call[0][1]._replace(params=tuple(f.params[0] for _, f, _ in call))
         try:
             updates, new = self.tx.update(state, [p.grad.detach() for p, _, _ in call], [p.detach() for p, _, _ in call])
         except (TypeError, ValueError, RuntimeError):
-            for p, f, where in call:  # the core names a list index; name the parameter
-                _named(where, lambda: self.tx.update(f, p.grad.detach(), p.detach()))
+            for item in call:  # the core names a list index; name the parameter
+                _update_one(self.tx, *item)
             raise
         # Each parameter keeps a count tensor of its own, as torch optimizers keep "step".
         return [(p, u, f._replace(count=new.count if i == 0 else new.count.clone(), params=(new.params[i],)))
