@@ -187,8 +187,8 @@ def at_least(xp, x, floor: float):
 
     torch: ``clip``, which calls ``torch.clamp`` with the scalar (``maximum`` would first make a
     tensor of it on ``x``'s device). Elsewhere ``maximum``, which takes the scalar as it is:
-    array_api_compat's ``clip`` for NumPy and CuPy runs several Python checks per call, 18 µs
-    against about 1 µs on a 0-d NumPy array.
+    array_api_compat's ``clip`` for NumPy and CuPy runs several Python checks per call, 6.1 µs
+    against 0.8 µs for ``maximum`` on a 0-d NumPy array.
     """
     if array_api_compat.is_torch_namespace(xp):
         return xp.clip(x, min=floor)
