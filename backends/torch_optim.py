@@ -213,31 +213,68 @@ class Shampoo(torch.optim.Optimizer):
         """As ``torch.optim.Optimizer.state_dict``, with plain data in the param groups, so that
         ``torch.load`` (``weights_only=True``, its default) reads it back: a ``cost_model`` is
         stored as :meth:`~shampoo_core.CostModel.to_dict`, an ``async_preconditioners`` executor
-        as its :meth:`~shampoo_core.AsyncPreconditioners.settings` (a thread pool is not state;
-        roots still in flight are not saved and are computed again at the next root step)."""
+        as its :meth:`~shampoo_core.AsyncPreconditioners.settings` (a thread pool is not state).
+
+        With asynchronous roots, the roots still in flight are waited for and stored under the
+        parameter's ``"pending_roots"`` (as :func:`shampoo_core.save_state` does), so that a
+        resumed run swaps them in at the same steps as the uninterrupted one.
+
+        Raises:
+            RuntimeError: a root still in flight failed in its worker (naming the parameter).
+        """
         out = super().state_dict()
         for group in out["param_groups"]:  # torch's packed copies: the live groups keep their objects
             if isinstance(group.get("cost_model"), sc.CostModel):
                 group["cost_model"] = group["cost_model"].to_dict()
             if isinstance(group.get("async_preconditioners"), sc.AsyncPreconditioners):
                 group["async_preconditioners"] = group["async_preconditioners"].settings()
+        index = 0
+        for g_index, group in enumerate(self.param_groups):
+            executor = group.get("async_preconditioners")
+            for p_index, p in enumerate(group["params"]):
+                if isinstance(executor, sc.AsyncPreconditioners) and index in out["state"]:
+                    try:
+                        pending = _param_view(executor, p).export_pending()
+                    except RuntimeError as err:
+                        raise RuntimeError(f"param_groups[{g_index}]['params'][{p_index}]: {err}") from err
+                    if pending:  # a new dict: torch's packed state shares the live one
+                        out["state"][index] = {**out["state"][index], "pending_roots": _encode_pending(pending)}
+                index += 1
         return out
 
     def load_state_dict(self, state_dict) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``, except that every state tensor keeps the
         dtype it was saved with (only its device follows the parameter), a saved ``cost_model``
-        becomes a :class:`~shampoo_core.CostModel` again, and each group keeps the
-        ``async_preconditioners`` this optimizer was given (an executor is not state).
+        becomes a :class:`~shampoo_core.CostModel` again, each group keeps the
+        ``async_preconditioners`` this optimizer was given (an executor is not state), and saved
+        roots in flight are queued on that executor, to be swapped in when they would have been.
 
         torch casts floating state to the parameter's dtype on load; here that would turn the int32
         counters into floats and round the float32 state of bfloat16 and float16 parameters
         (``state_dtype``). Errors are torch's (group and parameter counts), and ValueError for a
-        saved cost model of another format.
+        saved cost model of another format, or saved roots in flight for a group of this optimizer
+        without ``async_preconditioners``; the optimizer is unchanged after any of them.
         """
         # Read before anything is loaded, so that a bad one leaves the optimizer as it was.
         models = [sc.CostModel.from_dict(g["cost_model"], f"the state dict's param_groups[{i}]['cost_model']")
                   if isinstance(g.get("cost_model"), dict) else None for i, g in enumerate(state_dict["param_groups"])]
         executors = [group.get("async_preconditioners") for group in self.param_groups]
+        pending = {}  # saved param id -> its roots in flight
+        for i, saved_group in enumerate(state_dict["param_groups"]):
+            for j, saved_id in enumerate(saved_group["params"]):
+                entries = state_dict["state"].get(saved_id, {}).get("pending_roots")
+                if entries is None:
+                    continue
+                if i < len(executors) and not isinstance(executors[i], sc.AsyncPreconditioners):
+                    raise ValueError(
+                        f"the state dict's param_groups[{i}]['params'][{j}] has {len(entries)} roots in flight, "
+                        f"and param_groups[{i}] of this optimizer has no async_preconditioners to resume them; "
+                        "pass one, or delete the state's 'pending_roots' entries to compute them again"
+                    )
+                pending[saved_id] = entries
+        if pending:  # torch's loader would take the entries for state tensors
+            state_dict = dict(state_dict, state={k: {n: t for n, t in v.items() if n != "pending_roots"}
+                                                 for k, v in state_dict["state"].items()})
         super().load_state_dict(state_dict)
         for i, (group, model, executor) in enumerate(zip(self.param_groups, models, executors)):
             _fold_betas(group, f"param_groups[{i}]", self.defaults["betas"])  # maybe the core's spelling
@@ -246,11 +283,34 @@ class Shampoo(torch.optim.Optimizer):
             if executor is not None or "async_preconditioners" in group:
                 group["async_preconditioners"] = executor
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
-        for saved_id, p in zip(saved_ids, params):
+        params = [(p, group) for group in self.param_groups for p in group["params"]]
+        for saved_id, (p, group) in zip(saved_ids, params):
             saved = state_dict["state"].get(saved_id)
             if saved is not None:
                 self.state[p] = {k: v.to(device=p.device) if torch.is_tensor(v) else v for k, v in saved.items()}
+            if saved_id in pending:
+                _param_view(group["async_preconditioners"], p).import_pending(_decode_pending(pending[saved_id], p.device))
+
+
+def _param_view(executor, p):
+    """The view of ``executor`` that holds ``p``'s root jobs (see ``_GroupTransform.tx_for``)."""
+    return executor.scoped(("param", id(p)))
+
+
+def _encode_pending(entries) -> list:
+    """Plain data (tensors, numbers, lists) for ``torch.load(weights_only=True)`` of
+    ``AsyncPreconditioners.export_pending``'s ``[(key, submitted step, [RootResult])]``."""
+    return [{"key": list(key), "step": int(step), "roots": [r.root for r in results],
+             "error": [float(r.error) for r in results], "lambda_max": [float(r.lambda_max) for r in results],
+             "iterations": [int(r.iterations) for r in results]} for key, step, results in entries]
+
+
+def _decode_pending(entries, device) -> list:
+    from shampoo_core.roots import RootResult
+
+    return [(tuple(e["key"]), e["step"], [RootResult(root.to(device=device), *rest) for root, *rest in
+                                          zip(e["roots"], e["error"], e["lambda_max"], e["iterations"])])
+            for e in entries]
 
 
 # Entries of the parameters one core call may update together (see _GroupTransform.calls).
@@ -303,7 +363,7 @@ class _GroupTransform:
             return self.tx
         tx = self._param_txs.get(id(p))
         if tx is None:  # the optimizer holds p, so its id is not reused while the entry lives
-            tx = self._param_txs[id(p)] = self._make(async_preconditioners=self._async.scoped(("param", id(p))))
+            tx = self._param_txs[id(p)] = self._make(async_preconditioners=_param_view(self._async, p))
         return tx
 
     def calls(self, items: list):

@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import shampoo_core as sc  # noqa: E402
-from backends.torch_optim import Shampoo  # noqa: E402
+from backends.torch_optim import Shampoo, _param_view  # noqa: E402
 
 HP = dict(block_size=4, start_preconditioning_step=2, preconditioning_compute_steps=2, beta2=0.99)
 
@@ -483,6 +483,39 @@ def test_errors_name_parameters_given_by_name():
     with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[2\] \('2\.weight'\) has non-finite"):
         opt.step()
     _assert_unchanged(model, opt, snapshot)
+
+
+def test_state_dict_keeps_roots_in_flight(tmp_path):
+    # Roots submitted at step 2 are swapped in at step 4 (max_staleness=2): a save after step 3
+    # holds them, and the resumed run swaps them in at step 4 as the uninterrupted run does.
+    def optimizer(model, executor):
+        return Shampoo(model.named_parameters(), lr=0.05, async_preconditioners=executor, **HP)
+
+    model, x, y = model_and_data()
+    with sc.AsyncPreconditioners(max_staleness=2, deterministic=True) as ex:
+        opt = optimizer(model, ex)
+        train(opt, model, x, y, 3)
+        in_flight = [_param_view(ex, p).pending for p in model.parameters()]
+        assert sum(in_flight) == ex.pending > 0
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+        assert all("pending_roots" not in s for s in opt.state.values())  # the live state is untouched
+        train(opt, model, x, y, 4)
+
+    saved = torch.load(tmp_path / "ckpt.pt")  # weights_only=True
+    assert [len(s.get("pending_roots", [])) for s in saved["opt"]["state"].values()] == in_flight
+    model2, _, _ = model_and_data()
+    model2.load_state_dict(saved["model"])
+    opt2 = Shampoo(model2.named_parameters(), lr=0.05, **HP)
+    with pytest.raises(ValueError, match=rf"param_groups\[0\]\['params'\]\[0\] has {in_flight[0]} roots in flight.*no async_preconditioners"):
+        opt2.load_state_dict(saved["opt"])
+    assert not opt2.state
+    with sc.AsyncPreconditioners(max_staleness=2, deterministic=True) as ex2:
+        opt2 = optimizer(model2, ex2)
+        opt2.load_state_dict(saved["opt"])
+        assert ex2.pending == sum(in_flight)
+        train(opt2, model2, x, y, 4)
+    for p, q in zip(model2.parameters(), model.parameters()):
+        assert torch.equal(p, q)
 
 
 def test_asynchronous_roots_are_each_parameters_own():
