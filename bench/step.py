@@ -247,13 +247,12 @@ def run(args) -> int:
         floor = floor_seconds(block_size, np_params, args.steps, lib)
         row = dict(block_size=block_size, blocks=sum(len(s.blocks) for s in state0.params),
                    nonroot_ms=1e3 * nonroot, floor_ms=1e3 * floor, ratio_to_floor=nonroot / floor)
-        if not jitted:
-            hot = hot_floor_seconds(block_size, np_params, args.steps, lib)
-            row.update(hot_floor_ms=1e3 * hot, ratio_to_hot_floor=nonroot / hot)
         if jitted:
             row.update(first_call_s=first)  # compilation dominates; the root step is not separable
             roots_text = f"first call (compiles) {first:.1f} s"
         else:
+            hot = hot_floor_seconds(block_size, np_params, args.steps, lib)
+            row.update(hot_floor_ms=1e3 * hot, ratio_to_hot_floor=nonroot / hot)
             root = max(first - nonroot, 0.0)
             row.update(root_step_extra_ms=1e3 * root, amortized_ms={n: 1e3 * (nonroot + root / n) for n in (1, 10, 100)})
             roots_text = (f"roots +{row['root_step_extra_ms']:.0f} ms; amortized N=1/10/100: "

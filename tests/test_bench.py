@@ -34,7 +34,7 @@ def test_step_benchmark(tmp_path):
     report = json.loads((tmp_path / "step.json").read_text())
     assert [r["block_size"] for r in report["rows"]] == [8, 32]
     for r in report["rows"]:
-        assert r["floor_ms"] > 0 and r["nonroot_ms"] > 0
+        assert r["floor_ms"] > 0 and r["nonroot_ms"] > 0 and r["hot_floor_ms"] > 0
         assert r["amortized_ms"]["1"] >= r["amortized_ms"]["100"]
         assert r["block_matmuls_loop_ms"] > 0 and r["block_matmuls_batched_ms"] > 0  # 64x256 splits evenly
 
@@ -48,6 +48,22 @@ def test_step_benchmark_on_other_libraries(tmp_path, lib):
     assert report["library"] == lib and row["blocks"] == 57
     assert row["floor_ms"] > 0 and row["nonroot_ms"] > 0
     assert ("first_call_s" in row) == (lib == "jax") and ("amortized_ms" in row) == (lib == "torch")
+    assert ("hot_floor_ms" in row) == (lib == "torch")  # from cache: eager calls only
+
+
+def test_step_floor_gives_every_block_operands_of_its_own(monkeypatch):
+    # The step meets each block's data from memory; a floor timing one block per shape from
+    # cache and multiplying would undercount (hot_floor_seconds keeps that figure apart).
+    from bench import step
+
+    made = []
+    real = step._operands
+    monkeypatch.setattr(step, "_operands", lambda *a: made.append(a[1]) or real(*a))
+    assert step.floor_seconds(32, step.model_problem(step.SMALL_SHAPES)[0], 1) > 0
+    assert len(made) == 57  # every block, as the step's state holds them
+    made.clear()
+    step.hot_floor_seconds(32, step.model_problem(step.SMALL_SHAPES)[0], 1)
+    assert len(made) == len(set(made)) < 57  # one per distinct shape
 
 
 def test_adapters_benchmark(tmp_path):
