@@ -175,9 +175,7 @@ class Shampoo(torch.optim.Optimizer):
             for p_index, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                where = f"param_groups[{g_index}]['params'][{p_index}]"
-                if "param_names" in group:  # the optimizer was given named_parameters()
-                    where += f" ({group['param_names'][p_index]!r})"
+                where = _where(group, g_index, p_index)
                 if p.grad.is_sparse:
                     raise ValueError(f"{where}: Shampoo does not support sparse gradients")
                 if gt.checks_finite:
@@ -228,18 +226,19 @@ class Shampoo(torch.optim.Optimizer):
                 group["cost_model"] = group["cost_model"].to_dict()
             if isinstance(group.get("async_preconditioners"), sc.AsyncPreconditioners):
                 group["async_preconditioners"] = group["async_preconditioners"].settings()
-        index = 0
-        for g_index, group in enumerate(self.param_groups):
+        # torch numbers the parameters across groups in order; out["state"] is keyed by that index.
+        places = [(g_index, p_index, group, p) for g_index, group in enumerate(self.param_groups)
+                  for p_index, p in enumerate(group["params"])]
+        for index, (g_index, p_index, group, p) in enumerate(places):
             executor = group.get("async_preconditioners")
-            for p_index, p in enumerate(group["params"]):
-                if isinstance(executor, sc.AsyncPreconditioners) and index in out["state"]:
-                    try:
-                        pending = _param_view(executor, p).export_pending()
-                    except RuntimeError as err:
-                        raise RuntimeError(f"param_groups[{g_index}]['params'][{p_index}]: {err}") from err
-                    if pending:  # a new dict: torch's packed state shares the live one
-                        out["state"][index] = {**out["state"][index], "pending_roots": _encode_pending(pending)}
-                index += 1
+            if not isinstance(executor, sc.AsyncPreconditioners) or index not in out["state"]:
+                continue
+            try:
+                pending = _param_view(executor, p).export_pending()
+            except RuntimeError as err:
+                raise RuntimeError(f"{_where(group, g_index, p_index)}: {err}") from err
+            if pending:  # a new dict: torch's packed state shares the live one
+                out["state"][index] = {**out["state"][index], "pending_roots": _encode_pending(pending)}
         return out
 
     def load_state_dict(self, state_dict) -> None:
@@ -297,19 +296,28 @@ def _param_view(executor, p):
     return executor.scoped(("param", id(p)))
 
 
+def _where(group: dict, g_index: int, p_index: int) -> str:
+    """How errors name a parameter: its place, and its name when the optimizer was given
+    ``named_parameters()``."""
+    where = f"param_groups[{g_index}]['params'][{p_index}]"
+    if "param_names" in group:
+        where += f" ({group['param_names'][p_index]!r})"
+    return where
+
+
 def _encode_pending(entries) -> list:
-    """Plain data (tensors, numbers, lists) for ``torch.load(weights_only=True)`` of
-    ``AsyncPreconditioners.export_pending``'s ``[(key, submitted step, [RootResult])]``."""
-    return [{"key": list(key), "step": int(step), "roots": [r.root for r in results],
-             "error": [float(r.error) for r in results], "lambda_max": [float(r.lambda_max) for r in results],
-             "iterations": [int(r.iterations) for r in results]} for key, step, results in entries]
+    """``AsyncPreconditioners.export_pending``'s ``[(key, submitted step, [RootResult])]`` as plain
+    data (lists, dicts, numbers, tensors) for ``torch.load(weights_only=True)``."""
+    return [{"key": list(key), "step": int(step),
+             "results": [dict(r._asdict(), error=float(r.error), lambda_max=float(r.lambda_max),
+                              iterations=int(r.iterations)) for r in results]}
+            for key, step, results in entries]
 
 
 def _decode_pending(entries, device) -> list:
     from shampoo_core.roots import RootResult
 
-    return [(tuple(e["key"]), e["step"], [RootResult(root.to(device=device), *rest) for root, *rest in
-                                          zip(e["roots"], e["error"], e["lambda_max"], e["iterations"])])
+    return [(tuple(e["key"]), e["step"], [RootResult(**dict(r, root=r["root"].to(device=device))) for r in e["results"]])
             for e in entries]
 
 

@@ -49,14 +49,12 @@ def namespace(*arrays):
 
     ``array_api_compat.array_namespace``, remembered per array type: it depends on the type only.
     """
-    if arrays:
-        kind = type(arrays[0])
-        xp = _NAMESPACE_OF_TYPE.get(kind)
-        if xp is not None and all(type(a) is kind for a in arrays):
-            return xp
-    xp = array_api_compat.array_namespace(*arrays)
-    if arrays and all(type(a) is type(arrays[0]) for a in arrays):
-        _NAMESPACE_OF_TYPE[type(arrays[0])] = xp
+    kind = type(arrays[0]) if arrays and all(type(a) is type(arrays[0]) for a in arrays) else None
+    xp = _NAMESPACE_OF_TYPE.get(kind)
+    if xp is None:
+        xp = array_api_compat.array_namespace(*arrays)
+        if kind is not None:
+            _NAMESPACE_OF_TYPE[kind] = xp
     return xp
 
 

@@ -551,6 +551,21 @@ def test_failed_asynchronous_root_names_the_parameter(monkeypatch):
             train(opt, model, x, y, 4)
 
 
+def test_state_dict_names_the_parameter_whose_root_in_flight_failed(monkeypatch):
+    from shampoo_core import roots as roots_module
+
+    def broken(*args, **kwargs):
+        raise np.linalg.LinAlgError("broken")
+
+    monkeypatch.setattr(roots_module, "inverse_pth_root", broken)
+    model, x, y = model_and_data()
+    with sc.AsyncPreconditioners(max_staleness=2, deterministic=True) as ex:
+        opt = Shampoo(model.named_parameters(), lr=0.05, async_preconditioners=ex, **HP)
+        train(opt, model, x, y, 2)  # step 2 submits the roots, due at step 4
+        with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[0\] \('0.weight'\).*inverse root computation"):
+            opt.state_dict()
+
+
 def test_parameters_with_different_step_counts_match_the_core():
     # Parameters are updated together while their step counts agree; one that had no gradient at
     # some steps falls behind and is updated on its own count, as by a state of its own.
