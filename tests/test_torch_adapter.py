@@ -537,32 +537,34 @@ def test_asynchronous_roots_are_each_parameters_own():
         assert any(not torch.equal(t, torch.eye(t.shape[0], dtype=t.dtype)) for t in block_arrays[len(block_arrays) // 2:])
 
 
-def test_failed_asynchronous_root_names_the_parameter(monkeypatch):
+FAILED_ROOT_OF_FIRST_PARAM = r"param_groups\[0\]\['params'\]\[0\] \('0.weight'\).*inverse root computation"
+
+
+@pytest.fixture
+def broken_roots(monkeypatch):
+    """Every inverse root computation fails (in the executor's worker)."""
     from shampoo_core import roots as roots_module
 
     def broken(*args, **kwargs):
         raise np.linalg.LinAlgError("broken")
 
     monkeypatch.setattr(roots_module, "inverse_pth_root", broken)
+
+
+def test_failed_asynchronous_root_names_the_parameter(broken_roots):
     model, x, y = model_and_data()
     with sc.AsyncPreconditioners(max_staleness=1, deterministic=True) as ex:
         opt = Shampoo(model.named_parameters(), lr=0.05, async_preconditioners=ex, **HP)
-        with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[0\] \('0.weight'\).*inverse root computation"):
+        with pytest.raises(RuntimeError, match=FAILED_ROOT_OF_FIRST_PARAM):
             train(opt, model, x, y, 4)
 
 
-def test_state_dict_names_the_parameter_whose_root_in_flight_failed(monkeypatch):
-    from shampoo_core import roots as roots_module
-
-    def broken(*args, **kwargs):
-        raise np.linalg.LinAlgError("broken")
-
-    monkeypatch.setattr(roots_module, "inverse_pth_root", broken)
+def test_state_dict_names_the_parameter_whose_root_in_flight_failed(broken_roots):
     model, x, y = model_and_data()
     with sc.AsyncPreconditioners(max_staleness=2, deterministic=True) as ex:
         opt = Shampoo(model.named_parameters(), lr=0.05, async_preconditioners=ex, **HP)
         train(opt, model, x, y, 2)  # step 2 submits the roots, due at step 4
-        with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[0\] \('0.weight'\).*inverse root computation"):
+        with pytest.raises(RuntimeError, match=FAILED_ROOT_OF_FIRST_PARAM):
             opt.state_dict()
 
 
