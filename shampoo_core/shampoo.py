@@ -287,7 +287,7 @@ def shampoo(
         verdict = guard(xp, [(f"grads{path}", g) for path, g in zip(paths, g_leaves)], config.nonfinite)
 
         def step():
-            schedule = _schedule(config, state.count, weight_decay)
+            schedule = _schedule(config, state.count, weight_decay, verdict.finite)
             updates, new_states = [], []
             for i, (g, s) in enumerate(zip(g_leaves, state.params)):
                 p = None if p_leaves is None else p_leaves[i]
@@ -296,7 +296,9 @@ def shampoo(
                 new_states.append(ns)
             return tree.unflatten(spec, updates), ShampooState(state.count + 1, tuple(new_states), state.skipped)
 
-        return verdict.run(xp, step, lambda: skipped_step(xp, state, g_leaves, spec))
+        if verdict.finite is None:
+            return verdict.run(xp, step, lambda: skipped_step(xp, state, g_leaves, spec))
+        return _gated_step(xp, verdict.finite, step(), skipped_step(xp, state, g_leaves, spec))
 
     tx = GradientTransformation(init, update)
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
@@ -381,19 +383,47 @@ class _Schedule(NamedTuple):
     weight_decay: object  # a float, or the traced 0-d array
 
 
-def _schedule(config: ShampooConfig, count, wd) -> _Schedule:
-    """``wd``: this update's weight decay, from :func:`~shampoo_core.base.weight_decay_for_update`."""
+def _gated_step(xp, finite, new, skipped):
+    """``new`` where ``finite`` (a traced 0-d bool) holds, else ``skipped``: both ``(updates,
+    state)``. The blocks are taken from ``new`` as they are: their statistics and roots were
+    gated on ``finite`` inside the step (:func:`_schedule`), where the select joins the statistics
+    update and an untaken ``cond`` returns the old preconditioners. A second select over them
+    would be a pass of its own over every statistic and preconditioner, which XLA cannot fuse
+    into the ``cond`` (docs/performance.md)."""
+
+    def select(a, b):
+        return optree.tree_map(lambda x, y: xp.where(finite, x, y), a, b)
+
+    (new_updates, new_state), (old_updates, old_state) = new, skipped
+    params = tuple(ParamState(select(n.momentum, o.momentum), select(n.graft, o.graft), n.blocks)
+                   for n, o in zip(new_state.params, old_state.params))
+    return select(new_updates, old_updates), ShampooState(
+        select(new_state.count, old_state.count), params, select(new_state.skipped, old_state.skipped))
+
+
+def _gate(flag, finite):
+    """``flag`` and ``finite`` for a Python or 0-d array ``flag``; ``finite`` is None or a traced
+    0-d bool."""
+    if finite is None or flag is False:
+        return flag
+    return finite if flag is True else flag & finite
+
+
+def _schedule(config: ShampooConfig, count, wd, finite=None) -> _Schedule:
+    """``wd``: this update's weight decay, from :func:`~shampoo_core.base.weight_decay_for_update`;
+    ``finite``: the traced verdict of ``nonfinite="skip"`` (None when read on the host), which gates
+    the statistics and the roots: a skipped step leaves them as they were."""
     start, n, k = config.start_preconditioning_step, config.preconditioning_compute_steps, config.statistics_compute_steps
     count, lr = count_and_learning_rate(config.learning_rate, count)
     step = count + 1
     if isinstance(count, int):
-        return _Schedule(count, step, (step - 1) % k == 0, step >= start and (step - start) % n == 0, step >= start,
-                         lr, wd)
+        return _Schedule(count, step, _gate((step - 1) % k == 0, finite),
+                         _gate(step >= start and (step - start) % n == 0, finite), step >= start, lr, wd)
     return _Schedule(
         count,
         step,
-        True if k == 1 else (step - 1) % k == 0,
-        (step >= start) & ((step - start) % n == 0),
+        _gate(True if k == 1 else (step - 1) % k == 0, finite),
+        _gate((step >= start) & ((step - start) % n == 0), finite),
         True if start <= 1 else step >= start,
         lr,
         wd,

@@ -92,26 +92,29 @@ def test_optax_chain_and_schedule():
             np.testing.assert_allclose(np.asarray(u_chain[k]), np.asarray(u_direct[k]), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("bad_step", [2, 3], ids=["statistics step", "root step"])
 @pytest.mark.parametrize("with_cond", [True, False], ids=["lax.cond", "where"])
-def test_nonfinite_skip_under_jit(monkeypatch, with_cond):
+def test_nonfinite_skip_under_jit(monkeypatch, with_cond, bad_step):
     """The finiteness flag selects between the step, computed on zeroed inputs, and the skip, with
-    the roots' lax.cond registered or not."""
+    the roots' lax.cond registered or not. The statistics and the roots are gated on the flag
+    inside the step, so a skipped root step (step 3 of ``HP``) must leave them as they were."""
     if not with_cond:
         monkeypatch.setattr(_xp, "_CONDS", {})
     tx = optax_adapter.shampoo(0.1, **HP)
-    params, grads = params_and_grads(jnp.float64, steps=3)
+    params, grads = params_and_grads(jnp.float64, steps=bad_step + 1)
     update = jax.jit(tx.update)
     state = tx.init(params)
-    _, state = update(grads[0], state, params)
-    bad = dict(grads[1], w=grads[1]["w"].at[0, 0].set(jnp.nan))
+    for g in grads[:bad_step - 1]:
+        _, state = update(g, state, params)
+    bad = dict(grads[bad_step - 1], w=grads[bad_step - 1]["w"].at[0, 0].set(jnp.nan))
     u, new_state = update(bad, state, params)
     assert all(not np.any(np.asarray(v)) for v in u.values())
-    assert int(new_state.skipped) == 1 and int(new_state.count) == 1
+    assert int(new_state.skipped) == 1 and int(new_state.count) == bad_step - 1
     for a, b in zip(jax.tree_util.tree_leaves(new_state.params), jax.tree_util.tree_leaves(state.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # The next finite step is the step the bad one never disturbed, as taken eagerly.
-    u_jit, _ = update(grads[2], new_state, params)
-    u_eager, _ = tx.update(grads[2], state, params)
+    u_jit, _ = update(grads[bad_step], new_state, params)
+    u_eager, _ = tx.update(grads[bad_step], state, params)
     for k in params:
         np.testing.assert_allclose(np.asarray(u_jit[k]), np.asarray(u_eager[k]), rtol=1e-12, atol=1e-14)
 
