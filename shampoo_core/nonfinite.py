@@ -60,7 +60,12 @@ class Guard(NamedTuple):
             return skipped()
         if self.finite is None:
             return step()
-        return optree.tree_map(lambda new, old: xp.where(self.finite, new, old), step(), skipped())
+        return self.select(xp, step(), skipped())
+
+    def select(self, xp, new, old):
+        """``new`` where the traced inputs are finite, else ``old``: pytrees of one structure,
+        selected leaf by leaf with ``where``."""
+        return optree.tree_map(lambda a, b: xp.where(self.finite, a, b), new, old)
 
 
 def skipped_step(xp, state, leaves, spec):

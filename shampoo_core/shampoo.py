@@ -298,7 +298,7 @@ def shampoo(
 
         if verdict.finite is None:
             return verdict.run(xp, step, lambda: skipped_step(xp, state, g_leaves, spec))
-        return _gated_step(xp, verdict.finite, step(), skipped_step(xp, state, g_leaves, spec))
+        return _gated_step(xp, verdict, step(), skipped_step(xp, state, g_leaves, spec))
 
     tx = GradientTransformation(init, update)
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
@@ -383,16 +383,17 @@ class _Schedule(NamedTuple):
     weight_decay: object  # a float, or the traced 0-d array
 
 
-def _gated_step(xp, finite, new, skipped):
-    """``new`` where ``finite`` (a traced 0-d bool) holds, else ``skipped``: both ``(updates,
-    state)``. The blocks are taken from ``new`` as they are: their statistics and roots were
-    gated on ``finite`` inside the step (:func:`_schedule`), where the select joins the statistics
-    update and an untaken ``cond`` returns the old preconditioners. A second select over them
-    would be a pass of its own over every statistic and preconditioner, which XLA cannot fuse
-    into the ``cond`` (docs/performance.md)."""
+def _gated_step(xp, verdict, new, skipped):
+    """``new`` where the traced verdict found the inputs finite, else ``skipped``: both
+    ``(updates, state)``, selected as :meth:`~shampoo_core.nonfinite.Guard.run` does, except the
+    blocks. They are taken from ``new`` as they are: their statistics and roots were gated on the
+    verdict inside the step (:func:`_schedule`), where the select joins the statistics update and
+    an untaken ``cond`` returns the old preconditioners. A second select over them would be a pass of its
+    own over every statistic and preconditioner, which XLA cannot fuse into the ``cond``
+    (docs/performance.md)."""
 
     def select(a, b):
-        return optree.tree_map(lambda x, y: xp.where(finite, x, y), a, b)
+        return verdict.select(xp, a, b)
 
     (new_updates, new_state), (old_updates, old_state) = new, skipped
     params = tuple(ParamState(select(n.momentum, o.momentum), select(n.graft, o.graft), n.blocks)
