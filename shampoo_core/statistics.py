@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+from . import _xp
+
 __all__ = ["kronecker_factors", "statistics_weight", "accumulate_weighted", "update_statistics"]
 
 
@@ -49,6 +51,12 @@ def accumulate_weighted(xp, stats, weighted, preconditioned: tuple[bool, ...], b
     β₂ = 1 gives H + Gram(G), AdaGrad's sum. Shampoo weights a whole parameter once and then cuts
     it into blocks, one pass instead of one small operation per block.
     """
+    if weighted.ndim == 2:
+        # Each product and its average in one call where the library fuses them (_xp).
+        pre0, pre1 = preconditioned
+        stats = iter(stats)
+        products = ([(weighted, weighted.mT)] if pre0 else []) + ([(weighted.mT, weighted)] if pre1 else [])
+        return tuple(_xp.scaled_plus_product(xp, next(stats), a, b, beta2) for a, b in products)
     factors = kronecker_factors(xp, weighted, preconditioned)
     if beta2 == 1.0:
         return tuple(h + f for h, f in zip(stats, factors))

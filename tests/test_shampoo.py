@@ -328,6 +328,8 @@ def test_update_statistics_folds_the_decay_into_the_block(xp, beta2):
     tol = 100 * eps(to_np(new[0]).dtype)
     np.testing.assert_allclose(to_np(new[0]), beta2 * h0 + weight * g @ g.T, rtol=tol, atol=tol)
     np.testing.assert_allclose(to_np(new[1]), beta2 * h1 + weight * g.T @ g, rtol=tol, atol=tol)
+    (right,) = statistics.update_statistics(xp, (to_xp(xp, h1),), to_xp(xp, g), (False, True), beta2)
+    np.testing.assert_allclose(to_np(right), beta2 * h1 + weight * g.T @ g, rtol=tol, atol=tol)
     big = to_xp(xp, np.array([[3e20, 1.0], [1.0, 1.0]], dtype=np.float32))
     zero = to_xp(xp, np.zeros((2, 2), dtype=np.float32))
     (h,) = statistics.update_statistics(xp, (zero,), big, (True, False), beta2)
