@@ -187,9 +187,9 @@ def scaled_plus_product(xp, c, a, b, beta: float):
     torch: one ``torch.addmm``, whose matrix product adds ``beta * c`` as it writes its result
     (a Shampoo statistic's running average without two passes of its own over the statistic):
     1506 statistics of 128×128 took 88.6 ms against 102.8 ms as ``beta * c + a @ b``, with the
-    same bits (larger products round differently: BLAS adds ``beta * c`` to partial sums). NumPy keeps the two operations: its ``a @ a.T`` is a symmetric rank-k
-    update, which BLAS's general product with ``beta`` (SciPy's ``sgemm``) loses to, 150 against
-    129 ms.
+    same bits (larger products round differently: BLAS adds ``beta * c`` to partial sums).
+    NumPy keeps the two operations: its ``a @ a.T`` is a symmetric rank-k update, which BLAS's
+    general product with ``beta`` (SciPy's ``sgemm``) loses to, 150 against 129 ms.
     """
     if array_api_compat.is_torch_namespace(xp):
         import torch
