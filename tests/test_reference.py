@@ -166,6 +166,7 @@ hyperparameters = st.fixed_dictionaries({
     "exponent_override": st.sampled_from([None, None, 2]),
     "skip_preconditioning_dim_size_gt": st.sampled_from([None, 4]),
     "merge_small_dims": st.booleans(),
+    "root_method": st.sampled_from(["eigh", "newton"]),
 })
 
 
@@ -186,7 +187,7 @@ def test_updates_match_the_dense_reference(xp, dtype):
         grads = [rng.standard_normal(shape).astype(dtype) for _ in range(steps)]
         expected, kappa = reference_shampoo(param.astype(np.float64), [g.astype(np.float64) for g in grads], hp)
         kwargs = {key: value for key, value in hp.items() if key != "learning_rate"}
-        tx = sc.shampoo(hp["learning_rate"], root_method="eigh", root_dtype="float64", **kwargs)
+        tx = sc.shampoo(hp["learning_rate"], root_dtype="float64", **kwargs)
         params = to_xp(xp, param)
         state = tx.init(params)
         for t, (g, want) in enumerate(zip(grads, expected), start=1):
@@ -195,7 +196,10 @@ def test_updates_match_the_dense_reference(xp, dtype):
             got = to_np(u)
             assert got.dtype == dtype
             # A root of H + ridge·I moves by about eps·κ relative to itself (its eigenvalues do).
-            tol = 1e3 * eps(dtype) * kappa * max(1.0, float(np.abs(want).max()))
+            # Newton's ridge comes from a power-iteration λmax (relative tolerance 1e-6, met on
+            # statistics this small), not from the exact λmax; the root moves by at most that much.
+            scale = max(1.0, float(np.abs(want).max()))
+            tol = 1e3 * eps(dtype) * kappa * scale + (1e-6 * scale if hp["root_method"] == "newton" else 0.0)
             np.testing.assert_allclose(got, want, rtol=0, atol=tol, err_msg=f"step {t} of {steps}, {hp}")
 
     check()
@@ -217,7 +221,9 @@ def test_jitted_optax_updates_match_the_dense_reference():
         param = rng.standard_normal(shape)
         grads = [rng.standard_normal(shape) for _ in range(steps)]
         expected, kappa = reference_shampoo(param, grads, hp)
-        tx = optax_adapter.shampoo(root_method="eigh", root_dtype="float64", nonfinite="skip", **hp)
+        # eigh only: the masked Newton of a traced step takes λmax from 256 power steps, whose
+        # accuracy depends on the eigenvalue gap (tests/test_roots.py checks that path).
+        tx = optax_adapter.shampoo(root_dtype="float64", nonfinite="skip", **dict(hp, root_method="eigh"))
         params = jax.numpy.asarray(param)
         state = tx.init(params)
         update = jax.jit(tx.update)

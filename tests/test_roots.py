@@ -121,6 +121,32 @@ def test_power_iteration_relative_tolerance():
     assert abs(max_eigenvalue(xnp, a) - np.linalg.eigvalsh(a).max()) <= 1e-5 * np.linalg.eigvalsh(a).max()
 
 
+@pytest.mark.parametrize("n, ratio", [(2, 0.55), (8, 0.5), (64, 0.9)])
+def test_power_iteration_does_not_stall_at_a_lower_eigenvalue(xp, n, ratio):
+    """A start vector nearly orthogonal to the top eigenvector: the Rayleigh quotient first sits at
+    λ₂ and barely moves, which a stopping rule on its change alone takes for convergence. Found by
+    tests/test_reference.py on a 2×2 statistic: λmax 10.78 (its largest diagonal entry) for 11.56."""
+    from shampoo_core import _xp
+    from shampoo_core.roots import max_eigenvalue
+
+    require_float64(xp)
+    h = np.array([[7.14944869, -1.85476154], [-1.85476154, 10.78098548]])
+    if n > 2:
+        # The same fixed start vector the iteration uses, and a top eigenvector at 1e-5 to it.
+        start = 1.0 + 0.5 * np.cos(np.arange(n) * 2.399963)
+        start /= np.linalg.norm(start)
+        rng = np.random.default_rng(n)
+        q, _ = np.linalg.qr(np.column_stack([start, rng.standard_normal((n, n - 1))]))
+        top = q[:, 1] + 1e-5 * q[:, 0]
+        q[:, 1] = top / np.linalg.norm(top)
+        q, _ = np.linalg.qr(q[:, [1, 0] + list(range(2, n))])
+        lam = np.concatenate([[1.0, ratio], np.linspace(ratio / 2, 1e-3, n - 2)])
+        h = (q * lam) @ q.T
+    exact = np.linalg.eigvalsh(h).max()
+    got = max_eigenvalue(_xp.namespace(to_xp(xp, h)), to_xp(xp, h))
+    assert abs(got - exact) <= 1e-5 * exact
+
+
 def test_non_finite_input_reports_failure(xp):
     a = np.eye(3)
     a[0, 1] = a[1, 0] = np.nan
