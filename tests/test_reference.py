@@ -6,9 +6,10 @@ by index arithmetic, forms each statistic from the mode-i unfolding of the block
 ``(X_0 ⊗ X_1 ⊗ ...) vec(G)`` (arXiv 2002.09018, Alg. 1 and Sec. 4) instead of mode products. The
 property: for random shapes and hyperparameters (blocking, merging, one-sided dims, both β₂
 regimes, momentum and Nesterov, every grafting type and granularity, weight decay both ways, the
-statistics and root schedules) the core's updates agree with it to a tolerance set by the dtype's
-epsilon and the condition number of the regularized statistics, eagerly on every backend and
-through the optax adapter under ``jax.jit``.
+statistics and root schedules, eigh and Newton roots) the core's updates agree with it to a
+tolerance set by the dtype's epsilon and the condition number of the regularized statistics,
+eagerly on every backend, through the optax adapter under ``jax.jit`` and through the
+``torch.optim`` adapter.
 """
 
 from __future__ import annotations
@@ -232,5 +233,43 @@ def test_jitted_optax_updates_match_the_dense_reference():
             params = params + u
             tol = 1e3 * eps(np.float64) * kappa * max(1.0, float(np.abs(want).max()))
             np.testing.assert_allclose(np.asarray(u), want, rtol=0, atol=tol, err_msg=f"step {t} of {steps}, {hp}")
+
+    check()
+
+
+def test_torch_optim_adapter_matches_the_dense_reference():
+    """``backends.torch_optim.Shampoo`` with two param groups of different hyperparameters (each
+    drawn as above, betas spelled as torch does) against the reference, parameter by parameter."""
+    torch = pytest.importorskip("torch")
+    from backends.torch_optim import Shampoo
+
+    @settings(max_examples=max(4, settings().max_examples // 2))
+    @given(shapes=st.tuples(shapes, shapes), hps=st.tuples(hyperparameters, hyperparameters),
+           steps=st.integers(1, 6), seed=st.integers(0, 2**16))
+    def check(shapes, hps, steps, seed):
+        rng = np.random.default_rng(seed)
+        values = [rng.standard_normal(shape) for shape in shapes]
+        grads = [[rng.standard_normal(shape) for _ in range(steps)] for shape in shapes]
+        params = [torch.nn.Parameter(torch.from_numpy(v.copy())) for v in values]
+        groups = []
+        for p, hp in zip(params, hps):
+            group = {k: v for k, v in hp.items() if k not in ("learning_rate", "beta1", "beta2")}
+            groups.append(dict(group, params=[p], lr=hp["learning_rate"], betas=(hp["beta1"], hp["beta2"]),
+                               root_dtype="float64"))
+        opt = Shampoo(groups)
+        expected = [reference_shampoo(v, g, hp) for v, g, hp in zip(values, grads, hps)]
+        for t in range(steps):
+            before = [p.detach().clone() for p in params]
+            for p, g in zip(params, grads):
+                p.grad = torch.from_numpy(g[t].copy())
+            opt.step()
+            for i, (p, b) in enumerate(zip(params, before)):
+                (want_all, kappa), hp = expected[i], hps[i]
+                want, scale = want_all[t], max(1.0, float(np.abs(want_all[t]).max()))
+                tol = 1e3 * eps(np.float64) * kappa * scale + (1e-6 * scale if hp["root_method"] == "newton" else 0.0)
+                # The update is read back as a parameter difference: one more rounding of p.
+                tol += 4 * eps(np.float64) * max(1.0, float(b.abs().max()))
+                np.testing.assert_allclose((p.detach() - b).numpy(), want, rtol=0, atol=tol,
+                                           err_msg=f"param {i}, step {t + 1} of {steps}, {hp}")
 
     check()
