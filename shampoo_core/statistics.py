@@ -26,10 +26,7 @@ def kronecker_factors(xp, g, preconditioned: tuple[bool, ...]) -> list:
     if g.ndim == 1:  # full-matrix AdaGrad on a vector: the outer product, without tensordot's reshapes
         return [g[:, None] * g[None, :]] if preconditioned[0] else []
     if g.ndim == 2:
-        # Plain matmuls: BLAS sees a transposed operand (a symmetric product where the library
-        # detects it) instead of tensordot's transpose-and-copy.
-        pre0, pre1 = preconditioned
-        return ([g @ g.mT] if pre0 else []) + ([g.mT @ g] if pre1 else [])
+        return [a @ b for a, b in _matrix_operands(g, preconditioned)]
     out = []
     dims = list(range(g.ndim))
     for i, pre in enumerate(preconditioned):
@@ -38,6 +35,14 @@ def kronecker_factors(xp, g, preconditioned: tuple[bool, ...]) -> list:
         others = [j for j in dims if j != i]
         out.append(xp.tensordot(g, g, axes=(others, others)))
     return out
+
+
+def _matrix_operands(g, preconditioned: tuple[bool, ...]) -> list:
+    """The ``(a, b)`` whose products ``a @ b`` are the Gram matrices of a 2-D block: plain matmuls,
+    so that BLAS sees a transposed operand (a symmetric product where the library detects it)
+    instead of tensordot's transpose-and-copy."""
+    pre0, pre1 = preconditioned
+    return ([(g, g.mT)] if pre0 else []) + ([(g.mT, g)] if pre1 else [])
 
 
 def statistics_weight(beta2: float) -> float:
@@ -53,10 +58,8 @@ def accumulate_weighted(xp, stats, weighted, preconditioned: tuple[bool, ...], b
     """
     if weighted.ndim == 2:
         # Each product and its average in one call where the library fuses them (_xp).
-        pre0, pre1 = preconditioned
-        stats = iter(stats)
-        products = ([(weighted, weighted.mT)] if pre0 else []) + ([(weighted.mT, weighted)] if pre1 else [])
-        return tuple(_xp.scaled_plus_product(xp, next(stats), a, b, beta2) for a, b in products)
+        return tuple(_xp.scaled_plus_product(xp, h, a, b, beta2)
+                     for h, (a, b) in zip(stats, _matrix_operands(weighted, preconditioned)))
     factors = kronecker_factors(xp, weighted, preconditioned)
     if beta2 == 1.0:
         return tuple(h + f for h, f in zip(stats, factors))

@@ -143,6 +143,14 @@ def reference_shampoo(param, grads, hp):
     return updates, kappa
 
 
+def tolerance(dtype, kappa, want, root_method):
+    """A root of H + ridge·I moves by about eps·κ relative to itself (its eigenvalues do).
+    Newton's ridge comes from a power-iteration λmax (relative tolerance 1e-6, met on statistics
+    this small), not from the exact λmax; the root moves by at most that much."""
+    scale = max(1.0, float(np.abs(want).max()))
+    return 1e3 * eps(dtype) * kappa * scale + (1e-6 * scale if root_method == "newton" else 0.0)
+
+
 # Ranks drawn first: a bare list strategy spends most examples on 0-d parameters.
 shapes = st.integers(0, 3).flatmap(lambda rank: st.tuples(*[st.integers(1, 7)] * rank))
 
@@ -196,11 +204,7 @@ def test_updates_match_the_dense_reference(xp, dtype):
             params = sc.apply_updates(params, u)
             got = to_np(u)
             assert got.dtype == dtype
-            # A root of H + ridge·I moves by about eps·κ relative to itself (its eigenvalues do).
-            # Newton's ridge comes from a power-iteration λmax (relative tolerance 1e-6, met on
-            # statistics this small), not from the exact λmax; the root moves by at most that much.
-            scale = max(1.0, float(np.abs(want).max()))
-            tol = 1e3 * eps(dtype) * kappa * scale + (1e-6 * scale if hp["root_method"] == "newton" else 0.0)
+            tol = tolerance(dtype, kappa, want, hp["root_method"])
             np.testing.assert_allclose(got, want, rtol=0, atol=tol, err_msg=f"step {t} of {steps}, {hp}")
 
     check()
@@ -231,7 +235,7 @@ def test_jitted_optax_updates_match_the_dense_reference():
         for t, (g, want) in enumerate(zip(grads, expected), start=1):
             u, state = update(jax.numpy.asarray(g), state, params)
             params = params + u
-            tol = 1e3 * eps(np.float64) * kappa * max(1.0, float(np.abs(want).max()))
+            tol = tolerance(np.float64, kappa, want, "eigh")
             np.testing.assert_allclose(np.asarray(u), want, rtol=0, atol=tol, err_msg=f"step {t} of {steps}, {hp}")
 
     check()
@@ -265,8 +269,8 @@ def test_torch_optim_adapter_matches_the_dense_reference():
             opt.step()
             for i, (p, b) in enumerate(zip(params, before)):
                 (want_all, kappa), hp = expected[i], hps[i]
-                want, scale = want_all[t], max(1.0, float(np.abs(want_all[t]).max()))
-                tol = 1e3 * eps(np.float64) * kappa * scale + (1e-6 * scale if hp["root_method"] == "newton" else 0.0)
+                want = want_all[t]
+                tol = tolerance(np.float64, kappa, want, hp["root_method"])
                 # The update is read back as a parameter difference: one more rounding of p.
                 tol += 4 * eps(np.float64) * max(1.0, float(b.abs().max()))
                 np.testing.assert_allclose((p.detach() - b).numpy(), want, rtol=0, atol=tol,
