@@ -1,4 +1,5 @@
-"""JAX policy: register ``jax.lax.cond`` so traced updates compute roots only when due, the
+"""JAX policy: register ``jax.lax.cond`` so traced updates compute roots only when due,
+``jax.lax.map`` so that the roots of a stack of blocks are traced once, the
 device kind of traced arrays, and where new arrays beside a parameter go (commitment, sharding).
 
 Importing this module (the optax adapter does) makes ``shampoo_core`` gate its root computation
@@ -26,11 +27,27 @@ import numpy as np
 
 from shampoo_core import _xp
 
-__all__ = ["cond", "device_kind", "placement"]
+__all__ = ["cond", "map_stack", "device_kind", "placement"]
 
 
 def cond(pred, true_fn, false_fn, operand):
     return jax.lax.cond(pred, true_fn, false_fn, operand)
+
+
+def map_stack(f, xs):
+    """``f`` over the leading axis of ``xs``: ``jax.lax.map`` when traced (one traced root for a
+    whole stack of blocks), a loop of eager calls on concrete arrays.
+
+    Not ``vmap``: it batches ``eigh``, and batched eigendecompositions on JAX's CPU deadlock in
+    jaxlib 0.10.2 (two of them wait on the intra-op thread pool they occupy; a jitted
+    ``bench step`` hung at block 128). Not ``lax.map`` on concrete arrays: eager JAX would
+    compile the loop again at every call, and one of those compilations crashed XLA in the
+    test suite; the loop of eager calls reuses JAX's compiled primitives for one block.
+    """
+    if isinstance(xs, jax.core.Tracer):
+        return jax.lax.map(f, xs)
+    results = [f(xs[i]) for i in range(xs.shape[0])]
+    return tuple(jax.numpy.stack(parts) for parts in zip(*results))
 
 
 def device_kind(x) -> str:
@@ -64,5 +81,6 @@ def placement(x, same_shape: bool = False):
 
 
 _xp.register_cond("jax.numpy", cond)
+_xp.register_map("jax.numpy", map_stack)
 _xp.register_device_kind("jax.numpy", device_kind)
 _xp.register_placement("jax.numpy", placement)

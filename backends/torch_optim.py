@@ -309,8 +309,9 @@ def _encode_pending(entries) -> list:
     """``AsyncPreconditioners.export_pending``'s ``[(key, submitted step, [RootResult])]`` as plain
     data (lists, dicts, numbers, tensors) for ``torch.load(weights_only=True)``."""
     return [{"key": list(key), "step": int(step),
-             "results": [dict(r._asdict(), error=float(r.error), lambda_max=float(r.lambda_max),
-                              iterations=int(r.iterations)) for r in results]}
+             "results": [dict(r._asdict(), error=[float(e) for e in r.error],
+                              lambda_max=[float(v) for v in r.lambda_max],
+                              iterations=[int(k) for k in r.iterations]) for r in results]}
             for key, step, results in entries]
 
 

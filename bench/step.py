@@ -12,8 +12,8 @@ kernel and biases), float32, one BLAS thread. For each block size:
 * root step: the extra time of a step that recomputes every inverse root; amortized step time for
   roots every N = 1, 10, 100 steps is non-root + root / N;
 * ``torch.optim.AdamW`` on the same shapes, for scale;
-* the block matmuls of the largest gradient as a loop over blocks (what the step does) against one
-  batched matmul over the block grid (whether batching equal-shaped blocks would pay).
+* the block matmuls of the largest gradient as a loop over blocks against one batched matmul over
+  the block grid (what the step does: blocks of equal shape are stacked).
 
 ``--library torch`` or ``jax`` runs the step and its floor on that library's CPU arrays instead of
 NumPy's: torch eagerly, JAX under ``jax.jit`` (XLA fuses the elementwise passes, and the first
@@ -245,7 +245,7 @@ def run(args) -> int:
 
         nonroot = _median(step, args.steps)
         floor = floor_seconds(block_size, np_params, args.steps, lib)
-        row = dict(block_size=block_size, blocks=sum(len(s.blocks) for s in state0.params),
+        row = dict(block_size=block_size, blocks=sum(b.failures.shape[0] for s in state0.params for b in s.blocks),
                    nonroot_ms=1e3 * nonroot, floor_ms=1e3 * floor, ratio_to_floor=nonroot / floor)
         if jitted:
             row.update(first_call_s=first)  # compilation dominates; the root step is not separable

@@ -4,7 +4,13 @@ A parameter of any rank is first reshaped by merging adjacent small dimensions (
 dimension larger than ``block_size``), then every preconditioned dimension larger than
 ``block_size`` is split into blocks of ``block_size`` (the last block may be smaller; no padding).
 Dimensions larger than ``skip_preconditioning_dim_size_gt`` get no statistic and are not split.
-Splitting and merging are exact inverses.
+
+Blocks of equal shape are kept stacked: the grid of blocks is at most 2^k regular sub-grids, one
+per choice of full or last block along each of the k dims, and each is one array with a leading
+block axis (:class:`BlockGroup`). Every step then runs one batched operation per group where a
+list of blocks would run one per block: the product's work is the same, but a step of 753 blocks
+compiles under ``jax.jit`` in seconds instead of minutes, and an accelerator launches a kernel per
+group, not per block. Splitting and merging are exact inverses.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import functools
 import itertools
 import math
 
-__all__ = ["BlockPlan", "merge_small_dims", "make_plan", "split_blocks", "merge_blocks"]
+__all__ = ["BlockPlan", "BlockGroup", "merge_small_dims", "make_plan", "split_groups", "merge_groups"]
 
 
 def merge_small_dims(shape: tuple[int, ...], max_dim: int) -> tuple[int, ...]:
@@ -31,6 +37,25 @@ def merge_small_dims(shape: tuple[int, ...], max_dim: int) -> tuple[int, ...]:
         else:
             merged.append(d)
     return tuple(merged) or (1,)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockGroup:
+    """A regular sub-grid of equal-shaped blocks of the merged parameter.
+
+    Attributes:
+        region: per merged dim, the slice of the merged parameter the group covers.
+        counts: per merged dim, how many blocks the group has along it.
+        block_shape: the shape of each of its blocks.
+    """
+
+    region: tuple[slice, ...]
+    counts: tuple[int, ...]
+    block_shape: tuple[int, ...]
+
+    @property
+    def num_blocks(self) -> int:
+        return math.prod(self.counts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,11 +86,32 @@ class BlockPlan:
         return [tuple(s) for s in itertools.product(*per_dim)]
 
     @functools.cached_property
-    def statistic_sizes(self) -> tuple[tuple[int, ...], ...]:
-        """Per block, the sizes of its statistics (its preconditioned dims); ``()`` without any."""
+    def groups(self) -> tuple[BlockGroup, ...]:
+        """The blocks as regular sub-grids of equal shape, row-major over the grid of parts (per
+        dim: the full blocks, then a smaller last one if any)."""
+        per_dim = []
+        for dim_bounds in self.bounds:
+            parts: list[list[int]] = []  # [start, count, size]
+            for a, b in dim_bounds:
+                if parts and parts[-1][2] == b - a:
+                    parts[-1][1] += 1
+                else:
+                    parts.append([a, 1, b - a])
+            per_dim.append(parts)
+        return tuple(
+            BlockGroup(tuple(slice(a, a + c * d) for a, c, d in combo), tuple(c for _, c, _ in combo),
+                       tuple(d for _, _, d in combo))
+            for combo in itertools.product(*per_dim)
+        )
+
+    @functools.cached_property
+    def group_statistic_sizes(self) -> tuple[tuple[int, tuple[int, ...]], ...]:
+        """Per group, ``(number of blocks, sizes of each block's statistics)``; ``()`` without any
+        preconditioned dim."""
         if not self.num_preconditioned:
             return ()
-        return tuple(tuple(d for d, pre in zip(s, self.preconditioned) if pre) for s in self.block_shapes)
+        return tuple((g.num_blocks, tuple(d for d, pre in zip(g.block_shape, self.preconditioned) if pre))
+                     for g in self.groups)
 
     @property
     def num_preconditioned(self) -> int:
@@ -108,19 +154,49 @@ def make_plan(
     return BlockPlan(shape, merged, preconditioned, tuple(bounds))
 
 
-def split_blocks(xp, x, plan: BlockPlan) -> list:
-    """Reshape ``x`` (of ``plan.shape``) to ``plan.merged_shape`` and cut it into blocks."""
+def _interleaved(k: int) -> tuple[int, ...]:
+    """The axes ``(c_0, s_0, c_1, s_1, ...)`` of a region reshaped to counts and sizes, ordered
+    ``(c_0, c_1, ..., s_0, s_1, ...)``."""
+    return tuple(range(0, 2 * k, 2)) + tuple(range(1, 2 * k, 2))
+
+
+def split_groups(xp, x, plan: BlockPlan) -> list:
+    """``x`` (of ``plan.shape``) as one ``(num_blocks, *block_shape)`` array per group of
+    ``plan.groups``, blocks row-major over the group's grid.
+
+    A group of one block is a reshape (a view where the library has views); a larger group is
+    one copy into block-major order, so that every block is a contiguous matrix for BLAS.
+    """
     merged = xp.reshape(x, plan.merged_shape)
-    return [merged[s] for s in plan.block_slices]
+    whole = len(plan.groups) == 1
+    out = []
+    for group in plan.groups:
+        region = merged if whole else merged[group.region]
+        if group.num_blocks > 1:
+            k = len(group.counts)
+            region = xp.reshape(region, tuple(v for c, d in zip(group.counts, group.block_shape) for v in (c, d)))
+            region = xp.permute_dims(region, _interleaved(k))
+        out.append(xp.reshape(region, (group.num_blocks,) + group.block_shape))
+    return out
 
 
-def merge_blocks(xp, blocks, plan: BlockPlan):
-    """Inverse of :func:`split_blocks`: concatenate the blocks and restore ``plan.shape``."""
-    counts = [len(b) for b in plan.bounds]
-    parts = list(blocks)
-    # Concatenate along the last axis first, then fold the grid one axis at a time.
+def merge_groups(xp, stacks, plan: BlockPlan):
+    """Inverse of :func:`split_groups`: the blocks back in place, in ``plan.shape``."""
+    regions = []
+    for group, stack in zip(plan.groups, stacks):
+        k = len(group.counts)
+        full = tuple(c * d for c, d in zip(group.counts, group.block_shape))
+        if group.num_blocks > 1:
+            stack = xp.reshape(stack, group.counts + group.block_shape)
+            inverse = [0] * (2 * k)
+            for position, axis in enumerate(_interleaved(k)):
+                inverse[axis] = position
+            stack = xp.permute_dims(stack, tuple(inverse))
+        regions.append(xp.reshape(stack, full))
+    counts = [len({(g.region[axis].start) for g in plan.groups}) for axis in range(len(plan.merged_shape))]
     for axis in reversed(range(len(counts))):
         n = counts[axis]
-        parts = [xp.concat(parts[i : i + n], axis=axis) if n > 1 else parts[i] for i in range(0, len(parts), n)]
-    (full,) = parts
+        regions = [xp.concat(regions[i : i + n], axis=axis) if n > 1 else regions[i]
+                   for i in range(0, len(regions), n)]
+    (full,) = regions
     return xp.reshape(full, plan.shape)

@@ -21,7 +21,7 @@ from . import _xp
 
 __all__ = ["save_state", "load_state", "FORMAT_VERSION", "CheckpointError"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: blocks of equal shape stacked (BlockState), per-block root results
 _HEADER = "__header__"
 
 
@@ -91,8 +91,9 @@ def save_state(path, state, *, tx=None, async_preconditioners=None) -> None:
     if async_preconditioners is not None:
         for key, submitted, results in async_preconditioners.export_pending():
             pending.append({"key": list(key), "step": submitted, "results": [
-                {"root": _encode(r.root, arrays)["array"], "error": float(r.error),
-                 "lambda_max": float(r.lambda_max), "iterations": int(r.iterations)} for r in results]})
+                {"root": _encode(r.root, arrays)["array"], "error": [float(e) for e in r.error],
+                 "lambda_max": [float(v) for v in r.lambda_max], "iterations": [int(k) for k in r.iterations]}
+                for r in results]})
     header = {"format_version": FORMAT_VERSION, "structure": structure,
               "hyperparameters": _hyperparameters(tx), "pending_roots": pending}
     payload = {f"a{i}": _xp.to_numpy(a) for i, a in enumerate(arrays)}

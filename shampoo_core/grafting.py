@@ -14,7 +14,8 @@ from typing import NamedTuple
 from . import _xp
 from .options import GraftType
 
-__all__ = ["GraftState", "init_graft", "update_graft", "graft_direction", "graft_norm", "NORM_FLOOR"]
+__all__ = ["GraftState", "init_graft", "update_graft", "graft_direction", "graft_norm", "graft_block_norms",
+           "NORM_FLOOR"]
 
 NORM_FLOOR = 1e-16
 
@@ -79,3 +80,11 @@ def graft_norm(xp, graft_type: GraftType, d, scale):
     if graft_type is GraftType.SQRT_N:
         return math.sqrt(math.prod(d.shape))
     return scale * _xp.norm(xp, d)
+
+
+def graft_block_norms(xp, graft_type: GraftType, d, scale):
+    """Per block, the norm of the grafting direction ``scale · d[i]`` of a stack ``d`` of shape
+    ``(n, ...)``: an ``(n,)`` array (a float for sqrt_n, the same for every block)."""
+    if graft_type is GraftType.SQRT_N:
+        return math.sqrt(math.prod(d.shape[1:]))
+    return scale * _xp.block_norms(xp, d)

@@ -10,19 +10,19 @@ __all__ = ["precondition_block"]
 
 
 def precondition_block(xp, g, preconditioners, preconditioned: tuple[bool, ...]):
-    """Multiply block ``g`` by ``preconditioners`` along its preconditioned dimensions.
+    """Multiply each block of a stack by its preconditioners along its preconditioned dims.
 
     Args:
-        g: block of shape ``(d_0, ..., d_{k-1})``.
-        preconditioners: symmetric ``(d_i, d_i)`` arrays, one per preconditioned dim, in order.
-        preconditioned: which dims have a preconditioner.
+        g: a stack of blocks, shape ``(n, d_0, ..., d_{k-1})`` (leading axis: block).
+        preconditioners: symmetric ``(n, d_i, d_i)`` arrays, one per preconditioned dim, in order.
+        preconditioned: which of the k block dims have a preconditioner.
 
     Returns:
         Array of the shape and dtype of ``g``.
     """
-    if g.ndim == 1:
-        return g @ preconditioners[0] if preconditioned[0] else g
     if g.ndim == 2:
+        return (g[:, None, :] @ preconditioners[0])[:, 0, :] if preconditioned[0] else g
+    if g.ndim == 3:
         factors = iter(preconditioners)
         if preconditioned[0]:
             g = next(factors) @ g  # X_L is symmetric, so this is the mode-0 product
@@ -30,11 +30,12 @@ def precondition_block(xp, g, preconditioners, preconditioned: tuple[bool, ...])
             g = g @ next(factors)
         return g
     factors = iter(preconditioners)
-    # Contracting axis 0 each time moves the result's new axis to the end, so after k steps the
-    # axes are back in their original order; unpreconditioned axes are just rotated.
+    n, k = g.shape[0], g.ndim - 1
+    # Moving block axis 0 to the end and multiplying it there each time leaves the block axes in
+    # their original order after k steps; unpreconditioned axes are just rotated.
     for pre in preconditioned:
+        g = xp.moveaxis(g, 1, -1)
         if pre:
-            g = xp.tensordot(g, next(factors), axes=([0], [0]))
-        else:
-            g = xp.moveaxis(g, 0, -1)
+            x = next(factors)
+            g = g @ xp.reshape(x, (n,) + (1,) * (k - 2) + tuple(x.shape[1:]))
     return g

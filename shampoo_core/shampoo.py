@@ -50,15 +50,18 @@ __all__ = ["shampoo", "ShampooConfig", "ShampooState", "ParamState", "BlockState
 
 
 class BlockState(NamedTuple):
-    """State of one block.
+    """State of a group of n equal-shaped blocks (:class:`~shampoo_core.blocking.BlockGroup`),
+    stacked along a leading block axis, blocks row-major over the group's grid.
 
     Attributes:
-        statistics: one ``(d_i, d_i)`` array per preconditioned dim, state dtype.
-        preconditioners: the matching inverse p-th roots, state dtype.
-        failures: 0-d int32, root computations rejected so far (summed over dims).
-        last_error: 0-d, state dtype, largest root error at the last computation.
-        lambda_max: 0-d, state dtype, largest λmax among the block's statistics at the last
+        statistics: one ``(n, d_i, d_i)`` array per preconditioned dim, state dtype.
+        preconditioners: the matching inverse p-th roots, ``(n, d_i, d_i)``, state dtype.
+        failures: ``(n,)`` int32, per block the root computations rejected so far (summed over
+            dims).
+        last_error: ``(n,)``, state dtype, per block the largest root error at the last
             computation.
+        lambda_max: ``(n,)``, state dtype, per block the largest λmax among its statistics at the
+            last computation.
     """
 
     statistics: tuple
@@ -69,8 +72,9 @@ class BlockState(NamedTuple):
 
 
 class ParamState(NamedTuple):
-    """State of one parameter: first moment (``None`` if beta1 = 0), grafting state, blocks; every
-    array in the state dtype (see :func:`shampoo`'s ``state_dtype``)."""
+    """State of one parameter: first moment (``None`` if beta1 = 0), grafting state, one
+    :class:`BlockState` per group of equal-shaped blocks; every array in the state dtype (see
+    :func:`shampoo`'s ``state_dtype``)."""
 
     momentum: object
     graft: grafting.GraftState
@@ -327,11 +331,11 @@ def _expected_leaf(s: ParamState) -> tuple:
 
 def _check_blocks(config: ShampooConfig, g, s: ParamState, path: str) -> None:
     """The blocks of ``g``'s shape must be those the state holds statistics for."""
-    want = config.plan(tuple(g.shape)).statistic_sizes
-    got = tuple(tuple(h.shape[0] for h in b.statistics) for b in s.blocks)
+    want = config.plan(tuple(g.shape)).group_statistic_sizes
+    got = tuple((b.failures.shape[0], tuple(h.shape[-1] for h in b.statistics)) for b in s.blocks)
     if want != got:
         raise ValueError(
-            f"grads{path} of shape {tuple(g.shape)} splits into blocks with statistics of sizes {want}; "
+            f"grads{path} of shape {tuple(g.shape)} splits into groups of (blocks, statistic sizes) {want}; "
             f"the state holds {got}"
         )
 
@@ -353,14 +357,15 @@ def _init_param(config: ShampooConfig, p) -> ParamState:
                          "(for JAX, enable jax_enable_x64)")
     place = _xp.placement(p)  # statistics have other shapes than p
     blocks = []
-    for dims in plan.statistic_sizes:
+    for n, dims in plan.group_statistic_sizes:
         blocks.append(
             BlockState(
-                statistics=tuple(xp.zeros((d, d), dtype=dtype, device=place) for d in dims),
-                preconditioners=tuple(xp.eye(d, dtype=dtype, device=place) for d in dims),
-                failures=zero_count(xp, place),
-                last_error=xp.asarray(0.0, dtype=dtype, device=place),
-                lambda_max=xp.asarray(0.0, dtype=dtype, device=place),
+                statistics=tuple(xp.zeros((n, d, d), dtype=dtype, device=place) for d in dims),
+                preconditioners=tuple(xp.zeros((n, d, d), dtype=dtype, device=place)
+                                      + xp.eye(d, dtype=dtype, device=place) for d in dims),
+                failures=xp.zeros((n,), dtype=xp.int32, device=place),
+                last_error=xp.zeros((n,), dtype=dtype, device=place),
+                lambda_max=xp.zeros((n,), dtype=dtype, device=place),
             )
         )
     like = p if p.dtype == dtype else xp.zeros_like(p, dtype=dtype)
@@ -462,23 +467,42 @@ def _root_dtype(config: ShampooConfig, xp, like):
 
 
 def _as_array(xp, value, like):
-    if isinstance(value, (int, float)):
-        return xp.asarray(value, dtype=like.dtype, device=_xp.placement(like))
+    """``value`` (per block: a tuple of Python floats, or an array) as an array like ``like``."""
+    if isinstance(value, (tuple, list)):
+        return xp.asarray([float(v) for v in value], dtype=like.dtype, device=_xp.placement(like))
     return xp.astype(value, like.dtype)
 
 
 def _root_results(config: ShampooConfig, stats, exponent, dtype_name: str) -> list:
-    """Inverse roots of ``stats`` (pure: runs in a worker thread for async preconditioners)."""
+    """Inverse roots of each stack of statistics in ``stats`` (pure: runs in a worker thread for
+    async preconditioners).
+
+    Returns:
+        Per stack ``(n, d, d)``, a :class:`~shampoo_core.roots.RootResult` of stacks: ``root``
+        ``(n, d, d)``; ``error``, ``lambda_max`` and ``iterations`` per block, as tuples of Python
+        numbers on eager arrays and ``(n,)`` arrays on lazy ones (``iterations`` 0 there).
+    """
     out = []
     for h in stats:
         xp = _xp.namespace(h)
         method = config.root_method.value
         if config.root_method is RootMethod.AUTO:
-            method = config.cost_model.choose(xp.__name__, h.shape[0], dtype_name, _xp.device_kind(h))
-        out.append(roots.inverse_pth_root(
-            h, exponent, epsilon=config.epsilon, relative_epsilon=config.relative_epsilon,
-            method=method, dtype=getattr(xp, dtype_name),
-        ))
+            method = config.cost_model.choose(xp.__name__, h.shape[-1], dtype_name, _xp.device_kind(h))
+
+        def one(a, method=method, xp=xp):
+            return roots.inverse_pth_root(
+                a, exponent, epsilon=config.epsilon, relative_epsilon=config.relative_epsilon,
+                method=method, dtype=getattr(xp, dtype_name),
+            )
+
+        if _xp.is_lazy(h):  # one traced root for the whole stack under jax.jit (jax.lax.map)
+            root, error, lam_max = _xp.map_stack(xp, lambda a: tuple(one(a)[:3]), h)
+            out.append(roots.RootResult(root, error, lam_max, 0))
+            continue
+        results = [one(h[i, ...]) for i in range(h.shape[0])]
+        out.append(roots.RootResult(
+            xp.stack([r.root for r in results]), tuple(float(r.error) for r in results),
+            tuple(float(r.lambda_max) for r in results), tuple(int(r.iterations) for r in results)))
     return out
 
 
@@ -491,7 +515,7 @@ def _apply_roots(config: ShampooConfig, xp, block: BlockState, results) -> Block
         lam_max = _as_array(xp, result.lambda_max, block.lambda_max)
         lam_max = xp.where(xp.isfinite(lam_max), lam_max, xp.zeros_like(lam_max))
         ok = xp.isfinite(error) & (error <= config.inverse_failure_threshold)
-        preconditioners.append(xp.where(ok, xp.astype(result.root, old.dtype), old))
+        preconditioners.append(xp.where(ok[:, None, None], xp.astype(result.root, old.dtype), old))
         failures = failures + xp.astype(~ok, failures.dtype)
         worst = error if worst is None else xp.maximum(worst, error)
         lam = lam_max if lam is None else xp.maximum(lam, lam_max)
@@ -499,7 +523,8 @@ def _apply_roots(config: ShampooConfig, xp, block: BlockState, results) -> Block
 
 
 def _update_block(config, xp, block: BlockState, g, plan, schedule: _Schedule, key) -> BlockState:
-    """``g``: the block of the gradient weighted by ``statistics.statistics_weight(beta2)``."""
+    """``g``: the group's stack of blocks of the gradient weighted by
+    ``statistics.statistics_weight(beta2)``."""
 
     def accumulate():
         return statistics.accumulate_weighted(xp, block.statistics, g, plan.preconditioned, config.beta2)
@@ -572,7 +597,7 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
     if plan.num_preconditioned:
         weight = statistics.statistics_weight(config.beta2)
         weighted = g * weight if weight != 1.0 and schedule.statistics is not False else g  # once per parameter
-        g_blocks = blocking.split_blocks(xp, weighted, plan)
+        g_blocks = blocking.split_groups(xp, weighted, plan)
         new_blocks = tuple(
             _update_block(config, xp, b, gb, plan, schedule, (index, j))
             for j, (b, gb) in enumerate(zip(s.blocks, g_blocks))
@@ -599,14 +624,14 @@ def _preconditioned_update(config, xp, blocks, f, f_scale, direction, d_scale, p
     Preconditioning is linear, so it runs on ``f`` and the scalars meet in one multiply: with
     P = precondition(f), the grafted update is P · f_scale‖D‖ / max(f_scale‖P‖, 1e-16).
     """
-    f_blocks = blocking.split_blocks(xp, f, plan)
+    f_blocks = blocking.split_groups(xp, f, plan)
     pre = [
         preconditioner.precondition_block(xp, fb, b.preconditioners, plan.preconditioned)
         for fb, b in zip(f_blocks, blocks)
     ]
     graft_type = config.graft_type
     if graft_type is GraftType.NONE:
-        return blocking.merge_blocks(xp, pre, plan) * (factor * f_scale)
+        return blocking.merge_groups(xp, pre, plan) * (factor * f_scale)
     floor = grafting.NORM_FLOOR
 
     def grafted(p, d):
@@ -614,7 +639,12 @@ def _preconditioned_update(config, xp, blocks, f, f_scale, direction, d_scale, p
         return factor * f_scale * target / _xp.at_least(xp, f_scale * _xp.norm(xp, p), floor)
 
     if config.graft_granularity is GraftGranularity.BLOCK:
-        d_blocks = blocking.split_blocks(xp, direction, plan)
-        return blocking.merge_blocks(xp, [pb * grafted(pb, db) for pb, db in zip(pre, d_blocks)], plan)
-    merged = blocking.merge_blocks(xp, pre, plan)
+        d_blocks = blocking.split_groups(xp, direction, plan)
+        scaled = []
+        for pb, db in zip(pre, d_blocks):
+            target = grafting.graft_block_norms(xp, graft_type, db, d_scale)
+            scale = factor * f_scale * target / _xp.at_least(xp, f_scale * _xp.block_norms(xp, pb), floor)
+            scaled.append(pb * xp.reshape(scale, (pb.shape[0],) + (1,) * (pb.ndim - 1)))
+        return blocking.merge_groups(xp, scaled, plan)
+    merged = blocking.merge_groups(xp, pre, plan)
     return merged * grafted(merged, direction)

@@ -14,33 +14,34 @@ __all__ = ["kronecker_factors", "statistics_weight", "accumulate_weighted", "upd
 
 
 def kronecker_factors(xp, g, preconditioned: tuple[bool, ...]) -> list:
-    """Per-dimension Gram matrices of block ``g``.
+    """Per-dimension Gram matrices of each block of a stack.
 
     Args:
-        g: block of shape ``(d_0, ..., d_{k-1})``, real floating dtype.
-        preconditioned: which dims get a statistic.
+        g: a stack of blocks, shape ``(n, d_0, ..., d_{k-1})`` (leading axis: block), real
+            floating dtype.
+        preconditioned: which of the k block dims get a statistic.
 
     Returns:
-        One ``(d_i, d_i)`` array per preconditioned dim, in the dtype of ``g``.
+        One ``(n, d_i, d_i)`` array per preconditioned dim, in the dtype of ``g``.
     """
-    if g.ndim == 1:  # full-matrix AdaGrad on a vector: the outer product, without tensordot's reshapes
-        return [g[:, None] * g[None, :]] if preconditioned[0] else []
-    if g.ndim == 2:
+    if g.ndim == 2:  # full-matrix AdaGrad on vectors: outer products
+        return [g[:, :, None] * g[:, None, :]] if preconditioned[0] else []
+    if g.ndim == 3:
         return [a @ b for a, b in _matrix_operands(g, preconditioned)]
     out = []
-    dims = list(range(g.ndim))
     for i, pre in enumerate(preconditioned):
         if not pre:
             continue
-        others = [j for j in dims if j != i]
-        out.append(xp.tensordot(g, g, axes=(others, others)))
+        # The mode-i unfolding of every block: its dim i first, the others flattened.
+        unfolded = xp.reshape(xp.moveaxis(g, i + 1, 1), (g.shape[0], g.shape[i + 1], -1))
+        out.append(unfolded @ unfolded.mT)
     return out
 
 
 def _matrix_operands(g, preconditioned: tuple[bool, ...]) -> list:
-    """The ``(a, b)`` whose products ``a @ b`` are the Gram matrices of a 2-D block: plain matmuls,
-    so that BLAS sees a transposed operand (a symmetric product where the library detects it)
-    instead of tensordot's transpose-and-copy."""
+    """The ``(a, b)`` whose products ``a @ b`` are the Gram matrices of a stack of 2-D blocks:
+    plain matmuls, so that BLAS sees a transposed operand (a symmetric product where the library
+    detects it) instead of a transposed copy."""
     pre0, pre1 = preconditioned
     return ([(g, g.mT)] if pre0 else []) + ([(g.mT, g)] if pre1 else [])
 
@@ -56,7 +57,7 @@ def accumulate_weighted(xp, stats, weighted, preconditioned: tuple[bool, ...], b
     β₂ = 1 gives H + Gram(G), AdaGrad's sum. Shampoo weights a whole parameter once and then cuts
     it into blocks, one pass instead of one small operation per block.
     """
-    if weighted.ndim == 2:
+    if weighted.ndim == 3:
         # Each product and its average in one call where the library fuses them (_xp).
         return tuple(_xp.scaled_plus_product(xp, h, a, b, beta2)
                      for h, (a, b) in zip(stats, _matrix_operands(weighted, preconditioned)))
@@ -67,14 +68,15 @@ def accumulate_weighted(xp, stats, weighted, preconditioned: tuple[bool, ...], b
 
 
 def update_statistics(xp, stats, g, preconditioned: tuple[bool, ...], beta2: float) -> tuple:
-    """Every statistic of block ``g`` updated: β₂·H + (1 - β₂)·Gram(g) (Sec. 3, Alg. 1).
+    """Every statistic of the blocks ``g`` updated: β₂·H + (1 - β₂)·Gram(g) (Sec. 3, Alg. 1).
 
     The factor (1 - β₂) is folded into the block as √(1 - β₂)·g: one pass over the block instead
     of one over each statistic, which together hold Σ dᵢ² >= numel(g) entries.
 
     Args:
-        stats: the block's ``(d_i, d_i)`` statistics, one per preconditioned dim.
-        g: the block, shape ``(d_0, ..., d_{k-1})``, the dtype of ``stats``.
+        stats: the ``(n, d_i, d_i)`` statistics of a stack of n blocks, one per preconditioned
+            dim.
+        g: the stack of blocks, shape ``(n, d_0, ..., d_{k-1})``, the dtype of ``stats``.
 
     Returns:
         The updated statistics, as a tuple in the order of ``stats``.

@@ -37,15 +37,15 @@ def test_deterministic_swap_uses_roots_of_the_submitting_step(xp, staleness):
         states, updates = run(sc.shampoo(1.0, async_preconditioners=ex, **HP), xp, gs)
     # Roots are submitted at steps 1, 5, 9 and swapped in at 1 + staleness, 5 + staleness, ...
     for t, state in enumerate(states, start=1):
-        (block,) = state.params[0].blocks
+        (block,) = state.params[0].blocks  # one group of one block: arrays (1, 6, 6)
         submitted = max(s for s in (1, 5, 9) if s + staleness <= t) if t > staleness else None
         for h_index, x in enumerate(block.preconditioners):
             if submitted is None:
-                np.testing.assert_array_equal(to_np(x), np.eye(x.shape[0]))
+                np.testing.assert_array_equal(to_np(x)[0], np.eye(x.shape[-1]))
             else:
-                stats = to_np(states[submitted - 1].params[0].blocks[0].statistics[h_index])
+                stats = to_np(states[submitted - 1].params[0].blocks[0].statistics[h_index])[0]
                 expected = to_np(sc.inverse_pth_root(stats, 4, epsilon=1e-3, relative_epsilon=False).root)
-                np.testing.assert_allclose(to_np(x), expected, rtol=1e-12, atol=1e-14)
+                np.testing.assert_allclose(to_np(x)[0], expected, rtol=1e-12, atol=1e-14)
     # Before the first swap the update is the gradient itself (identity preconditioners).
     np.testing.assert_allclose(updates[0], -gs[0], rtol=1e-15)
 
@@ -76,11 +76,11 @@ def test_staleness_bound_makes_the_step_wait(monkeypatch):
         _, state = tx.update(state, gs[0], params)  # submits (fast return: the job sleeps)
         assert ex.pending == 1
         _, state = tx.update(state, gs[1], params)  # age 1 < 2 and not done: old roots
-        np.testing.assert_array_equal(state.params[0].blocks[0].preconditioners[0], np.eye(6))
+        np.testing.assert_array_equal(state.params[0].blocks[0].preconditioners[0][0], np.eye(6))
         t0 = time.perf_counter()
         _, state = tx.update(state, gs[2], params)  # age 2: waits for the job
         assert ex.pending == 0
-        assert not np.array_equal(state.params[0].blocks[0].preconditioners[0], np.eye(6))
+        assert not np.array_equal(state.params[0].blocks[0].preconditioners[0][0], np.eye(6))
         assert time.perf_counter() - t0 < 1.0
 
 
@@ -94,7 +94,7 @@ def test_finished_roots_swap_in_at_next_step():
         ex.wait()
         _, state = tx.update(state, gs[1], params)
         assert ex.pending == 0
-        assert not np.array_equal(state.params[0].blocks[0].preconditioners[0], np.eye(6))
+        assert not np.array_equal(state.params[0].blocks[0].preconditioners[0][0], np.eye(6))
 
 
 def test_worker_error_surfaces_in_caller(monkeypatch):
@@ -185,7 +185,7 @@ def test_host_copies_give_the_same_roots(backend):
         for x, h in zip(block.preconditioners, block.statistics):
             assert type(x) is type(h)
             assert _xp.device_of(x) == _xp.device_of(h)
-            assert not np.array_equal(to_np(x), np.eye(x.shape[0]))  # a root was swapped in
+            assert not np.array_equal(to_np(x)[0], np.eye(x.shape[-1]))  # a root was swapped in
         outs.append(updates)
     # NumPy's and the backend's solvers round differently; κ <= 1/epsilon amplifies float64 rounding.
     tol = 100 * np.finfo(np.float64).eps / HP["epsilon"]

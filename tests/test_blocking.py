@@ -5,7 +5,7 @@ import math
 import numpy as np
 from hypothesis import given, strategies as st
 
-from shampoo_core.blocking import make_plan, merge_blocks, merge_small_dims, split_blocks
+from shampoo_core.blocking import make_plan, merge_groups, merge_small_dims, split_groups
 from helpers import to_np, to_xp
 
 shapes = st.lists(st.integers(0, 9), min_size=0, max_size=5).map(tuple)
@@ -35,15 +35,30 @@ def test_split_merge_round_trip(xp, shape, block_size, merge, skip):
     x_np = rng.standard_normal(shape)
     x = to_xp(xp, x_np)
     plan = make_plan(shape, block_size, merge_small_dims_=merge, skip_preconditioning_dim_size_gt=skip)
-    blocks = split_blocks(xp, x, plan)
-    assert [tuple(b.shape) for b in blocks] == plan.block_shapes
-    for b_shape in plan.block_shapes:
-        for d, pre in zip(b_shape, plan.preconditioned):
-            if pre:
-                assert d <= block_size
-    back = merge_blocks(xp, blocks, plan)
+    stacks = split_groups(xp, x, plan)
+    merged = x_np.reshape(plan.merged_shape)
+    # Every block of the grid lies in exactly one group, at its row-major place in the group's grid.
+    seen = 0
+    for group, stack in zip(plan.groups, stacks):
+        assert tuple(stack.shape) == (group.num_blocks,) + group.block_shape
+        for d, pre in zip(group.block_shape, plan.preconditioned):
+            assert d <= block_size or not pre
+        for i, index in enumerate(np.ndindex(*group.counts)):
+            where = tuple(slice(r.start + j * d, r.start + (j + 1) * d)
+                          for r, j, d in zip(group.region, index, group.block_shape))
+            np.testing.assert_array_equal(to_np(stack)[i], merged[where])
+            seen += 1
+    assert seen == len(plan.block_shapes)
+    back = merge_groups(xp, stacks, plan)
     assert tuple(back.shape) == shape
     np.testing.assert_array_equal(to_np(back), x_np)
+
+
+def test_groups_of_a_ragged_grid():
+    plan = make_plan((300, 200), 128)
+    assert [(g.counts, g.block_shape) for g in plan.groups] == [
+        ((2, 1), (128, 128)), ((2, 1), (128, 72)), ((1, 1), (44, 128)), ((1, 1), (44, 72))]
+    assert plan.group_statistic_sizes == ((2, (128, 128)), (2, (128, 72)), (1, (44, 128)), (1, (44, 72)))
 
 
 def test_skipped_dim_is_not_split():

@@ -31,7 +31,7 @@ def run_shampoo(xp, grads, epsilon):
     for g in grads:
         _, state = tx.update(state, to_xp(xp, g), params)
     (block,) = state.params[0].blocks
-    return [to_np(h) for h in block.statistics], [to_np(x) for x in block.preconditioners]
+    return [to_np(h)[0] for h in block.statistics], [to_np(x)[0] for x in block.preconditioners]
 
 
 gradient_sequences = st.integers(0, 2**16).flatmap(

@@ -533,8 +533,9 @@ def test_asynchronous_roots_are_each_parameters_own():
     for p, q in zip(model.parameters(), expected):
         assert torch.equal(p.detach(), q)
     for p in model.parameters():  # every preconditioned block got roots of its own statistics
-        block_arrays = [t for t in opt.state[p].values() if t.ndim == 2]
-        assert any(not torch.equal(t, torch.eye(t.shape[0], dtype=t.dtype)) for t in block_arrays[len(block_arrays) // 2:])
+        block_arrays = [t for t in opt.state[p].values() if t.ndim == 3]  # stacks of blocks
+        assert any(not torch.equal(t, torch.eye(t.shape[-1], dtype=t.dtype).expand_as(t))
+                   for t in block_arrays[len(block_arrays) // 2:])
 
 
 FAILED_ROOT_OF_FIRST_PARAM = r"param_groups\[0\]\['params'\]\[0\] \('0.weight'\).*inverse root computation"
