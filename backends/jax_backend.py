@@ -46,8 +46,7 @@ def map_stack(f, xs):
     """
     if isinstance(xs, jax.core.Tracer):
         return jax.lax.map(f, xs)
-    results = [f(xs[i]) for i in range(xs.shape[0])]
-    return tuple(jax.numpy.stack(parts) for parts in zip(*results))
+    return _xp.loop_stack(jax.numpy, f, xs)
 
 
 def device_kind(x) -> str:

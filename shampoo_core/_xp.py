@@ -26,6 +26,7 @@ __all__ = [
     "scaled_plus_product",
     "block_norms",
     "map_stack",
+    "loop_stack",
     "register_map",
     "at_least",
     "scalar",
@@ -263,6 +264,11 @@ def map_stack(xp, f, xs):
     fn = _MAPS.get(getattr(xp, "__name__", ""))
     if fn is not None and is_lazy(xs):
         return fn(f, xs)
+    return loop_stack(xp, f, xs)
+
+
+def loop_stack(xp, f, xs):
+    """:func:`map_stack` as a Python loop of calls on the slices of ``xs``, results stacked."""
     results = [f(xs[i, ...]) for i in range(xs.shape[0])]
     return tuple(xp.stack(parts) for parts in zip(*results))
 

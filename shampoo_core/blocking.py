@@ -105,6 +105,11 @@ class BlockPlan:
         )
 
     @functools.cached_property
+    def group_grid(self) -> tuple[int, ...]:
+        """Per merged dim, how many groups lie along it (1, or 2 with a smaller last block)."""
+        return tuple(len({g.region[axis].start for g in self.groups}) for axis in range(len(self.merged_shape)))
+
+    @functools.cached_property
     def group_statistic_sizes(self) -> tuple[tuple[int, tuple[int, ...]], ...]:
         """Per group, ``(number of blocks, sizes of each block's statistics)``; ``()`` without any
         preconditioned dim."""
@@ -188,12 +193,10 @@ def merge_groups(xp, stacks, plan: BlockPlan):
         full = tuple(c * d for c, d in zip(group.counts, group.block_shape))
         if group.num_blocks > 1:
             stack = xp.reshape(stack, group.counts + group.block_shape)
-            inverse = [0] * (2 * k)
-            for position, axis in enumerate(_interleaved(k)):
-                inverse[axis] = position
-            stack = xp.permute_dims(stack, tuple(inverse))
+            # (c_0, ..., c_{k-1}, s_0, ..., s_{k-1}) back to (c_0, s_0, c_1, s_1, ...)
+            stack = xp.permute_dims(stack, tuple(v for i in range(k) for v in (i, k + i)))
         regions.append(xp.reshape(stack, full))
-    counts = [len({(g.region[axis].start) for g in plan.groups}) for axis in range(len(plan.merged_shape))]
+    counts = plan.group_grid
     for axis in reversed(range(len(counts))):
         n = counts[axis]
         regions = [xp.concat(regions[i : i + n], axis=axis) if n > 1 else regions[i]

@@ -634,17 +634,15 @@ def _preconditioned_update(config, xp, blocks, f, f_scale, direction, d_scale, p
         return blocking.merge_groups(xp, pre, plan) * (factor * f_scale)
     floor = grafting.NORM_FLOOR
 
-    def grafted(p, d):
-        target = grafting.graft_norm(xp, graft_type, d, d_scale)
-        return factor * f_scale * target / _xp.at_least(xp, f_scale * _xp.norm(xp, p), floor)
+    def grafted(target, p_norm):
+        return factor * f_scale * target / _xp.at_least(xp, f_scale * p_norm, floor)
 
     if config.graft_granularity is GraftGranularity.BLOCK:
         d_blocks = blocking.split_groups(xp, direction, plan)
         scaled = []
         for pb, db in zip(pre, d_blocks):
-            target = grafting.graft_block_norms(xp, graft_type, db, d_scale)
-            scale = factor * f_scale * target / _xp.at_least(xp, f_scale * _xp.block_norms(xp, pb), floor)
+            scale = grafted(grafting.graft_block_norms(xp, graft_type, db, d_scale), _xp.block_norms(xp, pb))
             scaled.append(pb * xp.reshape(scale, (pb.shape[0],) + (1,) * (pb.ndim - 1)))
         return blocking.merge_groups(xp, scaled, plan)
     merged = blocking.merge_groups(xp, pre, plan)
-    return merged * grafted(merged, direction)
+    return merged * grafted(grafting.graft_norm(xp, graft_type, direction, d_scale), _xp.norm(xp, merged))
