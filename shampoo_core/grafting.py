@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from . import _xp
+from . import _elementwise, _xp
 from .options import GraftType
 
 __all__ = ["GraftState", "init_graft", "update_graft", "graft_direction", "graft_norm", "graft_block_norms",
@@ -39,9 +39,9 @@ def init_graft(xp, graft_type: GraftType, param, initial_accumulator_value: floa
 def update_graft(graft_type: GraftType, state: GraftState, g, beta2: float) -> GraftState:
     """Add the raw gradient ``g`` to the grafting statistic."""
     if graft_type is GraftType.ADAGRAD:
-        return GraftState(state.accumulator + g * g)
+        return GraftState(_elementwise.plus_square(_xp.namespace(g), state.accumulator, g))
     if graft_type in (GraftType.RMSPROP, GraftType.ADAM):
-        return GraftState(beta2 * state.accumulator + (1.0 - beta2) * (g * g))
+        return GraftState(_elementwise.ema(_xp.namespace(g), state.accumulator, g * g, beta2))
     return state
 
 
@@ -71,8 +71,8 @@ def graft_direction(xp, graft_type: GraftType, state: GraftState, f, *, epsilon:
     acc = state.accumulator
     if graft_type is GraftType.ADAM:
         root_c = (1.0 - beta2**step) ** 0.5
-        return f / (xp.sqrt(acc) + epsilon * root_c), f_scale * root_c
-    return f / (xp.sqrt(acc) + epsilon), f_scale
+        return _elementwise.over_root_plus(xp, f, acc, epsilon * root_c), f_scale * root_c
+    return _elementwise.over_root_plus(xp, f, acc, epsilon), f_scale
 
 
 def graft_norm(xp, graft_type: GraftType, d, scale):

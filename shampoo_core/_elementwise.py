@@ -1,0 +1,101 @@
+"""The optimizer's elementwise running averages and divisions, in as few passes as the library allows.
+
+Each function computes one expression of the array API on arrays of one shape and dtype; its
+result is a new array and its inputs are left as they were. Over Shampoo's parameters these
+passes cost as much as the block matmuls at block size 128 (docs/performance.md), so:
+
+* torch: the fused kernels of ``torch.optim``'s own optimizers (``lerp``, ``addcmul``), one
+  pass where the expression takes two to four.
+* NumPy: the arithmetic runs in place on the one new array the function returns. Each
+  temporary NumPy allocates for an expression is a fresh, page-faulting buffer as large as the
+  parameter, which costs about as much as the arithmetic itself.
+* Anything else (JAX, whose compiler fuses them; array_api_strict; CuPy), 0-d NumPy arrays and
+  a division autograd records: the plain expression.
+"""
+
+from __future__ import annotations
+
+import array_api_compat
+
+__all__ = ["ema", "plus_square", "over_root_plus"]
+
+
+def _numpy(*arrays) -> bool:
+    # 0-d arithmetic gives NumPy scalars, which cannot be written in place.
+    return all(array_api_compat.is_numpy_array(a) and a.ndim > 0 for a in arrays)
+
+
+def _torch(*arrays) -> bool:
+    return all(array_api_compat.is_torch_array(a) for a in arrays)
+
+
+def ema(xp, old, new, beta: float):
+    """β·old + (1 - β)·new, the running average of ``new`` (Adam's m and v; Kingma & Ba 2015).
+
+    Args:
+        old, new: arrays of one shape and real floating dtype.
+        beta: a float in [0, 1].
+
+    Returns:
+        A new array of ``old``'s shape and dtype. It is computed as a linear interpolation,
+        old + (1 - β)(new - old) for β >= 1/2 and new + β(old - new) below (torch's ``lerp``
+        and its choice of form), which is exact at β = 0 and β = 1. The weight is 1 - β,
+        computed in float64 before it is rounded to the arrays' dtype: for β = 0.999, rounding
+        β first and taking 1 - β in float32 misplaces Adam's (1 - β₂)·g² by 1.3e-5 relative.
+    """
+    if _torch(old, new):
+        import torch
+
+        return torch.lerp(old, new, 1.0 - beta)
+    if _numpy(old, new):
+        out = old - new
+        if beta >= 0.5:
+            out *= beta - 1.0
+            out += old
+        else:
+            out *= beta
+            out += new
+        return out
+    return beta * old + (1.0 - beta) * new
+
+
+def plus_square(xp, acc, g):
+    """acc + g², AdaGrad's sum of squared gradients (Duchi, Hazan, Singer 2011).
+
+    Args:
+        acc, g: arrays of one shape and real floating dtype.
+
+    Returns:
+        A new array of ``acc``'s shape and dtype.
+    """
+    if _torch(acc, g):
+        import torch
+
+        return torch.addcmul(acc, g, g)
+    if _numpy(acc, g):
+        out = g * g
+        out += acc
+        return out
+    return acc + g * g
+
+
+def over_root_plus(xp, f, acc, epsilon):
+    """f / (√acc + ε), the diagonal preconditioner applied to ``f`` (AdaGrad, RMSProp, Adam).
+
+    Args:
+        f, acc: arrays of one shape and real floating dtype, ``acc >= 0``.
+        epsilon: a float >= 0, or a 0-d array of ``f``'s dtype (Adam's ε√(1 - β₂ᵗ) under jit).
+
+    Returns:
+        A new array of ``f``'s shape and dtype.
+    """
+    if _torch(f, acc) and not (f.requires_grad or acc.requires_grad):  # autograd forbids writing its results
+        import torch
+
+        denominator = torch.sqrt(acc).add_(epsilon)  # in place on the new array only
+        return torch.div(f, denominator, out=denominator)
+    if _numpy(f, acc):
+        out = xp.sqrt(acc)
+        out += epsilon
+        return xp.divide(f, out, out=out)
+    return f / (xp.sqrt(acc) + epsilon)
