@@ -38,7 +38,7 @@ def ema(xp, old, new, beta: float):
 
     Returns:
         A new array of ``old``'s shape and dtype. It is computed as a linear interpolation,
-        old + (1 - β)(new - old) for β >= 1/2 and new + β(old - new) below (torch's ``lerp``
+        old + (1 - β)(new - old) for β > 1/2 and new + β(old - new) otherwise (torch's ``lerp``
         and its choice of form), which is exact at β = 0 and β = 1. The weight is 1 - β,
         computed in float64 before it is rounded to the arrays' dtype: for β = 0.999, rounding
         β first and taking 1 - β in float32 misplaces Adam's (1 - β₂)·g² by 1.3e-5 relative.
@@ -49,7 +49,7 @@ def ema(xp, old, new, beta: float):
         return torch.lerp(old, new, 1.0 - beta)
     if _numpy(old, new):
         out = old - new
-        if beta >= 0.5:
+        if beta > 0.5:
             out *= beta - 1.0
             out += old
         else:

@@ -214,7 +214,7 @@ def scaled_plus_product(xp, c, a, b, beta: float):
         return (torch.baddbmm if c.ndim == 3 else torch.addmm)(c, a, b, beta=beta)
     if c.ndim == 3 and all(array_api_compat.is_numpy_array(x) for x in (a, b, c)):
         out = c * beta  # a new array; the products are added into it in place
-        step = max(1, 65536 // (c.shape[1] * c.shape[2]))  # blocks per product: 256 KB of float32
+        step = max(1, 65536 // max(1, c.shape[1] * c.shape[2]))  # blocks per product: 256 KB of float32
         for i in range(0, c.shape[0], step):
             out[i:i + step] += a[i:i + step] @ b[i:i + step]
         return out
