@@ -1,8 +1,9 @@
 """The optimizer's elementwise running averages and divisions, in as few passes as the library allows.
 
-Each function computes one expression of the array API on arrays of one shape and dtype; its
-result is a new array and its inputs are left as they were. Over Shampoo's parameters these
-passes cost as much as the block matmuls at block size 128 (docs/performance.md), so:
+Each function computes one expression of the array API on arrays of one shape and dtype (only
+the division takes the namespace ``xp``, for its square root); its result is a new array and
+its inputs are left as they were. Over Shampoo's parameters these passes cost as much as the
+block matmuls at block size 128 (docs/performance.md), so:
 
 * torch: the fused kernels of ``torch.optim``'s own optimizers (``lerp``, ``addcmul``), one
   pass where the expression takes two to four.
@@ -29,7 +30,7 @@ def _torch(*arrays) -> bool:
     return all(array_api_compat.is_torch_array(a) for a in arrays)
 
 
-def ema(xp, old, new, beta: float):
+def ema(old, new, beta: float):
     """β·old + (1 - β)·new, the running average of ``new`` (Adam's m and v; Kingma & Ba 2015).
 
     Args:
@@ -59,7 +60,7 @@ def ema(xp, old, new, beta: float):
     return beta * old + (1.0 - beta) * new
 
 
-def plus_square(xp, acc, g):
+def plus_square(acc, g):
     """acc + g², AdaGrad's sum of squared gradients (Duchi, Hazan, Singer 2011).
 
     Args:

@@ -39,9 +39,9 @@ def init_graft(xp, graft_type: GraftType, param, initial_accumulator_value: floa
 def update_graft(graft_type: GraftType, state: GraftState, g, beta2: float) -> GraftState:
     """Add the raw gradient ``g`` to the grafting statistic."""
     if graft_type is GraftType.ADAGRAD:
-        return GraftState(_elementwise.plus_square(_xp.namespace(g), state.accumulator, g))
+        return GraftState(_elementwise.plus_square(state.accumulator, g))
     if graft_type in (GraftType.RMSPROP, GraftType.ADAM):
-        return GraftState(_elementwise.ema(_xp.namespace(g), state.accumulator, g * g, beta2))
+        return GraftState(_elementwise.ema(state.accumulator, g * g, beta2))
     return state
 
 

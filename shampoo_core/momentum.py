@@ -6,7 +6,7 @@ so that ``graft_type="adam"`` before ``start_preconditioning_step`` is exactly A
 
 from __future__ import annotations
 
-from . import _elementwise, _xp
+from . import _elementwise
 
 __all__ = ["ema", "filtered_gradient"]
 
@@ -14,7 +14,7 @@ __all__ = ["ema", "filtered_gradient"]
 def ema(m, g, beta1: float):
     """m_t = beta1 m_{t-1} + (1 - beta1) g_t, as a new array of ``m``'s shape and dtype (``m`` and
     ``g`` of one shape and dtype)."""
-    return _elementwise.ema(_xp.namespace(m, g), m, g, beta1)
+    return _elementwise.ema(m, g, beta1)
 
 
 def filtered_gradient(m, g, beta1: float, step, nesterov: bool):

@@ -33,7 +33,7 @@ def _check_new_and_untouched(xp, out, inputs, copies, like):
 def test_ema_is_the_running_average(xp, shape, beta, seed):
     old, new = _inputs(shape, seed, np.float32)
     xo, xn = to_xp(xp, old), to_xp(xp, new)
-    out = _elementwise.ema(xp, xo, xn, beta)
+    out = _elementwise.ema(xo, xn, beta)
     _check_new_and_untouched(xp, out, (xo, xn), (old, new), xo)
     exact = beta * old.astype(np.float64) + (1.0 - beta) * new.astype(np.float64)
     # β and 1 - β round to float32, and the interpolation rounds two or three times more, each
@@ -45,7 +45,7 @@ def test_ema_is_the_running_average(xp, shape, beta, seed):
 @pytest.mark.parametrize("beta, expected", [(0.0, "new"), (1.0, "old")])
 def test_ema_is_exact_at_the_ends(xp, beta, expected):
     old, new = _inputs((50,), 3, np.float32)
-    out = to_np(_elementwise.ema(xp, to_xp(xp, old), to_xp(xp, new), beta))
+    out = to_np(_elementwise.ema(to_xp(xp, old), to_xp(xp, new), beta))
     np.testing.assert_array_equal(out, {"old": old, "new": new}[expected])
 
 
@@ -53,7 +53,7 @@ def test_ema_from_zero_keeps_its_relative_accuracy(xp):
     """The first step of Adam's v from zero state: (1 - β)·g² with β = 0.999. Interpolating the
     wrong way round, g² + β(0 - g²), cancels 3 of float32's 7 digits."""
     g2 = np.linspace(0.5, 4.0, 64, dtype=np.float32)
-    out = to_np(_elementwise.ema(xp, to_xp(xp, np.zeros_like(g2)), to_xp(xp, g2), 0.999))
+    out = to_np(_elementwise.ema(to_xp(xp, np.zeros_like(g2)), to_xp(xp, g2), 0.999))
     exact = 0.001 * g2.astype(np.float64)  # (1 - 0.999) rounds to float32 once, within 2u
     np.testing.assert_allclose(out, exact, rtol=4 * eps("float32"))
 
@@ -64,7 +64,7 @@ def test_plus_square_is_adagrads_sum(xp, shape, seed):
     acc, g = _inputs(shape, seed, np.float32)
     acc = np.abs(acc)
     xa, xg = to_xp(xp, acc), to_xp(xp, g)
-    out = _elementwise.plus_square(xp, xa, xg)
+    out = _elementwise.plus_square(xa, xg)
     _check_new_and_untouched(xp, out, (xa, xg), (acc, g), xa)
     exact = acc.astype(np.float64) + g.astype(np.float64) ** 2
     assert np.all(np.abs(to_np(out) - exact) <= 2 * eps("float32") * exact)
