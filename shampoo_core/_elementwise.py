@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import array_api_compat
 
-__all__ = ["ema", "plus_square", "over_root_plus"]
+__all__ = ["ema", "plus_square", "over_root_plus", "scaled_copy"]
 
 
 def _numpy(*arrays) -> bool:
@@ -100,3 +100,31 @@ def over_root_plus(xp, f, acc, epsilon):
         out += epsilon
         return xp.divide(f, out, out=out)
     return f / (xp.sqrt(acc) + epsilon)
+
+
+def scaled_copy(x, scale):
+    """scale·x as a new array laid out in the row-major order of ``x``'s shape, whatever ``x``'s
+    strides: a transposed view is reordered and scaled in the same pass.
+
+    Merging a parameter's blocks back in place (a permuted view of its block stacks) is a copy
+    anyway, and the grafted update is that copy times one scalar; as ``x * scale`` NumPy and
+    torch would keep the view's strides, and reshaping the result would copy a second time.
+
+    Args:
+        x: an array of real floating dtype, any strides.
+        scale: a float, or a 0-d array of ``x``'s namespace and device.
+
+    Returns:
+        A new array of ``x``'s shape, in the dtype of ``x * scale``; C-contiguous on NumPy and
+        torch (any layout elsewhere: the caller's reshape copies, where the library copies).
+    """
+    if _numpy(x):
+        import numpy as np
+
+        return np.multiply(x, scale, out=np.empty(x.shape, dtype=np.result_type(x, scale)))
+    if _torch(x) and not (x.requires_grad or getattr(scale, "requires_grad", False)):
+        import torch
+
+        out = torch.empty(x.shape, dtype=torch.result_type(x, scale), device=x.device)
+        return torch.mul(x, scale, out=out)
+    return x * scale

@@ -24,6 +24,8 @@ __all__ = [
     "eye_like",
     "norm",
     "scaled_plus_product",
+    "product_takes_scale",
+    "joint_norm",
     "block_norms",
     "map_stack",
     "loop_stack",
@@ -194,32 +196,52 @@ def block_norms(xp, x):
     return xp.linalg.vector_norm(x, axis=tuple(range(1, x.ndim)))
 
 
-def scaled_plus_product(xp, c, a, b, beta: float):
-    """``beta * c + a @ b`` for ``a`` (m, k), ``b`` (k, n) and ``c`` (m, n) of one dtype, or stacks
-    of them (a leading batch axis on all three).
+def scaled_plus_product(xp, c, a, b, beta: float, alpha: float = 1.0):
+    """``beta * c + alpha * (a @ b)`` for ``a`` (m, k), ``b`` (k, n) and ``c`` (m, n) of one
+    dtype, or stacks of them (a leading batch axis on all three).
 
-    torch: one ``torch.addmm`` (``torch.baddbmm`` for stacks), whose matrix product adds ``beta * c`` as it writes its result
-    (a Shampoo statistic's running average without two passes of its own over the statistic):
-    1506 statistics of 128×128 took 88.6 ms against 102.8 ms as ``beta * c + a @ b``, with the
-    same bits (larger products round differently: BLAS adds ``beta * c`` to partial sums).
+    torch: one ``torch.addmm`` (``torch.baddbmm`` for stacks), whose matrix product adds ``beta * c``
+    and applies ``alpha`` as it writes its result (a Shampoo statistic's running average without
+    passes of its own over the statistic or the gradient): 1506 statistics of 128×128 took 88.6 ms
+    against 102.8 ms as ``beta * c + a @ b``, with the same bits (larger products round
+    differently: BLAS adds ``beta * c`` to partial sums).
     NumPy keeps the two operations: its ``a @ a.T`` is a symmetric rank-k update, which BLAS's
     general product with ``beta`` (SciPy's ``sgemm``) loses to, 150 against 129 ms. For stacks it
     adds the products a few blocks at a time into the new ``beta * c``, while each is in cache:
     the same bits, 87-89 against 108-110 ms for 1506 statistics of 128×128, 180-185 against
     216-218 ms for 114 of 512×512 (``beta * c + a @ b`` writes and reads back a stack of
-    products the size of ``c``).
+    products the size of ``c``). An ``alpha`` other than 1 costs NumPy a multiply of each product
+    (:func:`product_takes_scale` says where it is free).
     """
     if array_api_compat.is_torch_namespace(xp):
         import torch
 
-        return (torch.baddbmm if c.ndim == 3 else torch.addmm)(c, a, b, beta=beta)
+        return (torch.baddbmm if c.ndim == 3 else torch.addmm)(c, a, b, beta=beta, alpha=alpha)
     if c.ndim == 3 and array_api_compat.is_numpy_namespace(xp):
         out = c * beta  # a new array; the products are added into it in place
         step = max(1, 65536 // max(1, c.shape[1] * c.shape[2]))  # blocks per product: 256 KB of float32
         for i in range(0, c.shape[0], step):
-            out[i:i + step] += a[i:i + step] @ b[i:i + step]
+            product = a[i:i + step] @ b[i:i + step]
+            if alpha != 1.0:
+                product *= alpha
+            out[i:i + step] += product
         return out
-    return (c if beta == 1.0 else beta * c) + a @ b
+    product = a @ b
+    return (c if beta == 1.0 else beta * c) + (product if alpha == 1.0 else alpha * product)
+
+
+def product_takes_scale(xp) -> bool:
+    """Whether :func:`scaled_plus_product` applies its ``alpha`` inside the matrix product
+    (torch's ``addmm``/``baddbmm``), so that scaling the product costs no pass of its own."""
+    return array_api_compat.is_torch_namespace(xp)
+
+
+def joint_norm(xp, arrays):
+    """The 2-norm of the entries of all ``arrays`` together (as if concatenated), a 0-d array of
+    their dtype: :func:`norm` of one, the root of the sum of the squared norms of several."""
+    if len(arrays) == 1:
+        return norm(xp, arrays[0])
+    return xp.sqrt(sum(norm(xp, x) ** 2 for x in arrays))
 
 
 def at_least(xp, x, floor: float):

@@ -20,6 +20,8 @@ import functools
 import itertools
 import math
 
+from . import _elementwise
+
 __all__ = ["BlockPlan", "BlockGroup", "merge_small_dims", "make_plan", "split_groups", "merge_groups"]
 
 
@@ -165,12 +167,14 @@ def _interleaved(k: int) -> tuple[int, ...]:
     return tuple(range(0, 2 * k, 2)) + tuple(range(1, 2 * k, 2))
 
 
-def split_groups(xp, x, plan: BlockPlan) -> list:
+def split_groups(xp, x, plan: BlockPlan, scale=None) -> list:
     """``x`` (of ``plan.shape``) as one ``(num_blocks, *block_shape)`` array per group of
     ``plan.groups``, blocks row-major over the group's grid.
 
     A group of one block is a reshape (a view where the library has views); a larger group is
     one copy into block-major order, so that every block is a contiguous matrix for BLAS.
+    ``scale`` (a float or a 0-d array of ``x``'s namespace), if given, multiplies the blocks in
+    that copy (``_elementwise.scaled_copy``) instead of in a pass of its own.
     """
     merged = xp.reshape(x, plan.merged_shape)
     whole = len(plan.groups) == 1
@@ -181,12 +185,21 @@ def split_groups(xp, x, plan: BlockPlan) -> list:
             k = len(group.counts)
             region = xp.reshape(region, tuple(v for c, d in zip(group.counts, group.block_shape) for v in (c, d)))
             region = xp.permute_dims(region, _interleaved(k))
+            if scale is not None:
+                region = _elementwise.scaled_copy(region, scale)
+        elif scale is not None:
+            region = region * scale
         out.append(xp.reshape(region, (group.num_blocks,) + group.block_shape))
     return out
 
 
-def merge_groups(xp, stacks, plan: BlockPlan):
-    """Inverse of :func:`split_groups`: the blocks back in place, in ``plan.shape``."""
+def merge_groups(xp, stacks, plan: BlockPlan, scale=None):
+    """Inverse of :func:`split_groups`: the blocks back in place, in ``plan.shape``.
+
+    ``scale`` (a float or a 0-d array of the stacks' namespace), if given, multiplies the result
+    in the pass that reorders each group's blocks (``_elementwise.scaled_copy``), not in a pass
+    of its own; the result has the dtype of ``stack * scale``.
+    """
     regions = []
     for group, stack in zip(plan.groups, stacks):
         k = len(group.counts)
@@ -195,6 +208,10 @@ def merge_groups(xp, stacks, plan: BlockPlan):
             stack = xp.reshape(stack, group.counts + group.block_shape)
             # (c_0, ..., c_{k-1}, s_0, ..., s_{k-1}) back to (c_0, s_0, c_1, s_1, ...)
             stack = xp.permute_dims(stack, tuple(v for i in range(k) for v in (i, k + i)))
+            if scale is not None:
+                stack = _elementwise.scaled_copy(stack, scale)
+        elif scale is not None:
+            stack = stack * scale
         regions.append(xp.reshape(stack, full))
     counts = plan.group_grid
     for axis in reversed(range(len(counts))):

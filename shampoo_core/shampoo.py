@@ -522,12 +522,15 @@ def _apply_roots(config: ShampooConfig, xp, block: BlockState, results) -> Block
     return BlockState(block.statistics, tuple(preconditioners), failures, worst, lam)
 
 
-def _update_block(config, xp, block: BlockState, g, plan, schedule: _Schedule, key) -> BlockState:
+def _update_block(config, xp, block: BlockState, g, plan, schedule: _Schedule, key,
+                  product_scale: float = 1.0) -> BlockState:
     """``g``: the group's stack of blocks of the gradient weighted by
-    ``statistics.statistics_weight(beta2)``."""
+    ``statistics.statistics_weight(beta2)``, or unweighted with ``product_scale`` = 1 - β₂
+    (``statistics.accumulate_weighted``)."""
 
     def accumulate():
-        return statistics.accumulate_weighted(xp, block.statistics, g, plan.preconditioned, config.beta2)
+        return statistics.accumulate_weighted(xp, block.statistics, g, plan.preconditioned, config.beta2,
+                                              product_scale)
 
     block = block._replace(statistics=_select(xp, schedule.statistics, accumulate, block.statistics))
     if schedule.roots is False and config.async_preconditioners is None:
@@ -595,11 +598,16 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
 
     u = None
     if plan.num_preconditioned:
-        weight = statistics.statistics_weight(config.beta2)
-        weighted = g * weight if weight != 1.0 and schedule.statistics is not False else g  # once per parameter
-        g_blocks = blocking.split_groups(xp, weighted, plan)
+        # √(1-β₂) weights the blocks in the copy that cuts them, or (1-β₂) scales their products
+        # where that is free: no pass of its own (statistics.accumulate_weighted).
+        weight, product_scale = statistics.statistics_weight(config.beta2), 1.0
+        if weight == 1.0 or schedule.statistics is False:
+            weight = None
+        elif len(plan.preconditioned) == 2 and _xp.product_takes_scale(xp):
+            weight, product_scale = None, 1.0 - config.beta2
+        g_blocks = blocking.split_groups(xp, g, plan, weight)
         new_blocks = tuple(
-            _update_block(config, xp, b, gb, plan, schedule, (index, j))
+            _update_block(config, xp, b, gb, plan, schedule, (index, j), product_scale)
             for j, (b, gb) in enumerate(zip(s.blocks, g_blocks))
         )
 
@@ -631,7 +639,7 @@ def _preconditioned_update(config, xp, blocks, f, f_scale, direction, d_scale, p
     ]
     graft_type = config.graft_type
     if graft_type is GraftType.NONE:
-        return blocking.merge_groups(xp, pre, plan) * (factor * f_scale)
+        return blocking.merge_groups(xp, pre, plan, factor * f_scale)
     floor = grafting.NORM_FLOOR
 
     def grafted(target, p_norm):
@@ -644,5 +652,6 @@ def _preconditioned_update(config, xp, blocks, f, f_scale, direction, d_scale, p
             scale = grafted(grafting.graft_block_norms(xp, graft_type, db, d_scale), _xp.block_norms(xp, pb))
             scaled.append(pb * xp.reshape(scale, (pb.shape[0],) + (1,) * (pb.ndim - 1)))
         return blocking.merge_groups(xp, scaled, plan)
-    merged = blocking.merge_groups(xp, pre, plan)
-    return merged * grafted(grafting.graft_norm(xp, graft_type, direction, d_scale), _xp.norm(xp, merged))
+    # The layer's norm from the stacks, so that the merge copy applies the grafted scale.
+    scale = grafted(grafting.graft_norm(xp, graft_type, direction, d_scale), _xp.joint_norm(xp, pre))
+    return blocking.merge_groups(xp, pre, plan, scale)

@@ -51,17 +51,23 @@ def statistics_weight(beta2: float) -> float:
     return 1.0 if beta2 == 1.0 else math.sqrt(1.0 - beta2)
 
 
-def accumulate_weighted(xp, stats, weighted, preconditioned: tuple[bool, ...], beta2: float) -> tuple:
-    """β₂·H + Gram(weighted) per statistic, for ``weighted = statistics_weight(β₂)·G``.
+def accumulate_weighted(xp, stats, weighted, preconditioned: tuple[bool, ...], beta2: float,
+                        product_scale: float = 1.0) -> tuple:
+    """β₂·H + s·Gram(weighted) per statistic, for ``weighted = statistics_weight(β₂)·G`` and
+    s = ``product_scale`` = 1, or for ``weighted = G`` and s = 1 - β₂.
 
     β₂ = 1 gives H + Gram(G), AdaGrad's sum. Shampoo weights a whole parameter once and then cuts
-    it into blocks, one pass instead of one small operation per block.
+    it into blocks, one pass instead of one small operation per block; where the library scales a
+    matrix product as it writes it (:func:`_xp.product_takes_scale`: torch), the 2-D blocks of G
+    go unweighted with s = 1 - β₂, and that pass is saved too.
     """
     if weighted.ndim == 3:
         # Each product and its average in one call where the library fuses them (_xp).
-        return tuple(_xp.scaled_plus_product(xp, h, a, b, beta2)
+        return tuple(_xp.scaled_plus_product(xp, h, a, b, beta2, product_scale)
                      for h, (a, b) in zip(stats, _matrix_operands(weighted, preconditioned)))
     factors = kronecker_factors(xp, weighted, preconditioned)
+    if product_scale != 1.0:
+        factors = [product_scale * f for f in factors]
     if beta2 == 1.0:
         return tuple(h + f for h, f in zip(stats, factors))
     return tuple(beta2 * h + f for h, f in zip(stats, factors))

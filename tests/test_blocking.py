@@ -52,6 +52,10 @@ def test_split_merge_round_trip(xp, shape, block_size, merge, skip):
     back = merge_groups(xp, stacks, plan)
     assert tuple(back.shape) == shape
     np.testing.assert_array_equal(to_np(back), x_np)
+    # A scale joins the split and the merge (a power of two: exact).
+    for half, stack in zip(split_groups(xp, x, plan, 0.5), stacks):
+        np.testing.assert_array_equal(to_np(half), 0.5 * to_np(stack))
+    np.testing.assert_array_equal(to_np(merge_groups(xp, stacks, plan, 0.5)), 0.5 * x_np)
 
 
 def test_groups_of_a_ragged_grid():

@@ -97,18 +97,73 @@ def test_torch_division_that_autograd_records_is_differentiable():
 
 @pytest.mark.parametrize("n, d", [(1, 4), (7, 8), (9, 128), (3, 300)])
 @pytest.mark.parametrize("beta", [0.0, 0.999, 1.0])
-def test_stacked_average_of_products(xp, n, d, beta):
-    """β·C + A·B for stacks whose length is not a multiple of the blocks NumPy adds at a time
+@pytest.mark.parametrize("alpha", [1.0, 1e-3])
+def test_stacked_average_of_products(xp, n, d, beta, alpha):
+    """β·C + α·A·B for stacks whose length is not a multiple of the blocks NumPy adds at a time
     (four of 128×128), with the bits of the plain expression in float32 on NumPy."""
     rng = np.random.default_rng(n * d)
     a = rng.standard_normal((n, d, d)).astype(np.float32)
     c = rng.standard_normal((n, d, d)).astype(np.float32)
     xa, xc = to_xp(xp, a), to_xp(xp, c)
-    out = _xp.scaled_plus_product(xp, xc, xa, xa.mT, beta)
+    out = _xp.scaled_plus_product(xp, xc, xa, xa.mT, beta, alpha)
     _check_new_and_untouched(xp, out, (xa, xc), (a, c), xc)
-    plain = (c if beta == 1.0 else np.float32(beta) * c) + a @ a.transpose(0, 2, 1)
+    product = a @ a.transpose(0, 2, 1)
+    plain = (c if beta == 1.0 else np.float32(beta) * c) + (product if alpha == 1.0 else np.float32(alpha) * product)
     if type(xa) is np.ndarray:
         np.testing.assert_array_equal(to_np(out), plain)
-    exact = beta * c.astype(np.float64) + a.astype(np.float64) @ a.transpose(0, 2, 1).astype(np.float64)
-    scale = np.abs(c) + np.abs(a).astype(np.float64) @ np.abs(a).transpose(0, 2, 1)
-    assert np.all(np.abs(to_np(out) - exact) <= (d + 2) * eps("float32") * scale)
+    exact = beta * c.astype(np.float64) + alpha * (a.astype(np.float64) @ a.transpose(0, 2, 1).astype(np.float64))
+    scale = np.abs(c) + alpha * (np.abs(a).astype(np.float64) @ np.abs(a).transpose(0, 2, 1))
+    assert np.all(np.abs(to_np(out) - exact) <= (d + 3) * eps("float32") * scale)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.25])
+def test_matrix_average_of_products(xp, alpha):
+    """The 2-D case (torch's ``addmm``), with α applied."""
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((6, 9)).astype(np.float32)
+    c = rng.standard_normal((6, 6)).astype(np.float32)
+    out = to_np(_xp.scaled_plus_product(xp, to_xp(xp, c), to_xp(xp, a), to_xp(xp, a).mT, 0.5, alpha))
+    exact = 0.5 * c.astype(np.float64) + alpha * (a.astype(np.float64) @ a.T.astype(np.float64))
+    scale = np.abs(c) + alpha * (np.abs(a).astype(np.float64) @ np.abs(a).T)
+    assert np.all(np.abs(out - exact) <= 12 * eps("float32") * scale)
+
+
+def test_product_scale_is_free_only_on_torch(xp):
+    x = to_xp(xp, np.zeros(2, dtype=np.float32))
+    assert _xp.product_takes_scale(_xp.namespace(x)) == type(x).__module__.startswith("torch")
+
+
+@pytest.mark.parametrize("scale_kind", ["float", "array"])
+@pytest.mark.parametrize("shape, axes", [((6, 5), (1, 0)), ((2, 3, 4, 5), (0, 2, 1, 3)), ((7,), (0,))])
+def test_scaled_copy_reorders_and_scales_in_one_new_array(xp, scale_kind, shape, axes):
+    """A permuted view times a scalar: the expression's values and dtype, in a new array, and
+    in the view's row-major order on NumPy and torch (so a reshape after it copies nothing)."""
+    x = np.arange(np.prod(shape), dtype=np.float32).reshape(shape) - 3.5
+    xx = to_xp(xp, x)
+    view = xp.permute_dims(xx, axes)
+    scale = 0.37 if scale_kind == "float" else to_xp(xp, np.asarray(0.37, dtype=np.float32))
+    out = _elementwise.scaled_copy(view, scale)
+    expected = view * scale
+    assert out.dtype == expected.dtype and tuple(out.shape) == tuple(expected.shape)
+    np.testing.assert_array_equal(to_np(out), to_np(expected))
+    np.testing.assert_array_equal(to_np(xx), x)
+    if isinstance(out, np.ndarray):
+        assert out.flags.c_contiguous
+    if type(out).__module__.startswith("torch"):
+        assert out.is_contiguous()
+
+
+def test_scaled_copy_keeps_numpys_type_promotion():
+    """A float64 0-d scale promotes a float32 array, as ``x * scale`` does: no silent
+    narrowing into an output of the array's dtype."""
+    x = np.ones((3, 4), dtype=np.float32).T
+    out = _elementwise.scaled_copy(x, np.asarray(1.0 + 2.0**-40))
+    assert out.dtype == np.float64 and out[0, 0] == 1.0 + 2.0**-40
+
+
+def test_torch_scaled_copy_that_autograd_records_is_differentiable():
+    torch = pytest.importorskip("torch")
+    x = torch.ones((3, 4), requires_grad=True)
+    out = _elementwise.scaled_copy(x.mT, 2.0)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, torch.full((3, 4), 2.0))

@@ -197,6 +197,26 @@ def test_failed_root_keeps_previous_preconditioner(xp):
     np.testing.assert_allclose(to_np(u), -0.1 * g)
 
 
+@pytest.mark.parametrize("shape, preconditioned", [((2, 3, 4), (True, True)), ((2, 3, 4), (False, True)),
+                                                   ((2, 2, 3, 2), (True, False, True)), ((3, 4), (True,))])
+def test_statistics_scaled_in_the_product_equal_the_weighted_block(xp, shape, preconditioned):
+    """β₂H + (1-β₂)·Gram(G) with (1-β₂) given to the product (torch's 2-D blocks in a step) is
+    ``update_statistics``' √(1-β₂)·G up to rounding, for stacks of matrices, of order-3 blocks
+    and of vectors (full-matrix statistics)."""
+    from shampoo_core import statistics
+
+    beta2 = 0.999
+    rng = np.random.default_rng(11)
+    g = rng.standard_normal(shape)
+    stats = tuple(to_xp(xp, np.eye(d)[None].repeat(shape[0], 0)) for d, pre in zip(shape[1:], preconditioned) if pre)
+    weighted = statistics.update_statistics(xp, stats, to_xp(xp, g), preconditioned, beta2)
+    scaled = statistics.accumulate_weighted(xp, stats, to_xp(xp, g), preconditioned, beta2, 1.0 - beta2)
+    assert len(scaled) == len(weighted) == sum(preconditioned)
+    for a, b in zip(scaled, weighted):
+        tol = 100 * eps(to_np(b).dtype)
+        np.testing.assert_allclose(to_np(a), to_np(b), rtol=tol, atol=tol)
+
+
 def test_nonfinite_statistics_never_reach_preconditioner(xp):
     # Finite float32 gradients whose Gram matrix overflows even after the (1 - beta2) factor is
     # folded in (sqrt(1e-3) * 1e22 squared > 3.4e38): the statistics become inf.
