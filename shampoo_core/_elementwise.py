@@ -106,9 +106,10 @@ def scaled_copy(x, scale):
     """scale·x as a new array laid out in the row-major order of ``x``'s shape, whatever ``x``'s
     strides: a transposed view is reordered and scaled in the same pass.
 
-    Merging a parameter's blocks back in place (a permuted view of its block stacks) is a copy
-    anyway, and the grafted update is that copy times one scalar; as ``x * scale`` NumPy and
-    torch would keep the view's strides, and reshaping the result would copy a second time.
+    Cutting a parameter into blocks and merging them back in place are copies of permuted views
+    anyway, and a scalar meets each: the statistics weight √(1 - β₂) and the grafted scale. As
+    ``x * scale``, NumPy and torch would keep the view's strides, and reshaping the result would
+    copy a second time.
 
     Args:
         x: an array of real floating dtype, any strides.

@@ -238,9 +238,13 @@ def product_takes_scale(xp) -> bool:
 
 def joint_norm(xp, arrays):
     """The 2-norm of the entries of all ``arrays`` together (as if concatenated), a 0-d array of
-    their dtype: :func:`norm` of one, the root of the sum of the squared norms of several."""
+    their common dtype: :func:`norm` of one, the root of the sum of the squared norms of several
+    (for half dtypes summed in float32, where a square of 256 would overflow float16)."""
     if len(arrays) == 1:
         return norm(xp, arrays[0])
+    dtype = arrays[0].dtype
+    if is_half(xp, dtype):
+        return xp.astype(joint_norm(xp, [xp.astype(x, xp.float32) for x in arrays]), dtype)
     return xp.sqrt(sum(norm(xp, x) ** 2 for x in arrays))
 
 

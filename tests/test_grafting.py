@@ -84,3 +84,20 @@ def test_filtered_gradient_is_f_times_scale(xp, nesterov):
     f0, scale0 = momentum.filtered_gradient(None, to_xp(xp, g, np.float32), 0.0, step, nesterov)
     assert scale0 == 1.0
     np.testing.assert_array_equal(to_np(f0), g.astype(np.float32))
+
+
+def test_joint_norm_is_the_norm_of_the_concatenation(xp):
+    """The layer's norm taken of its block stacks, also in float16, whose squared norm of 300
+    would overflow (max 65504)."""
+    rng = np.random.default_rng(4)
+    parts = [rng.standard_normal(s) for s in [(3, 4, 4), (2, 5), (7,)]]
+    whole = np.sqrt(sum(float(np.sum(p * p)) for p in parts))
+    out = _xp.joint_norm(xp, [to_xp(xp, p) for p in parts])
+    np.testing.assert_allclose(float(out), whole, rtol=10 * eps(to_np(out).dtype))
+    if not hasattr(xp, "float16"):
+        return
+    try:
+        halves = [xp.astype(to_xp(xp, np.full((10, 10), 20.0, dtype=np.float32)), xp.float16) for _ in range(2)]
+    except Exception as err:  # a device without float16
+        pytest.skip(f"no float16: {err}")
+    np.testing.assert_allclose(float(_xp.joint_norm(xp, halves)), 20.0 * np.sqrt(200), rtol=1e-3)
