@@ -60,7 +60,8 @@ SMALL_SHAPES = scaled_shapes(16)
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="results/step")
     parser.add_argument("--block-sizes", default="128,512,1024")
-    parser.add_argument("--steps", type=int, default=5, help="timed non-root steps per block size")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="timed non-root steps per block size, and repeats of each floor (medians)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--small", action="store_true", help="16x smaller shapes (smoke test)")
     parser.add_argument("--library", choices=("numpy", "torch", "jax"), default="numpy",
