@@ -174,7 +174,8 @@ def split_groups(xp, x, plan: BlockPlan, scale=None) -> list:
     A group of one block is a reshape (a view where the library has views); a larger group is
     one copy into block-major order, so that every block is a contiguous matrix for BLAS.
     ``scale`` (a float or a 0-d array of ``x``'s namespace), if given, multiplies the blocks in
-    that copy (``_elementwise.scaled_copy``) instead of in a pass of its own.
+    that copy (``_elementwise.scaled_copy``, which also makes a one-block group of a ragged grid
+    contiguous) instead of in a pass of its own.
     """
     merged = xp.reshape(x, plan.merged_shape)
     whole = len(plan.groups) == 1
@@ -185,10 +186,8 @@ def split_groups(xp, x, plan: BlockPlan, scale=None) -> list:
             k = len(group.counts)
             region = xp.reshape(region, tuple(v for c, d in zip(group.counts, group.block_shape) for v in (c, d)))
             region = xp.permute_dims(region, _interleaved(k))
-            if scale is not None:
-                region = _elementwise.scaled_copy(region, scale)
-        elif scale is not None:
-            region = region * scale
+        if scale is not None:
+            region = _elementwise.scaled_copy(region, scale)
         out.append(xp.reshape(region, (group.num_blocks,) + group.block_shape))
     return out
 
@@ -208,10 +207,8 @@ def merge_groups(xp, stacks, plan: BlockPlan, scale=None):
             stack = xp.reshape(stack, group.counts + group.block_shape)
             # (c_0, ..., c_{k-1}, s_0, ..., s_{k-1}) back to (c_0, s_0, c_1, s_1, ...)
             stack = xp.permute_dims(stack, tuple(v for i in range(k) for v in (i, k + i)))
-            if scale is not None:
-                stack = _elementwise.scaled_copy(stack, scale)
-        elif scale is not None:
-            stack = stack * scale
+        if scale is not None:
+            stack = _elementwise.scaled_copy(stack, scale)
         regions.append(xp.reshape(stack, full))
     counts = plan.group_grid
     for axis in reversed(range(len(counts))):
