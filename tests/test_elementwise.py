@@ -113,7 +113,8 @@ def test_stacked_average_of_products(xp, n, d, beta, alpha):
         np.testing.assert_array_equal(to_np(out), plain)
     exact = beta * c.astype(np.float64) + alpha * (a.astype(np.float64) @ a.transpose(0, 2, 1).astype(np.float64))
     scale = np.abs(c) + alpha * (np.abs(a).astype(np.float64) @ np.abs(a).transpose(0, 2, 1))
-    assert np.all(np.abs(to_np(out) - exact) <= (d + 3) * eps("float32") * scale)
+    # d + 2 roundings of the average, one more for a product scaled by α != 1
+    assert np.all(np.abs(to_np(out) - exact) <= (d + 2 + (alpha != 1.0)) * eps("float32") * scale)
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.25])
