@@ -24,13 +24,16 @@ from shampoo_core.nonfinite import guard
 __all__ = ["Shampoo"]
 
 _CORE = {k: v.default for k, v in inspect.signature(sc.shampoo).parameters.items() if k != "learning_rate"}
-# A group's hyperparameters: the core's keywords, with (beta1, beta2) spelled as torch does, betas.
-# Schedulers and other tools add their own keys to param groups (e.g. "initial_lr"), ignored here.
+# A group's hyperparameters: the core's keywords, with (beta1, beta2) spelled as torch does, betas,
+# and torch's own maximize. Schedulers and other tools add their own keys to param groups
+# (e.g. "initial_lr"), ignored here.
 _DEFAULTS = {"betas": (_CORE["beta1"], _CORE["beta2"]),
-             **{k: v for k, v in _CORE.items() if k not in ("beta1", "beta2")}}
+             **{k: v for k, v in _CORE.items() if k not in ("beta1", "beta2")},
+             "maximize": False}
 # Values that never change which arrays a parameter's state holds (beta1 does only through beta1 > 0):
 # a change of these alone, e.g. OneCycleLR cycling beta1 every step, keeps the cached layouts.
-_LAYOUT_FREE = ("betas", "epsilon", "diagonal_epsilon", "weight_decay", "graft_beta2", "inverse_failure_threshold")
+_LAYOUT_FREE = ("betas", "epsilon", "diagonal_epsilon", "weight_decay", "graft_beta2", "inverse_failure_threshold",
+                "maximize")
 
 
 def _fold_betas(group: dict, where: str, default) -> None:
@@ -51,11 +54,18 @@ def _check_betas(betas, where: str) -> tuple:
 
 
 def _core_hyperparameters(hp: dict) -> dict:
-    """A group's hyperparameters as keywords of :func:`shampoo_core.shampoo`."""
-    out = {k: v for k, v in hp.items() if k != "betas"}
+    """A group's hyperparameters as keywords of :func:`shampoo_core.shampoo` (``maximize`` is the
+    adapter's: it negates the gradients the core gets)."""
+    out = {k: v for k, v in hp.items() if k not in ("betas", "maximize")}
     if "betas" in hp:
         out["beta1"], out["beta2"] = hp["betas"]
     return out
+
+
+def _check_maximize(hp: dict, where: str) -> None:
+    if "maximize" in hp and not isinstance(hp["maximize"], bool):
+        value = hp["maximize"]
+        raise TypeError(f"{where}maximize must be a bool; got {type(value).__name__} {value!r}")
 
 
 def _layout_key(hp: dict) -> dict:
@@ -74,6 +84,8 @@ class Shampoo(torch.optim.Optimizer):
             :func:`shampoo_core.shampoo` (default ``(0.9, 0.999)``), spelled as in
             ``torch.optim.Adam``; ``OneCycleLR`` and ``CyclicLR`` cycle ``betas[0]``. The core's
             ``beta1=``/``beta2=`` are accepted instead and stored as ``betas``.
+        maximize: maximize the objective instead of minimizing it (default ``False``), as in
+            ``torch.optim.Adam``: the core gets the negated gradients.
         **hyperparameters: any other keyword of :func:`shampoo_core.shampoo` except
             ``learning_rate``; per-group values override these defaults.
 
@@ -89,6 +101,8 @@ class Shampoo(torch.optim.Optimizer):
             hyperparameters["betas"] = _check_betas(betas, "")
         _fold_betas(hyperparameters, "Shampoo()", _DEFAULTS["betas"])
         hyperparameters.setdefault("betas", _DEFAULTS["betas"])
+        hyperparameters.setdefault("maximize", False)
+        _check_maximize(hyperparameters, "")
         sc.shampoo(lr, **_core_hyperparameters(hyperparameters))  # validate eagerly, naming the bad argument
         self._transforms: dict = {}
         self._stepped: dict = {}  # id(group) -> the hyperparameters of its last completed step
@@ -109,6 +123,7 @@ class Shampoo(torch.optim.Optimizer):
         hp = {k: checked[k] if k in checked else self.defaults[k]
               for k in _DEFAULTS if k in checked or k in self.defaults}
         try:
+            _check_maximize(hp, "")
             sc.shampoo(checked.get("lr", self.defaults["lr"]), **_core_hyperparameters(hp))
         except (TypeError, ValueError) as err:
             raise type(err)(f"{where}: {err}") from None
@@ -130,6 +145,7 @@ class Shampoo(torch.optim.Optimizer):
                                  "(beta1, beta2), as torch.optim.Adam does; set that instead")
             # A list (from a JSON round trip, say) is as good as a tuple; anything else is named.
             core = _core_hyperparameters(dict(hp, betas=_check_betas(hp["betas"], f"{where}: ")) if "betas" in hp else hp)
+            _check_maximize(hp, f"{where}: ")
             # step() checks the gradients of "raise" groups itself, all at once, before any update.
             checks = core.get("nonfinite", _DEFAULTS["nonfinite"]) == "raise"
             core = dict(core, nonfinite="ignore") if checks else core
@@ -139,7 +155,8 @@ class Shampoo(torch.optim.Optimizer):
 
             same_layout = cached is not None and _layout_key(cached.hyperparameters) == _layout_key(hp)
             layouts = cached._layouts if same_layout else {}
-            cached = self._transforms[id(group)] = _GroupTransform(hp, make, layouts, self._stepped.get(id(group), hp), checks)
+            cached = self._transforms[id(group)] = _GroupTransform(hp, make, layouts, self._stepped.get(id(group), hp), checks,
+                                                                   hp.get("maximize", False))
         return cached
 
     @torch.no_grad()
@@ -277,6 +294,7 @@ class Shampoo(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         for i, (group, model, executor) in enumerate(zip(self.param_groups, models, executors)):
             _fold_betas(group, f"param_groups[{i}]", self.defaults["betas"])  # maybe the core's spelling
+            group.setdefault("maximize", False)  # a state dict from before the adapter had it
             if model is not None:
                 group["cost_model"] = model
             if executor is not None or "async_preconditioners" in group:
@@ -340,11 +358,12 @@ def _chunks(items: list) -> list:
     return out + [run] if run else out
 
 
-def _update_one(tx, p, functional, where: str) -> tuple:
-    """``(p, update, new functional state)`` from one core call on ``p`` alone; its errors are
-    prefixed with ``where`` (RuntimeError: e.g. a failed asynchronous root)."""
+def _update_one(tx, p, grad, functional, where: str) -> tuple:
+    """``(p, update, new functional state)`` from one core call on ``p`` alone, with gradient
+    ``grad``; its errors are prefixed with ``where`` (RuntimeError: e.g. a failed asynchronous
+    root)."""
     try:
-        return (p, *tx.update(functional, p.grad.detach(), p.detach()))
+        return (p, *tx.update(functional, grad, p.detach()))
     except (TypeError, ValueError, RuntimeError) as err:
         raise type(err)(f"{where}: {err}") from err
 
@@ -352,8 +371,10 @@ def _update_one(tx, p, functional, where: str) -> tuple:
 class _GroupTransform:
     """A param group's functional optimizer and the state layout it gives each parameter shape."""
 
-    def __init__(self, hyperparameters: dict, make, layouts: dict, stepped: dict, checks_finite: bool):
+    def __init__(self, hyperparameters: dict, make, layouts: dict, stepped: dict, checks_finite: bool,
+                 maximize: bool):
         self.hyperparameters = hyperparameters
+        self.maximize = maximize
         self.tx = make()
         self.checks_finite = checks_finite  # step() checks this group's gradients; tx does not
         self._make = make
@@ -363,6 +384,11 @@ class _GroupTransform:
         self._param_txs: dict = {}  # id(p) -> p's transformation, with asynchronous roots
         self._layouts = layouts  # (shape, dtype, device) -> (treespec, leaf shapes, leaf dtypes)
         self._stepped = stepped  # the hyperparameters of the group's last completed step
+
+    def grad(self, p):
+        """The gradient the core gets for ``p``: negated with ``maximize``, as torch.optim.Adam does."""
+        g = p.grad.detach()
+        return torch.neg(g) if self.maximize else g
 
     def tx_for(self, p):
         """The transformation that updates ``p``. With asynchronous roots each parameter gets its
@@ -389,7 +415,7 @@ class _GroupTransform:
         """
         if self._per_parameter:
             for p, f, where in items:
-                yield [_update_one(self.tx_for(p), p, f, where)]
+                yield [_update_one(self.tx_for(p), p, self.grad(p), f, where)]
             return
         cohorts: dict = {}
         for device in {p.device: None for p, _, _ in items}:
@@ -402,14 +428,16 @@ class _GroupTransform:
                 yield self._joint_update(call)
 
     def _joint_update(self, call: list) -> list:
+        grads = [self.grad(p) for p, _, _ in call]
         if len(call) == 1:
-            return [_update_one(self.tx, *call[0])]
+            p, f, where = call[0]
+            return [_update_one(self.tx, p, grads[0], f, where)]
         state = call[0][1]._replace(params=tuple(f.params[0] for _, f, _ in call))
         try:
-            updates, new = self.tx.update(state, [p.grad.detach() for p, _, _ in call], [p.detach() for p, _, _ in call])
+            updates, new = self.tx.update(state, grads, [p.detach() for p, _, _ in call])
         except (TypeError, ValueError, RuntimeError):
-            for item in call:  # the core names a list index; name the parameter
-                _update_one(self.tx, *item)
+            for (p, f, where), g in zip(call, grads):  # the core names a list index; name the parameter
+                _update_one(self.tx, p, g, f, where)
             raise
         # Each parameter keeps a count tensor of its own, as torch optimizers keep "step".
         return [(p, u, f._replace(count=new.count if i == 0 else new.count.clone(), params=(new.params[i],)))

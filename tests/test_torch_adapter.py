@@ -629,3 +629,51 @@ def test_error_of_a_joint_core_call_names_the_parameter(monkeypatch):
     monkeypatch.setattr(shampoo_module, "_check_blocks", refuse_3x5)
     with pytest.raises(ValueError, match=r"^param_groups\[0\]\['params'\]\[2\] \('2.weight'\): grads refused$"):
         opt.step()
+
+
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])  # joint core calls, and one per parameter
+def test_maximize_is_minimizing_the_negated_objective(nonfinite):
+    """maximize=True on L takes the same steps, bit for bit, as minimizing -L (torch.optim.Adam's
+    convention), and so climbs L."""
+    hp = dict(HP, nonfinite=nonfinite)
+    runs = []
+    for maximize, sign in ((True, 1.0), (False, -1.0)):
+        model, x, y = model_and_data()
+        opt = Shampoo(model.parameters(), lr=0.05, maximize=maximize, **hp)
+        start = loss_of(model, x, y).item()
+        for _ in range(6):
+            opt.zero_grad()
+            (sign * loss_of(model, x, y)).backward()
+            opt.step()
+        runs.append(([p.detach().clone() for p in model.parameters()], loss_of(model, x, y).item()))
+    (ascended, end), (descended_negated, _) = runs
+    assert all(torch.equal(a, b) for a, b in zip(ascended, descended_negated))
+    assert end > start
+
+
+def test_maximize_per_group_in_state_dict_and_checked():
+    model, x, y = model_and_data()
+    first, *rest = list(model.parameters())
+    opt = Shampoo([{"params": [first], "maximize": True}, {"params": rest}], lr=0.05, **HP)
+    assert [g["maximize"] for g in opt.param_groups] == [True, False]
+    _steps(model, opt, x, y, 2)
+    saved = opt.state_dict()
+    assert [g["maximize"] for g in saved["param_groups"]] == [True, False]
+    for group in saved["param_groups"]:  # a state dict from before the adapter had maximize
+        del group["maximize"]
+    other = Shampoo([{"params": [first]}, {"params": rest}], lr=0.05, maximize=True, **HP)
+    other.load_state_dict(saved)
+    assert [g["maximize"] for g in other.param_groups] == [False, False]  # as torch.optim.Adam loads such a dict
+
+    with pytest.raises(TypeError, match=r"^maximize must be a bool; got int 1"):
+        Shampoo(model.parameters(), lr=0.05, maximize=1)
+    with pytest.raises(TypeError, match=r"^param_groups\[2\]: maximize must be a bool; got str 'yes'"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "maximize": "yes"})
+    assert len(opt.param_groups) == 2
+    snapshot = _snapshot(model, opt)
+    opt.param_groups[1]["maximize"] = None
+    with pytest.raises(TypeError, match=r"^param_groups\[1\]: maximize must be a bool; got NoneType None"):
+        _steps(model, opt, x, y, 1)
+    _assert_unchanged(model, opt, snapshot)
+    opt.param_groups[1]["maximize"] = True  # no other state layout: takes effect at the next step
+    _steps(model, opt, x, y, 1)
