@@ -3,31 +3,29 @@
 Each function computes one expression of the array API on arrays of one shape and dtype (only
 the division takes the namespace ``xp``, for its square root); its result is a new array and
 its inputs are left as they were. Over Shampoo's parameters these passes cost as much as the
-block matmuls at block size 128 (docs/performance.md), so:
+block matmuls at block size 128 (docs/performance.md), so a library may register a faster way
+to compute each (``_xp.register_fast_path``, from its module in ``backends``):
 
-* torch: the fused kernels of ``torch.optim``'s own optimizers (``lerp``, ``addcmul``), one
-  pass where the expression takes two to four.
-* NumPy: the arithmetic runs in place on the one new array the function returns. Each
-  temporary NumPy allocates for an expression is a fresh, page-faulting buffer as large as the
-  parameter, which costs about as much as the arithmetic itself.
-* Anything else (JAX, whose compiler fuses them; array_api_strict; CuPy), 0-d NumPy arrays and
-  a division autograd records: the plain expression.
+* torch (``backends.torch_backend``): the fused kernels of ``torch.optim``'s own optimizers
+  (``lerp``, ``addcmul``), one pass where the expression takes two to four.
+* NumPy (``backends.numpy_backend``): the arithmetic runs in place on the one new array the
+  function returns. Each temporary NumPy allocates for an expression is a fresh, page-faulting
+  buffer as large as the parameter, which costs about as much as the arithmetic itself.
+* Anything else (JAX, whose compiler fuses them; array_api_strict; CuPy), and what a fast path
+  declines (0-d NumPy arrays, a division autograd records): the expression below.
 """
 
 from __future__ import annotations
 
-import array_api_compat
+from . import _xp
 
 __all__ = ["ema", "plus_square", "over_root_plus", "scaled_copy"]
 
 
-def _numpy(*arrays) -> bool:
-    # 0-d arithmetic gives NumPy scalars, which cannot be written in place.
-    return all(array_api_compat.is_numpy_array(a) and a.ndim > 0 for a in arrays)
-
-
-def _torch(*arrays) -> bool:
-    return all(array_api_compat.is_torch_array(a) for a in arrays)
+def _fast(operation: str, x, *args):
+    """The registered fast path's value for ``x`` and ``args``, or ``NotImplemented``."""
+    fn = _xp.fast_path(_xp.namespace(x), operation)
+    return NotImplemented if fn is None else fn(x, *args)
 
 
 def ema(old, new, beta: float):
@@ -38,24 +36,15 @@ def ema(old, new, beta: float):
         beta: a float in [0, 1].
 
     Returns:
-        A new array of ``old``'s shape and dtype. It is computed as a linear interpolation,
-        old + (1 - β)(new - old) for β > 1/2 and new + β(old - new) otherwise (torch's ``lerp``
-        and its choice of form), which is exact at β = 0 and β = 1. The weight is 1 - β,
-        computed in float64 before it is rounded to the arrays' dtype: for β = 0.999, rounding
-        β first and taking 1 - β in float32 misplaces Adam's (1 - β₂)·g² by 1.3e-5 relative.
+        A new array of ``old``'s shape and dtype. A fast path computes it as a linear
+        interpolation, old + (1 - β)(new - old) for β > 1/2 and new + β(old - new) otherwise
+        (torch's ``lerp`` and its choice of form), which is exact at β = 0 and β = 1. The weight
+        is 1 - β, computed in float64 before it is rounded to the arrays' dtype: for β = 0.999,
+        rounding β first and taking 1 - β in float32 misplaces Adam's (1 - β₂)·g² by 1.3e-5
+        relative.
     """
-    if _torch(old, new):
-        import torch
-
-        return torch.lerp(old, new, 1.0 - beta)
-    if _numpy(old, new):
-        out = old - new
-        if beta > 0.5:
-            out *= beta - 1.0
-            out += old
-        else:
-            out *= beta
-            out += new
+    out = _fast("ema", old, new, beta)
+    if out is not NotImplemented:
         return out
     return beta * old + (1.0 - beta) * new
 
@@ -69,13 +58,8 @@ def plus_square(acc, g):
     Returns:
         A new array of ``acc``'s shape and dtype.
     """
-    if _torch(acc, g):
-        import torch
-
-        return torch.addcmul(acc, g, g)
-    if _numpy(acc, g):
-        out = g * g
-        out += acc
+    out = _fast("plus_square", acc, g)
+    if out is not NotImplemented:
         return out
     return acc + g * g
 
@@ -90,15 +74,9 @@ def over_root_plus(xp, f, acc, epsilon):
     Returns:
         A new array of ``f``'s shape and dtype.
     """
-    if _torch(f, acc) and not (f.requires_grad or acc.requires_grad):  # autograd forbids writing its results
-        import torch
-
-        denominator = torch.sqrt(acc).add_(epsilon)  # in place on the new array only
-        return torch.div(f, denominator, out=denominator)
-    if _numpy(f, acc):
-        out = xp.sqrt(acc)
-        out += epsilon
-        return xp.divide(f, out, out=out)
+    out = _fast("over_root_plus", f, acc, epsilon)
+    if out is not NotImplemented:
+        return out
     return f / (xp.sqrt(acc) + epsilon)
 
 
@@ -109,7 +87,7 @@ def scaled_copy(x, scale):
     Cutting a parameter into blocks and merging them back in place are copies of permuted views
     anyway, and a scalar meets each: the statistics weight √(1 - β₂) and the grafted scale. As
     ``x * scale``, NumPy and torch would keep the view's strides, and reshaping the result would
-    copy a second time.
+    copy a second time; their fast paths write the product into a new C-contiguous array.
 
     Args:
         x: an array of real floating dtype, any strides.
@@ -119,13 +97,7 @@ def scaled_copy(x, scale):
         A new array of ``x``'s shape, in the dtype of ``x * scale``; C-contiguous on NumPy and
         torch (any layout elsewhere: the caller's reshape copies, where the library copies).
     """
-    if _numpy(x):
-        import numpy as np
-
-        return np.multiply(x, scale, out=np.empty(x.shape, dtype=np.result_type(x, scale)))
-    if _torch(x) and not (x.requires_grad or getattr(scale, "requires_grad", False)):
-        import torch
-
-        out = torch.empty(x.shape, dtype=torch.result_type(x, scale), device=x.device)
-        return torch.mul(x, scale, out=out)
+    out = _fast("scaled_copy", x, scale)
+    if out is not NotImplemented:
+        return out
     return x * scale

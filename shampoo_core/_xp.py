@@ -2,10 +2,15 @@
 
 Everything here goes through ``array_api_compat`` so that the kernels run unchanged on any
 array library that implements the Python array API standard (NumPy, array_api_strict, PyTorch,
-JAX, CuPy).
+JAX, CuPy). What one library does differently is registered here by its module in ``backends``
+(control flow, placement, device kinds, fast paths); the first array of NumPy or torch that
+:func:`namespace` meets imports that library's module (``backends.numpy_backend``,
+``backends.torch_backend``), so their fast paths need no import by the user.
 """
 
 from __future__ import annotations
+
+import importlib
 
 import array_api_compat
 import optree
@@ -36,6 +41,8 @@ __all__ = [
     "concrete",
     "to_numpy",
     "register_cond",
+    "register_fast_path",
+    "fast_path",
     "cond",
 ]
 
@@ -50,20 +57,50 @@ _PLACEMENT_OF_TYPE: dict = {}  # array type -> its rule or None; placement runs 
 
 
 _NAMESPACE_OF_TYPE: dict = {}  # array type -> its namespace; asked for several times per leaf per step
+# (namespace name, operation) -> fn: a library's faster way to compute one of the core's expressions.
+_FAST_PATHS: dict = {}
+_FAST_PATH_TRAITS: dict = {}
+# The module of ``backends`` that registers a namespace's fast paths, imported when the namespace is
+# first met. JAX's (``backends.jax_backend``, control flow and placement) is imported by its adapters.
+_BACKEND_MODULES = {
+    "array_api_compat.numpy": "backends.numpy_backend",
+    "array_api_compat.torch": "backends.torch_backend",
+}
 
 
 def namespace(*arrays):
     """Return the array-API namespace shared by ``arrays`` (raises TypeError if they mix libraries).
 
     ``array_api_compat.array_namespace``, remembered per array type: it depends on the type only.
+    The first time a namespace is met, its module of ``backends`` (if it has one) is imported.
     """
     kind = type(arrays[0]) if arrays and all(type(a) is type(arrays[0]) for a in arrays) else None
     xp = _NAMESPACE_OF_TYPE.get(kind)
     if xp is None:
         xp = array_api_compat.array_namespace(*arrays)
+        module = _BACKEND_MODULES.get(getattr(xp, "__name__", ""))
+        if module is not None:
+            importlib.import_module(module)
         if kind is not None:
             _NAMESPACE_OF_TYPE[kind] = xp
     return xp
+
+
+def register_fast_path(namespace_name: str, operation: str, fn, **traits) -> None:
+    """Register ``fn`` as the way arrays of ``namespace_name`` compute ``operation``, one of the
+    core's expressions (``_elementwise.ema``, ``plus_square``, ``over_root_plus``, ``scaled_copy``;
+    :func:`scaled_plus_product`). ``fn`` takes the operation's arguments and returns its value as a
+    new array, leaving its inputs as they were, or ``NotImplemented`` to leave these arguments to
+    the array-API expression. ``traits`` describe it (``alpha_in_product=True``: see
+    :func:`product_takes_scale`)."""
+    _FAST_PATHS[(namespace_name, operation)] = fn
+    _FAST_PATH_TRAITS[(namespace_name, operation)] = traits
+
+
+def fast_path(xp, operation: str):
+    """The function registered with :func:`register_fast_path` for ``operation`` on namespace
+    ``xp``, or ``None``."""
+    return _FAST_PATHS.get((getattr(xp, "__name__", ""), operation))
 
 
 def device_of(x):
@@ -198,42 +235,29 @@ def block_norms(xp, x):
 
 def scaled_plus_product(xp, c, a, b, beta: float, alpha: float = 1.0):
     """``beta * c + alpha * (a @ b)`` for ``a`` (m, k), ``b`` (k, n) and ``c`` (m, n) of one
-    dtype, or stacks of them (a leading batch axis on all three).
+    dtype, or stacks of them (a leading batch axis on all three): a Shampoo statistic's running
+    average. A new array; the inputs are left as they were.
 
-    torch: one ``torch.addmm`` (``torch.baddbmm`` for stacks), whose matrix product adds ``beta * c``
-    and applies ``alpha`` as it writes its result (a Shampoo statistic's running average without
-    passes of its own over the statistic or the gradient): 1506 statistics of 128×128 took 88.6 ms
-    against 102.8 ms as ``beta * c + a @ b``, with the same bits (larger products round
-    differently: BLAS adds ``beta * c`` to partial sums).
-    NumPy keeps the two operations: its ``a @ a.T`` is a symmetric rank-k update, which BLAS's
-    general product with ``beta`` (SciPy's ``sgemm``) loses to, 150 against 129 ms. For stacks it
-    adds the products a few blocks at a time into the new ``beta * c``, while each is in cache:
-    the same bits, 87-89 against 108-110 ms for 1506 statistics of 128×128, 180-185 against
-    216-218 ms for 114 of 512×512 (``beta * c + a @ b`` writes and reads back a stack of
-    products the size of ``c``). An ``alpha`` other than 1 costs NumPy a multiply of each product
-    (:func:`product_takes_scale` says where it is free).
+    A library's fast path (:func:`register_fast_path`) may compute it with fewer passes:
+    torch's ``addmm``/``baddbmm`` add ``beta * c`` and apply ``alpha`` in the product
+    (``backends.torch_backend``), NumPy adds the products of a stack a few blocks at a time into
+    the new ``beta * c`` while they are in cache (``backends.numpy_backend``).
     """
-    if array_api_compat.is_torch_namespace(xp):
-        import torch
-
-        return (torch.baddbmm if c.ndim == 3 else torch.addmm)(c, a, b, beta=beta, alpha=alpha)
-    if c.ndim == 3 and array_api_compat.is_numpy_namespace(xp):
-        out = c * beta  # a new array; the products are added into it in place
-        step = max(1, 65536 // max(1, c.shape[1] * c.shape[2]))  # blocks per product: 256 KB of float32
-        for i in range(0, c.shape[0], step):
-            product = a[i:i + step] @ b[i:i + step]
-            if alpha != 1.0:
-                product *= alpha
-            out[i:i + step] += product
-        return out
+    fast = fast_path(namespace(c), "scaled_plus_product")
+    if fast is not None:
+        out = fast(c, a, b, beta, alpha)
+        if out is not NotImplemented:
+            return out
     product = a @ b
     return (c if beta == 1.0 else beta * c) + (product if alpha == 1.0 else alpha * product)
 
 
 def product_takes_scale(xp) -> bool:
     """Whether :func:`scaled_plus_product` applies its ``alpha`` inside the matrix product
-    (torch's ``addmm``/``baddbmm``), so that scaling the product costs no pass of its own."""
-    return array_api_compat.is_torch_namespace(xp)
+    (torch's ``addmm``/``baddbmm``), so that scaling the product costs no pass of its own: the
+    trait ``alpha_in_product`` of the namespace's registered fast path."""
+    traits = _FAST_PATH_TRAITS.get((getattr(xp, "__name__", ""), "scaled_plus_product"), {})
+    return bool(traits.get("alpha_in_product", False))
 
 
 def joint_norm(xp, arrays):

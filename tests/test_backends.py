@@ -95,3 +95,86 @@ def test_device_kind(xp, request):
 
         expected = jax.default_backend()  # eager JAX arrays live on the default device
     assert _xp.device_kind(to_xp(xp, np.ones(3, dtype=np.float32))) == expected
+
+
+_ARRAY_LIBRARIES = ("torch", "jax", "jaxlib", "cupy", "cupyx", "scipy", "numpy", "array_api_strict")
+# NumPy is the host format: checkpoints (.npz) and host copies of device arrays.
+_NUMPY_ALLOWED = {"checkpoint.py": "<module>", "_xp.py": "to_numpy"}
+
+
+def test_core_imports_no_array_library_by_name():
+    """shampoo_core holds array-API code only; what one library does differently (fast paths,
+    control flow, placement) lives in its module of ``backends`` and is registered with the core."""
+    import ast
+    import pathlib
+
+    found = []
+    for path in sorted(pathlib.Path(sc.__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        scopes = {}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for inner in ast.walk(node):
+                    scopes.setdefault(id(inner), node.name)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                scope = scopes.get(id(node), "<module>")
+                if top in _ARRAY_LIBRARIES and not (top == "numpy" and _NUMPY_ALLOWED.get(path.name) == scope):
+                    found.append(f"{path.name}:{node.lineno} ({scope}) imports {name}")
+    assert not found, found
+
+
+def test_numpy_and_torch_fast_paths_load_on_first_use():
+    """A NumPy user gets NumPy's fast paths without importing ``backends`` and without torch
+    being imported; a torch tensor brings torch's."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np, shampoo_core as sc\n"
+        "assert 'backends.numpy_backend' not in sys.modules\n"
+        "tx = sc.shampoo(block_size=4, start_preconditioning_step=1, preconditioning_compute_steps=1)\n"
+        "p = np.ones((6, 5), np.float32)\n"
+        "tx.update(tx.init(p), p, p)\n"
+        "from shampoo_core import _xp\n"
+        "import backends.numpy_backend as nb\n"
+        "assert _xp.fast_path(_xp.namespace(p), 'ema') is nb.ema\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'jax', 'backends')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['backends', 'backends.numpy_backend']"
+    torch = pytest.importorskip("torch")
+    from shampoo_core import _xp
+
+    import backends.torch_backend as tb
+
+    t = torch.ones(3)
+    assert _xp.fast_path(_xp.namespace(t), "ema") is tb.ema
+    assert _xp.product_takes_scale(_xp.namespace(t)) and not _xp.product_takes_scale(_xp.namespace(np.ones(3)))
+
+
+def test_registered_fast_path_is_used_or_declines(monkeypatch):
+    """A fast path's value is the result; ``NotImplemented`` leaves the arguments to the expression."""
+    strict = pytest.importorskip("array_api_strict")
+    from shampoo_core import _elementwise, _xp
+
+    old, new = strict.asarray([1.0, 2.0]), strict.asarray([3.0, 6.0])
+    xp = _xp.namespace(old)
+    assert _xp.fast_path(xp, "ema") is None  # array_api_strict: the expression
+    calls = []
+
+    def spy(o, n, beta):
+        calls.append(beta)
+        return NotImplemented if beta == 0.5 else o
+
+    monkeypatch.setitem(_xp._FAST_PATHS, (xp.__name__, "ema"), spy)
+    assert _elementwise.ema(old, new, 0.25) is old  # the fast path's value, even a wrong one
+    np.testing.assert_array_equal(np.asarray(_elementwise.ema(old, new, 0.5)), [2.0, 4.0])
+    assert calls == [0.25, 0.5]

