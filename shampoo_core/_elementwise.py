@@ -22,12 +22,6 @@ from . import _xp
 __all__ = ["ema", "plus_square", "over_root_plus", "scaled_copy"]
 
 
-def _fast(operation: str, x, *args):
-    """The registered fast path's value for ``x`` and ``args``, or ``NotImplemented``."""
-    fn = _xp.fast_path(_xp.namespace(x), operation)
-    return NotImplemented if fn is None else fn(x, *args)
-
-
 def ema(old, new, beta: float):
     """β·old + (1 - β)·new, the running average of ``new`` (Adam's m and v; Kingma & Ba 2015).
 
@@ -43,7 +37,7 @@ def ema(old, new, beta: float):
         rounding β first and taking 1 - β in float32 misplaces Adam's (1 - β₂)·g² by 1.3e-5
         relative.
     """
-    out = _fast("ema", old, new, beta)
+    out = _xp.fast_value("ema", old, new, beta)
     if out is not NotImplemented:
         return out
     return beta * old + (1.0 - beta) * new
@@ -58,7 +52,7 @@ def plus_square(acc, g):
     Returns:
         A new array of ``acc``'s shape and dtype.
     """
-    out = _fast("plus_square", acc, g)
+    out = _xp.fast_value("plus_square", acc, g)
     if out is not NotImplemented:
         return out
     return acc + g * g
@@ -74,7 +68,7 @@ def over_root_plus(xp, f, acc, epsilon):
     Returns:
         A new array of ``f``'s shape and dtype.
     """
-    out = _fast("over_root_plus", f, acc, epsilon)
+    out = _xp.fast_value("over_root_plus", f, acc, epsilon)
     if out is not NotImplemented:
         return out
     return f / (xp.sqrt(acc) + epsilon)
@@ -97,7 +91,7 @@ def scaled_copy(x, scale):
         A new array of ``x``'s shape, in the dtype of ``x * scale``; C-contiguous on NumPy and
         torch (any layout elsewhere: the caller's reshape copies, where the library copies).
     """
-    out = _fast("scaled_copy", x, scale)
+    out = _xp.fast_value("scaled_copy", x, scale)
     if out is not NotImplemented:
         return out
     return x * scale

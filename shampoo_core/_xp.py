@@ -43,6 +43,7 @@ __all__ = [
     "register_cond",
     "register_fast_path",
     "fast_path",
+    "fast_value",
     "cond",
 ]
 
@@ -101,6 +102,13 @@ def fast_path(xp, operation: str):
     """The function registered with :func:`register_fast_path` for ``operation`` on namespace
     ``xp``, or ``None``."""
     return _FAST_PATHS.get((getattr(xp, "__name__", ""), operation))
+
+
+def fast_value(operation: str, x, *args):
+    """``operation`` of ``x`` and ``args`` by the fast path of ``x``'s namespace, or
+    ``NotImplemented`` where there is none or it declines: the caller computes the expression."""
+    fn = fast_path(namespace(x), operation)
+    return NotImplemented if fn is None else fn(x, *args)
 
 
 def device_of(x):
@@ -243,11 +251,9 @@ def scaled_plus_product(xp, c, a, b, beta: float, alpha: float = 1.0):
     (``backends.torch_backend``), NumPy adds the products of a stack a few blocks at a time into
     the new ``beta * c`` while they are in cache (``backends.numpy_backend``).
     """
-    fast = fast_path(namespace(c), "scaled_plus_product")
-    if fast is not None:
-        out = fast(c, a, b, beta, alpha)
-        if out is not NotImplemented:
-            return out
+    out = fast_value("scaled_plus_product", c, a, b, beta, alpha)
+    if out is not NotImplemented:
+        return out
     product = a @ b
     return (c if beta == 1.0 else beta * c) + (product if alpha == 1.0 else alpha * product)
 
