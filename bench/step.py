@@ -12,6 +12,10 @@ kernel and biases), float32, one BLAS thread. For each block size:
 * root step: the extra time of a step that recomputes every inverse root; amortized step time for
   roots every N = 1, 10, 100 steps is non-root + root / N;
 * ``torch.optim.AdamW`` on the same shapes, for scale;
+* one elementwise pass, timed beside each floor: every parameter read and multiplied into a new
+  array (the unit of the work beside the matmuls). The step's time above its floor, and what the
+  1.25x target leaves beside the matmuls (a quarter of the floor), are reported in these passes,
+  so that the arithmetic's own count of passes (docs/performance.md) can be set against them;
 * the block matmuls of the largest gradient as a loop over blocks against one batched matmul over
   the block grid (what the step does: blocks of equal shape are stacked).
 
@@ -109,6 +113,28 @@ def library(name: str, threads: int) -> Library:
 
 def _median(fn, n):
     return statistics.median(call_times(fn, n)[0])
+
+
+def pass_seconds(params, repeats: int, lib: Library | None = None) -> float:
+    """Time of one elementwise pass over ``params`` (NumPy arrays) on ``lib``'s arrays: each read
+    once and its product by a scalar written to a new array, as the step's passes write theirs
+    (under JAX, all of them in one jitted call)."""
+    lib = lib or library("numpy", 1)
+    arrays = [lib.asarray(p) for p in params.values()]
+
+    def scaled(xs):
+        return [x * 0.5 for x in xs]
+
+    run_all = lib.compile(scaled)
+    return _median(lambda: run_all(arrays), repeats)
+
+
+def passes(row: dict) -> dict:
+    """``row``'s time above the floor, and the quarter of the floor that the 1.25x target leaves
+    beside the matmuls, in elementwise passes over the parameters (``pass_ms``)."""
+    unit = row["pass_ms"]
+    return dict(passes_above_floor=(row["nonroot_ms"] - row["floor_ms"]) / unit,
+                passes_left_by_target=0.25 * row["floor_ms"] / unit)
 
 
 def _block_counts(block_size: int, params) -> dict:
@@ -246,8 +272,10 @@ def run(args) -> int:
 
         nonroot = _median(step, args.steps)
         floor = floor_seconds(block_size, np_params, args.steps, lib)
+        pass_ms = 1e3 * pass_seconds(np_params, args.steps, lib)
         row = dict(block_size=block_size, blocks=sum(b.failures.shape[0] for s in state0.params for b in s.blocks),
-                   nonroot_ms=1e3 * nonroot, floor_ms=1e3 * floor, ratio_to_floor=nonroot / floor)
+                   nonroot_ms=1e3 * nonroot, floor_ms=1e3 * floor, ratio_to_floor=nonroot / floor, pass_ms=pass_ms)
+        row.update(passes(row))
         if jitted:
             row.update(first_call_s=first)  # compilation dominates; the root step is not separable
             roots_text = f"first call (compiles) {first:.1f} s"
@@ -267,16 +295,20 @@ def run(args) -> int:
               f"floor {row['floor_ms']:8.1f} ms ({row['ratio_to_floor']:.2f}x)"
               + (f", from cache {row['hot_floor_ms']:.1f} ms ({row['ratio_to_hot_floor']:.2f}x)" if not jitted else "")
               + f"; {roots_text}", flush=True)
+        print(f"    one elementwise pass over the parameters {pass_ms:.2f} ms; above the floor "
+              f"{row['passes_above_floor']:.1f} passes; the 1.25x target leaves {row['passes_left_by_target']:.1f}",
+              flush=True)
         if "block_matmuls_loop_ms" in row:
             print(f"    block matmuls of the {big[0]}x{big[1]} gradient: loop over blocks "
                   f"{row['block_matmuls_loop_ms']:.1f} ms, one batched matmul {row['block_matmuls_batched_ms']:.1f} ms")
     adamw = _adamw_ms(np_params, np_grads, args.steps, args.threads)
+    pass_ms = 1e3 * pass_seconds(np_params, args.steps, lib)  # beside AdamW, for its count of passes
     if adamw is not None:
-        print(f"torch.optim.AdamW step: {adamw:.1f} ms")
+        print(f"torch.optim.AdamW step: {adamw:.1f} ms ({adamw / pass_ms:.1f} passes)")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "step.json").write_text(json.dumps(dict(library=args.library, threads=threads, parameters=n_params, shapes=shapes,
-                                                   rows=rows, adamw_ms=adamw), indent=2))
+                                                   rows=rows, adamw_ms=adamw, pass_ms=pass_ms), indent=2))
     print(f"{n_params} parameters; written to {out}/step.json")
     return 0
 

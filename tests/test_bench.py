@@ -37,6 +37,9 @@ def test_step_benchmark(tmp_path):
         assert r["floor_ms"] > 0 and r["nonroot_ms"] > 0 and r["hot_floor_ms"] > 0
         assert r["amortized_ms"]["1"] >= r["amortized_ms"]["100"]
         assert r["block_matmuls_loop_ms"] > 0 and r["block_matmuls_batched_ms"] > 0  # 64x256 splits evenly
+        assert r["pass_ms"] > 0 and report["pass_ms"] > 0
+        assert r["passes_above_floor"] == pytest.approx((r["nonroot_ms"] - r["floor_ms"]) / r["pass_ms"])
+        assert r["passes_left_by_target"] == pytest.approx(0.25 * r["floor_ms"] / r["pass_ms"])
 
 
 @pytest.mark.parametrize("lib", ["torch", "jax"])
@@ -46,7 +49,7 @@ def test_step_benchmark_on_other_libraries(tmp_path, lib):
     report = json.loads((tmp_path / "step.json").read_text())
     (row,) = report["rows"]
     assert report["library"] == lib and row["blocks"] == 57
-    assert row["floor_ms"] > 0 and row["nonroot_ms"] > 0
+    assert row["floor_ms"] > 0 and row["nonroot_ms"] > 0 and row["pass_ms"] > 0
     assert ("first_call_s" in row) == (lib == "jax") and ("amortized_ms" in row) == (lib == "torch")
     assert ("hot_floor_ms" in row) == (lib == "torch")  # from cache: eager calls only
 
@@ -139,3 +142,20 @@ def test_console_script_runs_the_bench_commands():
     out = subprocess.run([script, "roots", "--help"], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("usage: shampoo-bench roots")
     assert "--save-cost-model" in out.stdout
+
+
+def test_pass_is_one_new_array_per_parameter(monkeypatch):
+    # The unit of the work beside the matmuls reads every parameter once and writes each anew.
+    import numpy as np
+
+    from bench import step
+
+    calls = []
+    monkeypatch.setattr(step, "_median", lambda fn, n: calls.append(fn()) or 1.0)
+    params = {"a": np.ones((3, 4), np.float32), "b": np.ones(5, np.float32)}
+    assert step.pass_seconds(params, 1) == 1.0
+    (out,) = calls
+    assert [o.shape for o in out] == [(3, 4), (5,)]
+    assert all(not np.shares_memory(o, p) for o, p in zip(out, params.values()))
+    assert step.passes(dict(pass_ms=2.0, nonroot_ms=15.0, floor_ms=10.0)) == dict(
+        passes_above_floor=2.5, passes_left_by_target=1.25)
