@@ -85,7 +85,8 @@ def scaled_copy(x, scale):
 
     Args:
         x: an array of real floating dtype, any strides.
-        scale: a float, or a 0-d array of ``x``'s namespace and device.
+        scale: a float, or an array of ``x``'s namespace and device that broadcasts to ``x``'s
+            shape without growing it (0-d, or one entry per block along some axes).
 
     Returns:
         A new array of ``x``'s shape, in the dtype of ``x * scale``; C-contiguous on NumPy and

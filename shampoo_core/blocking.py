@@ -192,23 +192,36 @@ def split_groups(xp, x, plan: BlockPlan, scale=None) -> list:
     return out
 
 
-def merge_groups(xp, stacks, plan: BlockPlan, scale=None):
+def merge_groups(xp, stacks, plan: BlockPlan, scale=None, block_scales=None):
     """Inverse of :func:`split_groups`: the blocks back in place, in ``plan.shape``.
 
     ``scale`` (a float or a 0-d array of the stacks' namespace), if given, multiplies the result
     in the pass that reorders each group's blocks (``_elementwise.scaled_copy``), not in a pass
-    of its own; the result has the dtype of ``stack * scale``.
+    of its own; the result has the dtype of ``stack * scale``. ``block_scales``, if given, holds
+    one ``(num_blocks,)`` array per group (of the stacks' dtype) and multiplies each block by its
+    entry in that same pass (per-block grafting), after ``scale`` if both are given.
     """
+    if block_scales is None:
+        block_scales = (None,) * len(plan.groups)
     regions = []
-    for group, stack in zip(plan.groups, stacks):
+    for group, stack, per_block in zip(plan.groups, stacks, block_scales):
         k = len(group.counts)
         full = tuple(c * d for c, d in zip(group.counts, group.block_shape))
+        factor = scale
+        if per_block is not None:
+            # one entry per block, broadcast over the block's own axes
+            per_block = xp.reshape(per_block, group.counts + (1,) * k)
+            factor = per_block if scale is None else scale * per_block
         if group.num_blocks > 1:
-            stack = xp.reshape(stack, group.counts + group.block_shape)
             # (c_0, ..., c_{k-1}, s_0, ..., s_{k-1}) back to (c_0, s_0, c_1, s_1, ...)
-            stack = xp.permute_dims(stack, tuple(v for i in range(k) for v in (i, k + i)))
-        if scale is not None:
-            stack = _elementwise.scaled_copy(stack, scale)
+            order = tuple(v for i in range(k) for v in (i, k + i))
+            stack = xp.permute_dims(xp.reshape(stack, group.counts + group.block_shape), order)
+            if per_block is not None:
+                factor = xp.permute_dims(factor, order)
+        elif per_block is not None:
+            factor = xp.reshape(factor, (1,) * (stack.ndim))
+        if factor is not None:
+            stack = _elementwise.scaled_copy(stack, factor)
         regions.append(xp.reshape(stack, full))
     counts = plan.group_grid
     for axis in reversed(range(len(counts))):

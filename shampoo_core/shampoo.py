@@ -647,11 +647,9 @@ def _preconditioned_update(config, xp, blocks, f, f_scale, direction, d_scale, p
 
     if config.graft_granularity is GraftGranularity.BLOCK:
         d_blocks = blocking.split_groups(xp, direction, plan)
-        scaled = []
-        for pb, db in zip(pre, d_blocks):
-            scale = grafted(grafting.graft_block_norms(xp, graft_type, db, d_scale), _xp.block_norms(xp, pb))
-            scaled.append(pb * xp.reshape(scale, (pb.shape[0],) + (1,) * (pb.ndim - 1)))
-        return blocking.merge_groups(xp, scaled, plan)
+        scales = [grafted(grafting.graft_block_norms(xp, graft_type, db, d_scale), _xp.block_norms(xp, pb))
+                  for pb, db in zip(pre, d_blocks)]
+        return blocking.merge_groups(xp, pre, plan, block_scales=scales)  # scaled in the merge copy
     # The layer's norm from the stacks, so that the merge copy applies the grafted scale.
     scale = grafted(grafting.graft_norm(xp, graft_type, direction, d_scale), _xp.joint_norm(xp, pre))
     return blocking.merge_groups(xp, pre, plan, scale)

@@ -56,6 +56,14 @@ def test_split_merge_round_trip(xp, shape, block_size, merge, skip):
     for half, stack in zip(split_groups(xp, x, plan, 0.5), stacks):
         np.testing.assert_array_equal(to_np(half), 0.5 * to_np(stack))
     np.testing.assert_array_equal(to_np(merge_groups(xp, stacks, plan, 0.5)), 0.5 * x_np)
+    # Per-block scales (per-block grafting) join the merge too: each block times its own entry,
+    # the same bits as scaling the stacks first.
+    scales = [to_xp(xp, 2.0 ** rng.integers(-3, 4, group.num_blocks)) for group in plan.groups]
+    expected = merge_groups(xp, [to_xp(xp, to_np(stack) * to_np(s).reshape((-1,) + (1,) * (stack.ndim - 1)))
+                                 for stack, s in zip(stacks, scales)], plan)
+    np.testing.assert_array_equal(to_np(merge_groups(xp, stacks, plan, block_scales=scales)), to_np(expected))
+    np.testing.assert_array_equal(to_np(merge_groups(xp, stacks, plan, 0.5, block_scales=scales)),
+                                  0.5 * to_np(expected))
 
 
 def test_groups_of_a_ragged_grid():
