@@ -457,8 +457,9 @@ def _root_dtype(config: ShampooConfig, xp, like):
         key = (getattr(xp, "__name__", ""), str(device))
         if key not in _WARNED_NO_FLOAT64:
             _WARNED_NO_FLOAT64.add(key)
+            where = "the default device" if device is None else f"device {device}"  # traced: no device
             warnings.warn(
-                f"root_dtype='float64' is not available on {device} of {key[0]} (for JAX, enable "
+                f"root_dtype='float64' is not available on {where} of {key[0]} (for JAX, enable "
                 f"jax_enable_x64); inverse roots are computed in {like.dtype}",
                 stacklevel=4,
             )

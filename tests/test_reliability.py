@@ -1,5 +1,6 @@
 """Non-finite gradients, devices, extreme statistics, and a property test over random shapes."""
 
+import types
 
 import numpy as np
 import optree
@@ -175,8 +176,26 @@ def test_no_float64_device_computes_roots_in_float32():
     from shampoo_core.shampoo import _WARNED_NO_FLOAT64
 
     _WARNED_NO_FLOAT64.clear()
-    with pytest.warns(UserWarning, match="root_dtype='float64' is not available"):
+    with pytest.warns(UserWarning, match="root_dtype='float64' is not available on device .*no_float64.* of array_api_strict "):
         updates, state = tx.update(state, g, params)
     assert updates.dtype == strict.float32 and updates.device == dev
     assert np.all(np.isfinite(to_np(updates)))
     assert to_np(state.params[0].blocks[0].failures).tolist() == [0]
+
+
+def test_no_float64_warning_under_tracing_names_the_default_device(monkeypatch):
+    # Under jax.jit a traced array has no readable device; the warning says which one is meant.
+    from shampoo_core import _xp
+    from shampoo_core.shampoo import _WARNED_NO_FLOAT64, _root_dtype
+
+    monkeypatch.setattr(_xp, "device_of", lambda x: None)
+    monkeypatch.setattr(_xp, "supports_float64", lambda xp, device: False)
+    _WARNED_NO_FLOAT64.clear()
+    import array_api_compat.numpy as xp
+
+    config = types.SimpleNamespace(root_dtype="float64")  # the one field _root_dtype reads
+
+    like = np.ones(3, np.float32)
+    with pytest.warns(UserWarning, match="is not available on the default device of array_api_compat.numpy "):
+        assert _root_dtype(config, xp, like) == np.float32
+    _WARNED_NO_FLOAT64.clear()
