@@ -198,8 +198,8 @@ def merge_groups(xp, stacks, plan: BlockPlan, scale=None, block_scales=None):
     ``scale`` (a float or a 0-d array of the stacks' namespace), if given, multiplies the result
     in the pass that reorders each group's blocks (``_elementwise.scaled_copy``), not in a pass
     of its own; the result has the dtype of ``stack * scale``. ``block_scales``, if given, holds
-    one ``(num_blocks,)`` array per group (of the stacks' dtype) and multiplies each block by its
-    entry in that same pass (per-block grafting), after ``scale`` if both are given.
+    one ``(num_blocks,)`` array per group (of the stacks' dtype and namespace) and multiplies each
+    block by its entry (times ``scale``, if given) in that same pass: per-block grafting.
     """
     if block_scales is None:
         block_scales = (None,) * len(plan.groups)
@@ -219,7 +219,7 @@ def merge_groups(xp, stacks, plan: BlockPlan, scale=None, block_scales=None):
             if per_block is not None:
                 factor = xp.permute_dims(factor, order)
         elif per_block is not None:
-            factor = xp.reshape(factor, (1,) * (stack.ndim))
+            factor = xp.reshape(factor, (1,) * stack.ndim)  # a one-block group: (1, *block_shape)
         if factor is not None:
             stack = _elementwise.scaled_copy(stack, factor)
         regions.append(xp.reshape(stack, full))
