@@ -65,6 +65,6 @@ def scaled_plus_product(c, a, b, beta: float, alpha: float = 1.0):
     return (torch.baddbmm if c.ndim == 3 else torch.addmm)(c, a, b, beta=beta, alpha=alpha)
 
 
-for _name in __all__:
-    _xp.register_fast_path(NAMESPACE, _name, globals()[_name],
-                           **({"alpha_in_product": True} if _name == "scaled_plus_product" else {}))
+for _name in ("ema", "plus_square", "over_root_plus", "scaled_copy"):
+    _xp.register_fast_path(NAMESPACE, _name, globals()[_name])
+_xp.register_fast_path(NAMESPACE, "scaled_plus_product", scaled_plus_product, alpha_in_product=True)

@@ -209,17 +209,14 @@ def merge_groups(xp, stacks, plan: BlockPlan, scale=None, block_scales=None):
         full = tuple(c * d for c, d in zip(group.counts, group.block_shape))
         factor = scale
         if per_block is not None:
-            # one entry per block, broadcast over the block's own axes
-            per_block = xp.reshape(per_block, group.counts + (1,) * k)
-            factor = per_block if scale is None else scale * per_block
+            # one entry per block, broadcast over the block's own axes of the reordered stack:
+            # (c_0, 1, c_1, 1, ...), or (1, 1, ...) for a group of one block left as (1, *block_shape)
+            shape = tuple(v for c in group.counts for v in (c, 1)) if group.num_blocks > 1 else (1,) * (k + 1)
+            factor = xp.reshape(per_block if scale is None else scale * per_block, shape)
         if group.num_blocks > 1:
+            stack = xp.reshape(stack, group.counts + group.block_shape)
             # (c_0, ..., c_{k-1}, s_0, ..., s_{k-1}) back to (c_0, s_0, c_1, s_1, ...)
-            order = tuple(v for i in range(k) for v in (i, k + i))
-            stack = xp.permute_dims(xp.reshape(stack, group.counts + group.block_shape), order)
-            if per_block is not None:
-                factor = xp.permute_dims(factor, order)
-        elif per_block is not None:
-            factor = xp.reshape(factor, (1,) * stack.ndim)  # a one-block group: (1, *block_shape)
+            stack = xp.permute_dims(stack, tuple(v for i in range(k) for v in (i, k + i)))
         if factor is not None:
             stack = _elementwise.scaled_copy(stack, factor)
         regions.append(xp.reshape(stack, full))
