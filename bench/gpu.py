@@ -11,7 +11,11 @@ with the reason, so the command also runs on a machine without a GPU):
   core does) against one batched call (on CuPy and CUDA torch, batched Jacobi for small n);
 * step: a Shampoo step on device parameters with no root work, with roots on the device, and with
   roots on the host CPU (``AsyncPreconditioners(host=True)``: statistics copied to NumPy, roots
-  copied back), mean ms per step.
+  copied back), mean ms per step;
+* step floor, for each of ``--floor-block-sizes``: the median non-root step against the matmuls
+  it must do, timed as a loop of 2-D matmuls and as one batched matmul per group of equal blocks
+  (``bench/device_step.py``), in ms and in elementwise passes; ``torch.optim.AdamW`` on the same
+  device for scale.
 
 ``numpy`` and ``torch`` (CPU) run the same harness for comparison. ``--save-cost-model`` writes the
 ``root_method="auto"`` cost model of the measured backends (the CuPy crossover sizes).
@@ -34,7 +38,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--budget", type=float, default=2.0, help="seconds per measurement at most")
     parser.add_argument("--scale", type=int, default=1, help="divide bench step's dims by this")
-    parser.add_argument("--block-size", type=int, default=512)
+    parser.add_argument("--block-size", type=int, default=512, help="block_size of the step runs with roots")
+    parser.add_argument("--floor-block-sizes", default="128,512,1024",
+                        help="block sizes of the step-against-floor rows (empty: none)")
     parser.add_argument("--every", type=int, default=10, help="preconditioning_compute_steps of the step runs")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per step mode")
     parser.add_argument("--threads", type=int, default=1, help="host BLAS threads per worker (host roots, NumPy)")
@@ -190,14 +196,16 @@ def step_times(backend: Backend, shapes: dict, block_size: int, every: int, step
 
 
 def run(args) -> int:
+    from . import device_step
     from .roots import _pin_threads, _print_crossovers, cost_model_from
-    from .step import scaled_shapes
+    from .step import model_problem, scaled_shapes
 
     thread_info = _pin_threads(args.threads)
     sizes = [int(x) for x in args.sizes.split(",") if x]
     batches = [tuple(int(x) for x in b.split("x")) for b in args.batches.split(",") if b]
     shapes = scaled_shapes(args.scale)
-    report = dict(threads=thread_info, skipped={}, roots=[], batched=[], step={})
+    floor_blocks = [int(b) for b in args.floor_block_sizes.split(",") if b]
+    report = dict(threads=thread_info, skipped={}, roots=[], batched=[], step={}, step_floor={}, adamw_ms={})
     for name in [b.strip() for b in args.backends.split(",") if b.strip()]:
         try:
             backend = load_backend(name)
@@ -210,6 +218,11 @@ def run(args) -> int:
         if args.steps:
             report["step"][name] = step_times(backend, shapes, args.block_size, args.every, args.steps,
                                               args.host_workers)
+            report["step_floor"][name] = [device_step.floor_row(backend, shapes, b, args.steps, args.repeats, args.budget)
+                                          for b in floor_blocks]
+            report["adamw_ms"][name] = device_step.adamw_ms(backend, *model_problem(shapes), args.steps)
+            for variant, ms in report["adamw_ms"][name].items():
+                print(f"{name:<10} torch.optim.AdamW ({variant}) step {ms:.2f} ms", flush=True)
     if args.save_cost_model and report["roots"]:
         model = cost_model_from(report["roots"])
         pathlib.Path(args.save_cost_model).parent.mkdir(parents=True, exist_ok=True)

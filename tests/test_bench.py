@@ -99,7 +99,7 @@ def test_gpu_benchmark_harness_on_the_cpu(tmp_path):
     """``bench gpu`` runs its device harness on NumPy and reports absent GPU backends as skipped."""
     model_path = tmp_path / "model.json"
     assert main(["gpu", "--out", str(tmp_path), "--backends", "numpy,cupy,torch:cuda", "--sizes", "16,32",
-                 "--batches", "4x8,3x16", "--scale", "32", "--block-size", "16", "--every", "2", "--steps", "3",
+                 "--batches", "4x8,3x16", "--scale", "32", "--block-size", "16", "--floor-block-sizes", "8,16", "--every", "2", "--steps", "3",
                  "--repeats", "2", "--budget", "0.05", "--save-cost-model", str(model_path)]) == 0
     report = json.loads((tmp_path / "gpu.json").read_text())
     import importlib.util
@@ -116,6 +116,13 @@ def test_gpu_benchmark_harness_on_the_cpu(tmp_path):
     for r in report["batched"]:
         assert r["max_relative_eigenvalue_difference"] < 1e-12  # same eigenvalues either way
     assert set(report["step"]["numpy"]) == {"none", "device_roots", "host_roots_async"}
+    assert [r["block_size"] for r in report["step_floor"]["numpy"]] == [8, 16]
+    for r in report["step_floor"]["numpy"]:
+        assert r["floor_ms"] == min(r["floor_loop_ms"], r["floor_batched_ms"]) > 0
+        assert r["ratio_to_floor"] == pytest.approx(r["nonroot_ms"] / r["floor_ms"])
+        assert r["passes_above_floor"] == pytest.approx((r["nonroot_ms"] - r["floor_ms"]) / r["pass_ms"])
+        assert r["passes_left_by_target"] == pytest.approx(0.25 * r["floor_ms"] / r["pass_ms"])
+    assert report["adamw_ms"]["numpy"] == {}  # AdamW runs on torch backends only
     assert (tmp_path / "gpu.png").stat().st_size > 0
     import shampoo_core as sc
 
@@ -159,3 +166,53 @@ def test_pass_is_one_new_array_per_parameter(monkeypatch):
     assert all(not np.shares_memory(o, p) for o, p in zip(out, params.values()))
     assert step.passes(dict(pass_ms=2.0, nonroot_ms=15.0, floor_ms=10.0)) == dict(
         passes_above_floor=2.5, passes_left_by_target=1.25)
+
+
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+def test_device_floor_multiplies_what_the_step_keeps(block_size):
+    """The device floor multiplies what the step must: per preconditioned dim of every block a
+    symmetric H of the order of the statistic that ``sc.shampoo`` keeps for it (the floor stacks
+    equal blocks of all parameters together, the core those of each parameter), and M holding
+    every entry of the parameter once per preconditioned dim."""
+    from collections import Counter
+
+    import numpy as np
+
+    import shampoo_core as sc
+    from bench import device_step, gpu, step
+    from shampoo_core import tree
+
+    params = step.model_problem(step.SMALL_SHAPES)[0]
+    operands = device_step.floor_operands(gpu.load_backend("numpy"), block_size, params)
+    state = sc.shampoo(1e-3, block_size=block_size).init(params)
+    def orders(shapes):
+        out = Counter()
+        for count, d, _ in shapes:
+            out[d] += count
+        return out
+
+    kept = [s.shape for p in state.params for b in p.blocks for s in b.statistics if s is not None]
+    assert orders(h.shape for _, h in operands) == orders(kept)
+    for m, h in operands:
+        assert m.shape[:2] == h.shape[:2]
+        np.testing.assert_array_equal(h, np.swapaxes(h, -1, -2))
+    # each preconditioned dim of a parameter multiplies every entry of the parameter once
+    leaves, _ = tree.flatten(params)
+    assert sum(m.size for m, _ in operands) == sum(
+        leaf.size * sum(s is not None for s in p.blocks[0].statistics)
+        for leaf, p in zip(leaves, state.params) if p.blocks)
+
+
+def test_device_floor_row_and_adamw_on_torch():
+    """The floor rows run on torch tensors (the path CUDA takes), with AdamW beside them."""
+    pytest.importorskip("torch")
+    from bench import device_step, gpu, step
+
+    backend = gpu.load_backend("torch")
+    shapes = step.scaled_shapes(32)
+    row = device_step.floor_row(backend, shapes, 16, steps=2, repeats=2, budget=0.05)
+    assert row["blocks"] == sum(step._block_counts(16, step.model_problem(shapes)[0]).values()) > 0
+    assert row["floor_ms"] == min(row["floor_loop_ms"], row["floor_batched_ms"]) > 0
+    assert row["nonroot_ms"] > 0 and row["pass_ms"] > 0
+    adamw = device_step.adamw_ms(backend, *step.model_problem(shapes), 2)
+    assert adamw["default"] > 0
