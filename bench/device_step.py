@@ -1,9 +1,9 @@
 """A Shampoo step on one device against its matmul floor: ``python -m bench gpu``'s floor rows.
 
 ``bench step`` times its floor on the CPU as one matmul call per block. On an accelerator that
-would time kernel launches: at block 128 the model's 11.6M parameters are 753 blocks, two Gram
-matrices and two mode products each. Here the floor is timed both ways, synchronized with the
-device, and the faster one is the floor:
+would time kernel launches: at block 128 the model's 11.6M parameters are 753 blocks, with a
+Gram matrix and a mode product per preconditioned dim of each. Here the floor is timed both ways,
+synchronized with the device, and the faster one is the floor:
 
 * loop: per preconditioned dim of every block, its Gram matrix ``M @ M.T`` and its mode product
   ``H @ M`` (M: the block matricized along that dim, H: a symmetric matrix of its order), one
@@ -25,9 +25,9 @@ import statistics
 
 def floor_operands(backend, block_size: int, params) -> list:
     """``[(M, H)]`` on ``backend``'s device, one pair per group of equal-shaped blocks (of all
-    parameters) and preconditioned dim: M of shape (count, d, size / d) holds every block of the group matricized
-    along that dim, H of shape (count, d, d) is symmetric. ``params``: NumPy arrays, planned as
-    ``sc.shampoo``'s defaults plan them."""
+    parameters) and preconditioned dim: M of shape (count, d, size / d) holds every block of the
+    group matricized along that dim, H of shape (count, d, d) is symmetric. ``params``: NumPy
+    arrays, planned as ``sc.shampoo``'s defaults plan them."""
     import numpy as np
 
     from .step import _block_counts
@@ -115,9 +115,10 @@ def floor_row(backend, shapes: dict, block_size: int, steps: int, repeats: int, 
     _, median = mean_step(tx, params, grads, steps, 2, sync=backend.sync)
     operands = floor_operands(backend, block_size, np_params)
     loop_s, batched_s = floor_times(backend, operands, repeats, budget)
+    pass_s = pass_time(backend, params, repeats, budget)
     row = dict(block_size=block_size, blocks=sum(_block_counts(block_size, np_params).values()),
                nonroot_ms=median, floor_loop_ms=1e3 * loop_s, floor_batched_ms=1e3 * batched_s,
-               floor_ms=1e3 * min(loop_s, batched_s), pass_ms=1e3 * pass_time(backend, params, repeats, budget))
+               floor_ms=1e3 * min(loop_s, batched_s), pass_ms=1e3 * pass_s)
     row["ratio_to_floor"] = row["nonroot_ms"] / row["floor_ms"]
     row.update(passes(row))
     print(f"{backend.name:<10} block_size {block_size:5d} ({row['blocks']} blocks): non-root step "

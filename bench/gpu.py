@@ -218,8 +218,8 @@ def run(args) -> int:
         if args.steps:
             report["step"][name] = step_times(backend, shapes, args.block_size, args.every, args.steps,
                                               args.host_workers)
-            report["step_floor"][name] = [device_step.floor_row(backend, shapes, b, args.steps, args.repeats, args.budget)
-                                          for b in floor_blocks]
+            report["step_floor"][name] = [
+                device_step.floor_row(backend, shapes, b, args.steps, args.repeats, args.budget) for b in floor_blocks]
             report["adamw_ms"][name] = device_step.adamw_ms(backend, *model_problem(shapes), args.steps)
             for variant, ms in report["adamw_ms"][name].items():
                 print(f"{name:<10} torch.optim.AdamW ({variant}) step {ms:.2f} ms", flush=True)
