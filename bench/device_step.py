@@ -20,27 +20,24 @@ torch backends ``torch.optim.AdamW`` (default and ``fused=True``) on the same de
 
 from __future__ import annotations
 
-import statistics
-
 
 def floor_operands(backend, block_size: int, params) -> list:
     """``[(M, H)]`` on ``backend``'s device, one pair per group of equal-shaped blocks (of all
-    parameters) and preconditioned dim: M of shape (count, d, size / d) holds every block of the
-    group matricized along that dim, H of shape (count, d, d) is symmetric. ``params``: NumPy
-    arrays, planned as ``sc.shampoo``'s defaults plan them."""
+    parameters) and preconditioned dim: the operands of ``bench step``'s floor for each block of
+    the group, stacked. M of shape (count, d, size / d) holds every block of the group matricized
+    along that dim, H of shape (count, d, d) is symmetric. ``params``: NumPy arrays, planned as
+    ``sc.shampoo``'s defaults plan them."""
     import numpy as np
 
-    from .step import _block_counts
+    from .step import _block_counts, _operands
 
     rng = np.random.default_rng(0)
     out = []
     for (shape, pre), count in _block_counts(block_size, params).items():
-        g = rng.standard_normal((count, *shape)).astype(np.float32)
-        for i, flag in enumerate(pre):
-            if flag:
-                m = np.ascontiguousarray(np.moveaxis(g, i + 1, 1).reshape(count, shape[i], -1))
-                h = (m @ np.swapaxes(m, -1, -2)).astype(np.float32)
-                out.append((backend.asarray(m), backend.asarray(h)))
+        blocks = [_operands(rng, shape, pre) for _ in range(count)]  # per block: [(M, H)] per dim
+        for per_dim in zip(*blocks):
+            out.append((backend.asarray(np.stack([m for m, _ in per_dim])),
+                        backend.asarray(np.stack([h for _, h in per_dim]))))
     return out
 
 
@@ -68,47 +65,42 @@ def floor_times(backend, operands, repeats: int, budget: float) -> tuple[float, 
 
 
 def pass_time(backend, params, repeats: int, budget: float) -> float:
-    """Median seconds of one elementwise pass over ``params`` (device arrays): each read once and
-    its product by a scalar written to a new array, as in ``bench step``."""
+    """Median seconds of ``bench step``'s unit pass over ``params`` (device arrays)."""
     from .roots import _median_time
+    from .step import one_pass
 
     arrays = list(params.values())
-    seconds, _ = _median_time(lambda: [x * 0.5 for x in arrays], repeats, budget, sync=backend.sync)
+    seconds, _ = _median_time(lambda: one_pass(arrays), repeats, budget, sync=backend.sync)
     return seconds
 
 
 def adamw_ms(backend, params, grads, steps: int) -> dict:
     """Median ms of a ``torch.optim.AdamW`` step on ``backend``'s device (torch backends only,
-    else ``{}``): ``{"default": ..., "fused": ...}``; a variant the device lacks is left out."""
+    else ``{}``): ``{"default": ..., "fused": ...}``; a variant the device lacks is left out.
+    ``params``, ``grads``: NumPy arrays."""
     if not backend.name.startswith("torch"):
         return {}
-    import torch
-
-    from .timing import call_times
+    from .step import _adamw_ms
 
     out = {}
-    for name, kw in (("default", {}), ("fused", {"fused": True})):
-        ps = [torch.nn.Parameter(torch.as_tensor(p, device=backend.device).clone()) for p in params.values()]
-        for p, g in zip(ps, grads.values()):
-            p.grad = torch.as_tensor(g, device=backend.device)
+    for name, options in (("default", {}), ("fused", {"fused": True})):
         try:
-            opt = torch.optim.AdamW(ps, lr=1e-3, **kw)
-            times, _ = call_times(opt.step, steps, warmup=2, sync=backend.sync)
+            out[name] = _adamw_ms(params, grads, steps, device=backend.device, sync=backend.sync, warmup=2,
+                                  **options)
         except RuntimeError:  # fused is not implemented for this device
             continue
-        out[name] = 1e3 * statistics.median(times)
     return out
 
 
-def floor_row(backend, shapes: dict, block_size: int, steps: int, repeats: int, budget: float) -> dict:
+def floor_row(backend, np_params, np_grads, block_size: int, steps: int, repeats: int, budget: float) -> dict:
     """One block size: the median non-root step on ``backend``'s device against its floor, in ms
-    and in elementwise passes (see the module docstring)."""
+    and in elementwise passes (see the module docstring). ``np_params``, ``np_grads``: the
+    model's NumPy arrays (``bench.step.model_problem``)."""
     import shampoo_core as sc
 
     from .pipeline import mean_step
-    from .step import _block_counts, model_problem, passes
+    from .step import _block_counts, passes
 
-    np_params, np_grads = model_problem(shapes)
     params = {k: backend.asarray(v) for k, v in np_params.items()}
     grads = {k: backend.asarray(v) for k, v in np_grads.items()}
     tx = sc.shampoo(1e-3, block_size=block_size, start_preconditioning_step=1, preconditioning_compute_steps=10**9)

@@ -205,6 +205,7 @@ def run(args) -> int:
     batches = [tuple(int(x) for x in b.split("x")) for b in args.batches.split(",") if b]
     shapes = scaled_shapes(args.scale)
     floor_blocks = [int(b) for b in args.floor_block_sizes.split(",") if b]
+    problem = model_problem(shapes)  # NumPy (params, grads), copied to each backend
     report = dict(threads=thread_info, skipped={}, roots=[], batched=[], step={}, step_floor={}, adamw_ms={})
     for name in [b.strip() for b in args.backends.split(",") if b.strip()]:
         try:
@@ -218,9 +219,9 @@ def run(args) -> int:
         if args.steps:
             report["step"][name] = step_times(backend, shapes, args.block_size, args.every, args.steps,
                                               args.host_workers)
-            report["step_floor"][name] = [
-                device_step.floor_row(backend, shapes, b, args.steps, args.repeats, args.budget) for b in floor_blocks]
-            report["adamw_ms"][name] = device_step.adamw_ms(backend, *model_problem(shapes), args.steps)
+            report["step_floor"][name] = [device_step.floor_row(backend, *problem, b, args.steps, args.repeats,
+                                                                args.budget) for b in floor_blocks]
+            report["adamw_ms"][name] = device_step.adamw_ms(backend, *problem, args.steps)
             for variant, ms in report["adamw_ms"][name].items():
                 print(f"{name:<10} torch.optim.AdamW ({variant}) step {ms:.2f} ms", flush=True)
     if args.save_cost_model and report["roots"]:

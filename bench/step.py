@@ -121,12 +121,13 @@ def pass_seconds(params, repeats: int, lib: Library | None = None) -> float:
     (under JAX, all of them in one jitted call)."""
     lib = lib or library("numpy", 1)
     arrays = [lib.asarray(p) for p in params.values()]
-
-    def scaled(xs):
-        return [x * 0.5 for x in xs]
-
-    run_all = lib.compile(scaled)
+    run_all = lib.compile(one_pass)
     return _median(lambda: run_all(arrays), repeats)
+
+
+def one_pass(arrays) -> list:
+    """The unit pass: each array read once and its product by a scalar written to a new array."""
+    return [x * 0.5 for x in arrays]
 
 
 def passes(row: dict) -> dict:
@@ -313,14 +314,20 @@ def run(args) -> int:
     return 0
 
 
-def _adamw_ms(params, grads, steps, threads):
+def _adamw_ms(params, grads, steps, threads=None, device=None, sync=None, warmup=1, **options):
+    """Median ms of a ``torch.optim.AdamW`` step (``options``: its keywords, e.g. ``fused=True``)
+    on copies of ``params`` (NumPy arrays) with ``grads``, on ``device`` (CPU by default);
+    ``sync`` waits for the device's queued work inside each timed step, after ``warmup`` untimed
+    ones. ``None`` without torch.
+    Raises RuntimeError where the device lacks the variant that ``options`` ask for."""
     try:
         import torch
     except ImportError:
         return None
-    torch.set_num_threads(threads)
-    ps = [torch.nn.Parameter(torch.from_numpy(p.copy())) for p in params.values()]
+    if threads is not None:
+        torch.set_num_threads(threads)
+    ps = [torch.nn.Parameter(torch.as_tensor(p, device=device).clone()) for p in params.values()]
     for p, g in zip(ps, grads.values()):
-        p.grad = torch.from_numpy(g)
-    opt = torch.optim.AdamW(ps, lr=1e-3)
-    return 1e3 * _median(opt.step, steps)
+        p.grad = torch.as_tensor(g, device=device)
+    opt = torch.optim.AdamW(ps, lr=1e-3, **options)
+    return 1e3 * statistics.median(call_times(opt.step, steps, warmup=warmup, sync=sync)[0])

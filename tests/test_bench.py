@@ -210,7 +210,7 @@ def test_device_floor_row_and_adamw_on_torch():
 
     backend = gpu.load_backend("torch")
     shapes = step.scaled_shapes(32)
-    row = device_step.floor_row(backend, shapes, 16, steps=2, repeats=2, budget=0.05)
+    row = device_step.floor_row(backend, *step.model_problem(shapes), 16, steps=2, repeats=2, budget=0.05)
     assert row["blocks"] == sum(step._block_counts(16, step.model_problem(shapes)[0]).values()) > 0
     assert row["floor_ms"] == min(row["floor_loop_ms"], row["floor_batched_ms"]) > 0
     assert row["nonroot_ms"] > 0 and row["pass_ms"] > 0
