@@ -7,6 +7,10 @@ parameter, which costs about as much as the arithmetic itself (docs/performance.
 β·m + (1 - β)·g over 16 MB took 3.6 ms in place against 7.4 ms as an expression). 0-d arrays
 decline (``NotImplemented``): NumPy's 0-d arithmetic gives scalars, which cannot be written in
 place.
+
+The functions ending in ``_`` are the in-place forms, for running averages the caller has given
+up (``donate_state``): they write the value into their first argument, with the bits of the
+new-array forms. Read-only arrays and broadcast views decline.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import numpy as np
 
 from shampoo_core import _xp
 
-__all__ = ["ema", "plus_square", "over_root_plus", "scaled_copy", "scaled_plus_product"]
+__all__ = ["ema", "plus_square", "over_root_plus", "scaled_copy", "scaled_plus_product", "ema_", "plus_square_",
+           "scaled_plus_product_"]
 
 NAMESPACE = "array_api_compat.numpy"
 
@@ -77,13 +82,61 @@ def scaled_plus_product(c, a, b, beta: float, alpha: float = 1.0):
     if c.ndim != 3 or not _arrays(c, a, b):
         return NotImplemented
     out = c * beta
-    step = max(1, _PRODUCT_ENTRIES // max(1, c.shape[1] * c.shape[2]))
-    for i in range(0, c.shape[0], step):
+    _add_products(out, a, b, alpha)
+    return out
+
+
+def _writable(target, *others) -> bool:
+    """Whether ``target`` may be written in place: an array of the others' shape and dtype that
+    owns writable memory without repeats (not read-only, not a broadcast view)."""
+    return (_arrays(target, *others) and target.flags.writeable
+            and all(stride != 0 or size == 1 for stride, size in zip(target.strides, target.shape))
+            and all(x.shape == target.shape and x.dtype == target.dtype for x in others))
+
+
+def ema_(old, new, beta: float):
+    """β·old + (1 - β)·new written into ``old``, in :func:`ema`'s operations (for β > 1/2 the
+    difference needs a temporary: ``old`` is read again after it)."""
+    if not _writable(old, new):
+        return NotImplemented
+    if beta > 0.5:
+        step = old - new
+        step *= beta - 1.0
+        old += step
+    else:
+        old -= new
+        old *= beta
+        old += new
+    return old
+
+
+def plus_square_(acc, g):
+    """acc + g² written into ``acc`` (the same sum as :func:`plus_square`: addition commutes)."""
+    if not _writable(acc, g):
+        return NotImplemented
+    acc += g * g
+    return acc
+
+
+def scaled_plus_product_(c, a, b, beta: float, alpha: float = 1.0):
+    """β·C + α·A·B for stacks written into ``C``, a few blocks at a time as
+    :func:`scaled_plus_product`."""
+    if c.ndim != 3 or not (_arrays(a, b) and _writable(c)):
+        return NotImplemented
+    if beta != 1.0:
+        c *= beta
+    _add_products(c, a, b, alpha)
+    return c
+
+
+def _add_products(out, a, b, alpha: float) -> None:
+    """``out += alpha * (a @ b)`` for stacks, the products of a few blocks at a time."""
+    step = max(1, _PRODUCT_ENTRIES // max(1, out.shape[1] * out.shape[2]))
+    for i in range(0, out.shape[0], step):
         product = a[i:i + step] @ b[i:i + step]
         if alpha != 1.0:
             product *= alpha
         out[i:i + step] += product
-    return out
 
 
 for _name in __all__:

@@ -6,6 +6,10 @@ kernels of ``torch.optim``'s own optimizers (``lerp``, ``addcmul``), ``out=`` in
 tensor, and matrix products that add β·C and scale by α as they write (``addmm``/``baddbmm``).
 Where autograd records the inputs, the functions that would write into a tensor autograd
 needs decline (``NotImplemented``) and the core computes the expression.
+
+The functions ending in ``_`` are the in-place forms, for running averages the caller has given
+up (``donate_state``): the same kernels as ``torch.optim``'s own in-place steps (``lerp_``,
+``addcmul_``, ``baddbmm_``), with the bits of the new-tensor forms.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import torch
 
 from shampoo_core import _xp
 
-__all__ = ["ema", "plus_square", "over_root_plus", "scaled_copy", "scaled_plus_product"]
+__all__ = ["ema", "plus_square", "over_root_plus", "scaled_copy", "scaled_plus_product", "ema_", "plus_square_",
+           "scaled_plus_product_"]
 
 NAMESPACE = "array_api_compat.torch"
 
@@ -65,6 +70,35 @@ def scaled_plus_product(c, a, b, beta: float, alpha: float = 1.0):
     return (torch.baddbmm if c.ndim == 3 else torch.addmm)(c, a, b, beta=beta, alpha=alpha)
 
 
-for _name in ("ema", "plus_square", "over_root_plus", "scaled_copy"):
+def _writable(target, *others) -> bool:
+    """Whether ``target`` may be written in place with values computed from ``others``: tensors
+    autograd does not record, and no broadcast of ``target`` (its storage then overlaps itself)."""
+    return (_tensors(target, *others) and not any(x.requires_grad for x in (target, *others))
+            and all(stride != 0 or size == 1 for stride, size in zip(target.stride(), target.shape)))
+
+
+def ema_(old, new, beta: float):
+    """β·old + (1 - β)·new written into ``old`` by ``lerp_`` (as :func:`ema`)."""
+    if not _writable(old, new) or old.shape != new.shape or old.dtype != new.dtype:
+        return NotImplemented
+    return old.lerp_(new, 1.0 - beta)
+
+
+def plus_square_(acc, g):
+    """acc + g² written into ``acc`` by ``addcmul_``."""
+    if not _writable(acc, g) or acc.shape != g.shape or acc.dtype != g.dtype:
+        return NotImplemented
+    return acc.addcmul_(g, g)
+
+
+def scaled_plus_product_(c, a, b, beta: float, alpha: float = 1.0):
+    """β·C + α·A·B written into ``C`` by ``addmm_`` (``baddbmm_`` for stacks)."""
+    if not _writable(c, a, b):
+        return NotImplemented
+    return (c.baddbmm_ if c.ndim == 3 else c.addmm_)(a, b, beta=beta, alpha=alpha)
+
+
+for _name in ("ema", "plus_square", "over_root_plus", "scaled_copy", "ema_", "plus_square_"):
     _xp.register_fast_path(NAMESPACE, _name, globals()[_name])
 _xp.register_fast_path(NAMESPACE, "scaled_plus_product", scaled_plus_product, alpha_in_product=True)
+_xp.register_fast_path(NAMESPACE, "scaled_plus_product_", scaled_plus_product_, alpha_in_product=True)

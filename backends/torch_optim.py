@@ -7,7 +7,9 @@ whose step counts agree are updated together, by one call of the core per bounde
 from ``param_group["lr"]`` at every step, so ``torch.optim.lr_scheduler`` schedules apply.
 As in ``torch.optim.Adam``, the two decays are ``betas=(beta1, beta2)`` in each param group, where
 the schedulers that cycle momentum (``OneCycleLR``, ``CyclicLR``) find and set them.
-Tensors stay torch tensors on the parameter's device; nothing goes through NumPy.
+Tensors stay torch tensors on the parameter's device; nothing goes through NumPy. As in
+``torch.optim``, the state is updated in place (the core's ``donate_state``, on by default here):
+a step allocates no second copy of it.
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ _CORE = {k: v.default for k, v in inspect.signature(sc.shampoo).parameters.items
 # (e.g. "initial_lr"), ignored here.
 _DEFAULTS = {"betas": (_CORE["beta1"], _CORE["beta2"]),
              **{k: v for k, v in _CORE.items() if k not in ("beta1", "beta2")},
-             "maximize": False}
+             "maximize": False,
+             "donate_state": True}  # in place, as torch optimizers update their state
 # Values that never change which arrays a parameter's state holds (beta1 does only through beta1 > 0):
 # a change of these alone, e.g. OneCycleLR cycling beta1 every step, keeps the cached layouts.
 _LAYOUT_FREE = ("betas", "epsilon", "diagonal_epsilon", "weight_decay", "graft_beta2", "inverse_failure_threshold",
-                "maximize")
+                "maximize", "donate_state")
 
 
 def _fold_betas(group: dict, where: str, default) -> None:
@@ -87,7 +90,11 @@ class Shampoo(torch.optim.Optimizer):
         maximize: maximize the objective instead of minimizing it (default ``False``), as in
             ``torch.optim.Adam``: the core gets the negated gradients.
         **hyperparameters: any other keyword of :func:`shampoo_core.shampoo` except
-            ``learning_rate``; per-group values override these defaults.
+            ``learning_rate``; per-group values override these defaults. ``donate_state``
+            defaults to ``True`` here: the state tensors are updated in place, as in
+            ``torch.optim``, so a tensor of ``state_dict()`` holds the values of later steps too
+            (copy it to keep a snapshot; ``torch.save`` does). ``False`` gives every step new
+            tensors.
 
     Raises:
         ValueError / TypeError: invalid hyperparameters (at construction, naming the argument;
@@ -102,6 +109,7 @@ class Shampoo(torch.optim.Optimizer):
         _fold_betas(hyperparameters, "Shampoo()", _DEFAULTS["betas"])
         hyperparameters.setdefault("betas", _DEFAULTS["betas"])
         hyperparameters.setdefault("maximize", False)
+        hyperparameters.setdefault("donate_state", _DEFAULTS["donate_state"])
         _check_maximize(hyperparameters, "")
         sc.shampoo(lr, **_core_hyperparameters(hyperparameters))  # validate eagerly, naming the bad argument
         self._transforms: dict = {}
@@ -267,7 +275,8 @@ class Shampoo(torch.optim.Optimizer):
 
         torch casts floating state to the parameter's dtype on load; here that would turn the int32
         counters into floats and round the float32 state of bfloat16 and float16 parameters
-        (``state_dtype``). Errors are torch's (group and parameter counts), and ValueError for a
+        (``state_dtype``). The tensors are copied, as later steps write into them
+        (``donate_state``) and ``state_dict`` may still be the caller's. Errors are torch's (group and parameter counts), and ValueError for a
         saved cost model of another format, or saved roots in flight for a group of this optimizer
         without ``async_preconditioners``; the optimizer is unchanged after any of them.
         """
@@ -295,6 +304,7 @@ class Shampoo(torch.optim.Optimizer):
         for i, (group, model, executor) in enumerate(zip(self.param_groups, models, executors)):
             _fold_betas(group, f"param_groups[{i}]", self.defaults["betas"])  # maybe the core's spelling
             group.setdefault("maximize", False)  # a state dict from before the adapter had it
+            group.setdefault("donate_state", _DEFAULTS["donate_state"])  # the same
             if model is not None:
                 group["cost_model"] = model
             if executor is not None or "async_preconditioners" in group:
@@ -303,8 +313,9 @@ class Shampoo(torch.optim.Optimizer):
         params = [(p, group) for group in self.param_groups for p in group["params"]]
         for saved_id, (p, group) in zip(saved_ids, params):
             saved = state_dict["state"].get(saved_id)
-            if saved is not None:
-                self.state[p] = {k: v.to(device=p.device) if torch.is_tensor(v) else v for k, v in saved.items()}
+            if saved is not None:  # copies: later steps write into the state (donate_state)
+                self.state[p] = {k: v.to(device=p.device, copy=True) if torch.is_tensor(v) else v
+                                 for k, v in saved.items()}
             if saved_id in pending:
                 _param_view(group["async_preconditioners"], p).import_pending(_decode_pending(pending[saved_id], p.device))
 
@@ -407,10 +418,10 @@ class _GroupTransform:
 
         Parameters with equal step counts on one device are updated together, as the core updates
         a tree: one count read (a GPU synchronization) and one schedule per call instead of one
-        per parameter. A call holds the old and the new state of its parameters at once, so it
-        takes parameters only up to ``_CALL_NUMEL`` entries (a larger one is a call of its own):
-        the optimizer's peak memory stays the state plus that much, as when each parameter was a
-        call. With ``nonfinite="skip"`` (each parameter skips on its own gradient) or
+        per parameter. Without ``donate_state`` a call holds the old and the new state of its
+        parameters at once, so it takes parameters only up to ``_CALL_NUMEL`` entries (a larger
+        one is a call of its own): the optimizer's peak memory stays the state plus that much, as
+        when each parameter was a call. With ``nonfinite="skip"`` (each parameter skips on its own gradient) or
         asynchronous roots (each parameter has its own executor view) every parameter is a call.
         """
         if self._per_parameter:
@@ -436,8 +447,11 @@ class _GroupTransform:
         try:
             updates, new = self.tx.update(state, grads, [p.detach() for p, _, _ in call])
         except (TypeError, ValueError, RuntimeError):
-            for (p, f, where), g in zip(call, grads):  # the core names a list index; name the parameter
-                _update_one(self.tx, p, g, f, where)
+            # The core names a list index; name the parameter. Each is run again without donation,
+            # so that the parameters whose inputs pass keep their state as it was.
+            checking = self._make(donate_state=False)
+            for (p, f, where), g in zip(call, grads):
+                _update_one(checking, p, g, f, where)
             raise
         # Each parameter keeps a count tensor of its own, as torch optimizers keep "step".
         return [(p, u, f._replace(count=new.count if i == 0 else new.count.clone(), params=(new.params[i],)))

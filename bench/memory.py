@@ -1,7 +1,10 @@
 """``python -m bench memory``: optimizer state size in bytes per parameter, on the demo's model.
 
 Counts the bytes of every array in each optimizer's state after one step (float32 parameters,
-curvature for the Eva family and K-FAC from one batch of the digits data).
+curvature for the Eva family and K-FAC from one batch of the digits data), and the most memory
+NumPy allocates during a step (traced by ``tracemalloc``): the updates, the temporaries, and,
+unless the state is donated (``donate_state=True``), the new state. It is measured at step 11,
+the first of Shampoo's demo settings that preconditions without computing roots.
 """
 
 from __future__ import annotations
@@ -20,6 +23,25 @@ def state_bytes(state) -> int:
 
     return sum(int(x.nbytes) if hasattr(x, "nbytes") else x.element_size() * x.numel()
                for x in optree.tree_leaves(state))
+
+
+# The step whose peak is measured: after start_preconditioning_step and its root step (10).
+PEAK_STEP = 11
+
+
+def step_peak_bytes(update) -> tuple:
+    """``(peak, result)``: the most bytes traced by ``tracemalloc`` during ``update()`` above those
+    allocated when it starts (NumPy reports its array memory to ``tracemalloc``)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        result = update()
+        return tracemalloc.get_traced_memory()[1] - before, result
+    finally:
+        tracemalloc.stop()
 
 
 def run(args) -> int:
@@ -46,6 +68,7 @@ def run(args) -> int:
 
     cases = {
         "shampoo (block 128, demo settings)": (sc.shampoo(1e-3, **SHAMPOO_SETTINGS), None),
+        "shampoo, donate_state=True": (sc.shampoo(1e-3, donate_state=True, **SHAMPOO_SETTINGS), None),
         "adam": (sc.adam(1e-3), None),
         "adagrad": (sc.adagrad(1e-2), None),
         "sgd_momentum": (sc.sgd(0.1, momentum=0.9), None),
@@ -57,14 +80,18 @@ def run(args) -> int:
     }
     rows = []
     for name, (tx, curvature) in cases.items():
+        extra = {} if curvature is None else {"curvature": curvature}
         state = tx.init(opt)
-        if curvature is None:
-            _, state = tx.update(state, g_opt, opt)
-        else:
-            _, state = tx.update(state, g_opt, opt, curvature=curvature)
+        _, state = tx.update(state, g_opt, opt, **extra)
         b = state_bytes(state)
-        rows.append(dict(optimizer=name, state_bytes=b, bytes_per_parameter=b / n))
-        print(f"{name:<36} {b / 1e6:8.2f} MB  {b / n:6.2f} bytes/parameter")
+        for _ in range(2, PEAK_STEP):
+            _, state = tx.update(state, g_opt, opt, **extra)
+        peak, _ = step_peak_bytes(lambda: tx.update(state, g_opt, opt, **extra))
+        state = None  # given up to a donated step
+        rows.append(dict(optimizer=name, state_bytes=b, bytes_per_parameter=b / n, step_peak_bytes=peak,
+                         step_peak_bytes_per_parameter=peak / n))
+        print(f"{name:<36} {b / 1e6:8.2f} MB  {b / n:6.2f} bytes/parameter; a step allocates at most "
+              f"{peak / 1e6:6.2f} MB ({peak / n:5.2f} bytes/parameter)")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "memory.json").write_text(json.dumps(dict(parameters=n, rows=rows), indent=2))

@@ -272,11 +272,18 @@ def run(args) -> int:
             _, box["state"] = update(box["state"], grads, params)
 
         nonroot = _median(step, args.steps)
+        state0 = None  # the donated run below holds a state of its own
+        box.clear()
         floor = floor_seconds(block_size, np_params, args.steps, lib)
         pass_ms = 1e3 * pass_seconds(np_params, args.steps, lib)
-        row = dict(block_size=block_size, blocks=sum(b.failures.shape[0] for s in state0.params for b in s.blocks),
+        row = dict(block_size=block_size, blocks=sum(b.failures.shape[0] for s in state.params for b in s.blocks),
                    nonroot_ms=1e3 * nonroot, floor_ms=1e3 * floor, ratio_to_floor=nonroot / floor, pass_ms=pass_ms)
         row.update(passes(row))
+        state = None
+        if not jitted:  # in place where the library can (jax.jit donates through donate_argnums instead)
+            donated = 1e3 * donated_step_seconds(sc, lib, block_size, params, grads, args.steps)
+            row.update(donated_nonroot_ms=donated, donated_ratio_to_floor=donated / row["floor_ms"],
+                       donated_passes_above_floor=(donated - row["floor_ms"]) / pass_ms)
         if jitted:
             row.update(first_call_s=first)  # compilation dominates; the root step is not separable
             roots_text = f"first call (compiles) {first:.1f} s"
@@ -299,6 +306,10 @@ def run(args) -> int:
         print(f"    one elementwise pass over the parameters {pass_ms:.2f} ms; above the floor "
               f"{row['passes_above_floor']:.1f} passes; the 1.25x target leaves {row['passes_left_by_target']:.1f}",
               flush=True)
+        if "donated_nonroot_ms" in row:
+            print(f"    donate_state=True (the state written in place): non-root step {row['donated_nonroot_ms']:.1f} ms "
+                  f"({row['donated_ratio_to_floor']:.2f}x the floor, {row['donated_passes_above_floor']:.1f} passes "
+                  "above it)", flush=True)
         if "block_matmuls_loop_ms" in row:
             print(f"    block matmuls of the {big[0]}x{big[1]} gradient: loop over blocks "
                   f"{row['block_matmuls_loop_ms']:.1f} ms, one batched matmul {row['block_matmuls_batched_ms']:.1f} ms")
@@ -312,6 +323,19 @@ def run(args) -> int:
                                                    rows=rows, adamw_ms=adamw, pass_ms=pass_ms), indent=2))
     print(f"{n_params} parameters; written to {out}/step.json")
     return 0
+
+
+def donated_step_seconds(sc, lib: Library, block_size: int, params, grads, steps: int) -> float:
+    """Median seconds of a non-root step of ``bench step``'s optimizer with ``donate_state=True``,
+    on ``lib``'s eager arrays (the first step, which computes the roots, untimed)."""
+    tx = sc.shampoo(1e-3, block_size=block_size, start_preconditioning_step=1,
+                    preconditioning_compute_steps=10**9, donate_state=True)
+    box = {"state": tx.update(tx.init(params), grads, params)[1]}
+
+    def step():
+        _, box["state"] = tx.update(box["state"], grads, params)
+
+    return _median(step, steps)
 
 
 def _adamw_ms(params, grads, steps, threads=None, device=None, sync=None, warmup=1, **options):

@@ -13,6 +13,11 @@ to compute each (``_xp.register_fast_path``, from its module in ``backends``):
   buffer as large as the parameter, which costs about as much as the arithmetic itself.
 * Anything else (JAX, whose compiler fuses them; array_api_strict; CuPy), and what a fast path
   declines (0-d NumPy arrays, a division autograd records): the expression below.
+
+The running averages also take ``donate``: the caller (``donate_state``) gives up the old
+average, and a library's in-place fast path (NumPy's and torch's) writes the new one into it,
+with the same bits, instead of allocating a new array. This module never writes into an array
+itself, so JAX and the other libraries compute the new array as before.
 """
 
 from __future__ import annotations
@@ -22,37 +27,40 @@ from . import _xp
 __all__ = ["ema", "plus_square", "over_root_plus", "scaled_copy"]
 
 
-def ema(old, new, beta: float):
+def ema(old, new, beta: float, donate: bool = False):
     """β·old + (1 - β)·new, the running average of ``new`` (Adam's m and v; Kingma & Ba 2015).
 
     Args:
         old, new: arrays of one shape and real floating dtype.
         beta: a float in [0, 1].
+        donate: ``old`` may be overwritten with the result (see the module docstring).
 
     Returns:
-        A new array of ``old``'s shape and dtype. A fast path computes it as a linear
+        A new array of ``old``'s shape and dtype (``old`` itself, overwritten, where donated to an
+        in-place fast path). A fast path computes it as a linear
         interpolation, old + (1 - β)(new - old) for β > 1/2 and new + β(old - new) otherwise
         (torch's ``lerp`` and its choice of form), which is exact at β = 0 and β = 1. The weight
         is 1 - β, computed in float64 before it is rounded to the arrays' dtype: for β = 0.999,
         rounding β first and taking 1 - β in float32 misplaces Adam's (1 - β₂)·g² by 1.3e-5
         relative.
     """
-    out = _xp.fast_value("ema", old, new, beta)
+    out = _xp.fast_value("ema", old, new, beta, donate=donate)
     if out is not NotImplemented:
         return out
     return beta * old + (1.0 - beta) * new
 
 
-def plus_square(acc, g):
+def plus_square(acc, g, donate: bool = False):
     """acc + g², AdaGrad's sum of squared gradients (Duchi, Hazan, Singer 2011).
 
     Args:
         acc, g: arrays of one shape and real floating dtype.
+        donate: ``acc`` may be overwritten with the result (see the module docstring).
 
     Returns:
-        A new array of ``acc``'s shape and dtype.
+        A new array of ``acc``'s shape and dtype (``acc`` itself where donated and written in place).
     """
-    out = _xp.fast_value("plus_square", acc, g)
+    out = _xp.fast_value("plus_square", acc, g, donate=donate)
     if out is not NotImplemented:
         return out
     return acc + g * g

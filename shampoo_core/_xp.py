@@ -93,7 +93,13 @@ def register_fast_path(namespace_name: str, operation: str, fn, **traits) -> Non
     :func:`scaled_plus_product`). ``fn`` takes the operation's arguments and returns its value as a
     new array, leaving its inputs as they were, or ``NotImplemented`` to leave these arguments to
     the array-API expression. ``traits`` describe it (``alpha_in_product=True``: see
-    :func:`product_takes_scale`)."""
+    :func:`product_takes_scale`).
+
+    An operation named with a trailing underscore (``"ema_"``, ``"plus_square_"``,
+    ``"scaled_plus_product_"``) is the in-place form of the one without: ``fn`` writes the value
+    into its first argument, a running average whose caller has given it up (``donate_state``),
+    and returns that argument, with the bits of the new-array form; or ``NotImplemented``, and the
+    core computes the new-array form instead. The core itself never writes into an array."""
     _FAST_PATHS[(namespace_name, operation)] = fn
     _FAST_PATH_TRAITS[(namespace_name, operation)] = traits
 
@@ -104,10 +110,19 @@ def fast_path(xp, operation: str):
     return _FAST_PATHS.get((getattr(xp, "__name__", ""), operation))
 
 
-def fast_value(operation: str, x, *args):
+def fast_value(operation: str, x, *args, donate: bool = False):
     """``operation`` of ``x`` and ``args`` by the fast path of ``x``'s namespace, or
-    ``NotImplemented`` where there is none or it declines: the caller computes the expression."""
-    fn = fast_path(namespace(x), operation)
+    ``NotImplemented`` where there is none or it declines: the caller computes the expression.
+
+    ``donate``: ``x`` may be overwritten with the value. The in-place form (``operation + "_"``)
+    is tried first, then the new-array form."""
+    xp = namespace(x)
+    if donate:
+        fn = fast_path(xp, operation + "_")
+        out = NotImplemented if fn is None else fn(x, *args)
+        if out is not NotImplemented:
+            return out
+    fn = fast_path(xp, operation)
     return NotImplemented if fn is None else fn(x, *args)
 
 
@@ -241,17 +256,18 @@ def block_norms(xp, x):
     return xp.linalg.vector_norm(x, axis=tuple(range(1, x.ndim)))
 
 
-def scaled_plus_product(xp, c, a, b, beta: float, alpha: float = 1.0):
+def scaled_plus_product(xp, c, a, b, beta: float, alpha: float = 1.0, donate: bool = False):
     """``beta * c + alpha * (a @ b)`` for ``a`` (m, k), ``b`` (k, n) and ``c`` (m, n) of one
     dtype, or stacks of them (a leading batch axis on all three): a Shampoo statistic's running
-    average. A new array; the inputs are left as they were.
+    average. A new array, the inputs left as they were; with ``donate``, the caller gives ``c``
+    up and a library's in-place fast path may write the value into it.
 
     A library's fast path (:func:`register_fast_path`) may compute it with fewer passes:
     torch's ``addmm``/``baddbmm`` add ``beta * c`` and apply ``alpha`` in the product
     (``backends.torch_backend``), NumPy adds the products of a stack a few blocks at a time into
     the new ``beta * c`` while they are in cache (``backends.numpy_backend``).
     """
-    out = fast_value("scaled_plus_product", c, a, b, beta, alpha)
+    out = fast_value("scaled_plus_product", c, a, b, beta, alpha, donate=donate)
     if out is not NotImplemented:
         return out
     product = a @ b

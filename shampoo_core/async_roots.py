@@ -2,8 +2,8 @@
 
 The paper hides root computation by running it on host CPUs while the accelerators keep
 stepping with the previous preconditioners. Here a thread pool plays the host CPUs (LAPACK and
-BLAS release the GIL): at a root step the block's statistics (immutable arrays: the optimizer
-never mutates them) are handed to a worker and ``update`` keeps using the previous roots. The
+BLAS release the GIL): at a root step the block's statistics (the arrays themselves, or a copy
+where later steps write into them: ``donate_state``) are handed to a worker and ``update`` keeps using the previous roots. The
 results are swapped in at a later step boundary, as soon as they are done, or after at most
 ``max_staleness`` steps, when the step waits for them. ``deterministic=True`` swaps exactly
 ``max_staleness`` steps after submission (waiting if needed), so results do not depend on thread
@@ -79,8 +79,10 @@ class AsyncPreconditioners:
     def _own(self, full_key) -> bool:
         return full_key[:len(self._scope)] == self._scope
 
-    def submit(self, key, step: int, fn, statistics) -> None:
-        """Start ``fn(statistics)`` for ``key`` (a block), unless a job for it is still pending."""
+    def submit(self, key, step: int, fn, statistics, snapshot: bool = False) -> None:
+        """Start ``fn(statistics)`` for ``key`` (a block), unless a job for it is still pending.
+        ``snapshot``: the caller will write into ``statistics``, so the worker gets a copy (the host
+        copy with ``host=True``, taken here)."""
         key = self._key(key)
         with self._lock:
             if key in self._pending:
@@ -92,6 +94,8 @@ class AsyncPreconditioners:
                 def job():
                     return [_back(r, *d) for r, d in zip(fn(host_stats), device)]
             else:
+                if snapshot:
+                    statistics = [_xp.namespace(h).asarray(h, copy=True) for h in statistics]
 
                 def job():
                     return fn(statistics)

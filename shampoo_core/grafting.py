@@ -36,12 +36,13 @@ def init_graft(xp, graft_type: GraftType, param, initial_accumulator_value: floa
     return GraftState(None)
 
 
-def update_graft(graft_type: GraftType, state: GraftState, g, beta2: float) -> GraftState:
-    """Add the raw gradient ``g`` to the grafting statistic."""
+def update_graft(graft_type: GraftType, state: GraftState, g, beta2: float, donate: bool = False) -> GraftState:
+    """Add the raw gradient ``g`` to the grafting statistic; ``donate``: the accumulator may be
+    overwritten (:mod:`shampoo_core._elementwise`)."""
     if graft_type is GraftType.ADAGRAD:
-        return GraftState(_elementwise.plus_square(state.accumulator, g))
+        return GraftState(_elementwise.plus_square(state.accumulator, g, donate))
     if graft_type in (GraftType.RMSPROP, GraftType.ADAM):
-        return GraftState(_elementwise.ema(state.accumulator, g * g, beta2))
+        return GraftState(_elementwise.ema(state.accumulator, g * g, beta2, donate))
     return state
 
 

@@ -11,10 +11,11 @@ from . import _elementwise
 __all__ = ["ema", "filtered_gradient"]
 
 
-def ema(m, g, beta1: float):
+def ema(m, g, beta1: float, donate: bool = False):
     """m_t = beta1 m_{t-1} + (1 - beta1) g_t, as a new array of ``m``'s shape and dtype (``m`` and
-    ``g`` of one shape and dtype)."""
-    return _elementwise.ema(m, g, beta1)
+    ``g`` of one shape and dtype); with ``donate``, possibly written into ``m``
+    (:func:`shampoo_core._elementwise.ema`)."""
+    return _elementwise.ema(m, g, beta1, donate)
 
 
 def filtered_gradient(m, g, beta1: float, step, nesterov: bool):

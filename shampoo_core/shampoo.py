@@ -15,6 +15,11 @@ Per step t (counting from 1), for each parameter W with gradient G:
    ``start_preconditioning_step`` (or with no preconditioned dim) U = D.
 6. Decoupled weight decay: U ← U + λW. The update is -learning_rate · U.
 
+``update`` returns a new state and leaves its inputs as they were, unless ``donate_state``: the
+caller then gives the state up, and NumPy and torch write the new first moment, grafting
+accumulator and statistics into its arrays (the kernels only ask the library's in-place fast
+paths, ``shampoo_core._elementwise``; nothing else changes).
+
 All of it runs in the state dtype (``state_dtype``: by default the parameter dtype, but float32
 for float16 and bfloat16 parameters, whose 8- or 11-bit mantissas stall the β₂ averages); the
 update is returned in the parameter dtype.
@@ -120,6 +125,7 @@ class ShampooConfig:
     nonfinite: str
     cost_model: CostModel = dataclasses.field(compare=False)  # configs compare by hyperparameters only
     async_preconditioners: object = dataclasses.field(compare=False, default=None)
+    donate_state: bool = dataclasses.field(compare=False, default=False)
 
     def plan(self, shape: tuple[int, ...]) -> blocking.BlockPlan:
         return blocking.make_plan(
@@ -161,6 +167,7 @@ def shampoo(
     nonfinite: str = "raise",
     cost_model: CostModel | None = None,
     async_preconditioners=None,
+    donate_state: bool = False,
 ) -> GradientTransformation:
     """Distributed Shampoo (Anil et al., arXiv 2002.09018) as ``(init, update)``.
 
@@ -209,6 +216,15 @@ def shampoo(
             state untouched), "skip" (zero updates, the state unchanged but ``skipped`` + 1;
             selected with ``where``, no Python branch on the data) or "ignore" (no check, as in
             ``torch.optim``: a NaN enters the state; for callers that check themselves).
+        donate_state: ``update`` may write the new state into the arrays of the state it is
+            given, as ``torch.optim`` does, instead of allocating a second one: the first moment,
+            the grafting accumulator and the statistics, where the library has in-place kernels
+            (NumPy, torch; elsewhere, e.g. JAX, whose ``jax.jit(..., donate_argnums=0)`` does
+            this, nothing changes). The caller must not use the state it passed in again: its
+            arrays may hold the new values. The updates have the same bits either way. Inputs are
+            checked, non-finite gradients caught (``nonfinite="raise"``/``"skip"``) and failed
+            asynchronous roots raised before anything is written, so a rejected step leaves the
+            state as it was. Not part of the checkpointed hyperparameters: it changes no value.
 
     Returns:
         :class:`GradientTransformation` over an array or a dict/list/tuple tree of arrays.
@@ -258,6 +274,7 @@ def shampoo(
         nonfinite=nonfinite,
         cost_model=cost_model if cost_model is not None else CostModel(),
         async_preconditioners=async_preconditioners,
+        donate_state=check_bool("donate_state", donate_state),
     )
 
     def init(params) -> ShampooState:
@@ -292,10 +309,13 @@ def shampoo(
 
         def step():
             schedule = _schedule(config, state.count, weight_decay, verdict.finite)
+            # Finished asynchronous roots, all taken (and a worker's failure raised) before any
+            # array is written: a donated state stays whole when a step raises.
+            collected = _collect_roots(config, state, schedule)
             updates, new_states = [], []
             for i, (g, s) in enumerate(zip(g_leaves, state.params)):
                 p = None if p_leaves is None else p_leaves[i]
-                u, ns = _update_param(config, s, verdict.clean(xp, g), p, schedule, i)
+                u, ns = _update_param(config, s, verdict.clean(xp, g), p, schedule, i, collected)
                 updates.append(u)
                 new_states.append(ns)
             return tree.unflatten(spec, updates), ShampooState(state.count + 1, tuple(new_states), state.skipped)
@@ -306,7 +326,7 @@ def shampoo(
 
     tx = GradientTransformation(init, update)
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-              if f.name not in ("cost_model", "async_preconditioners")}
+              if f.name not in ("cost_model", "async_preconditioners", "donate_state")}
     values["async_preconditioners"] = async_preconditioners is not None
     return record_hyperparameters(tx, "shampoo", values)
 
@@ -523,15 +543,37 @@ def _apply_roots(config: ShampooConfig, xp, block: BlockState, results) -> Block
     return BlockState(block.statistics, tuple(preconditioners), failures, worst, lam)
 
 
+def _collect_roots(config: ShampooConfig, state: ShampooState, schedule: _Schedule) -> dict | None:
+    """The asynchronous roots due at this step, ``{(leaf, group): results}`` (``None`` without an
+    executor).
+
+    Raises:
+        ValueError: an executor with traced arrays (``jax.jit``).
+        RuntimeError: a root failed in its worker.
+    """
+    executor = config.async_preconditioners
+    if executor is None:
+        return None
+    if not isinstance(schedule.roots, bool):
+        raise ValueError("async_preconditioners needs eager arrays; under jax.jit roots are gated by lax.cond")
+    collected = {}
+    for i, s in enumerate(state.params):
+        for j in range(len(s.blocks)):
+            results = executor.collect((i, j), schedule.step, config.preconditioning_compute_steps)
+            if results is not None:
+                collected[(i, j)] = results
+    return collected
+
+
 def _update_block(config, xp, block: BlockState, g, plan, schedule: _Schedule, key,
-                  product_scale: float = 1.0) -> BlockState:
+                  product_scale: float = 1.0, collected: dict | None = None) -> BlockState:
     """``g``: the group's stack of blocks of the gradient weighted by
     ``statistics.statistics_weight(beta2)``, or unweighted with ``product_scale`` = 1 - β₂
-    (``statistics.accumulate_weighted``)."""
+    (``statistics.accumulate_weighted``). ``collected``: :func:`_collect_roots`' results."""
 
     def accumulate():
         return statistics.accumulate_weighted(xp, block.statistics, g, plan.preconditioned, config.beta2,
-                                              product_scale)
+                                              product_scale, config.donate_state)
 
     block = block._replace(statistics=_select(xp, schedule.statistics, accumulate, block.statistics))
     if schedule.roots is False and config.async_preconditioners is None:
@@ -548,20 +590,19 @@ def _update_block(config, xp, block: BlockState, g, plan, schedule: _Schedule, k
 
     executor = config.async_preconditioners
     if executor is not None:
-        if not isinstance(schedule.roots, bool):
-            raise ValueError("async_preconditioners needs eager arrays; under jax.jit roots are gated by lax.cond")
-        results = executor.collect(key, schedule.step, config.preconditioning_compute_steps)
+        results = collected.get(key)
         if results is not None:
             block = _apply_roots(config, xp, block, results)
-        if schedule.roots:
-            executor.submit(key, schedule.step, results_of, block.statistics)
+        if schedule.roots:  # a worker reads the statistics later: a copy, where later steps write them
+            executor.submit(key, schedule.step, results_of, block.statistics, snapshot=config.donate_state)
         return block
     if schedule.roots is True:
         return compute(block)
     return _xp.cond(xp, schedule.roots, compute, lambda b: b, block)
 
 
-def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedule, index: int):
+def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedule, index: int,
+                  collected: dict | None = None):
     xp = _xp.namespace(g)
     out_dtype = g.dtype
     dtype = _state_dtype(config, xp, g.dtype)
@@ -581,10 +622,10 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
     # the learning rate, not in passes of their own.
     new_m, f, f_scale = None, g, 1.0
     if s.momentum is not None:
-        new_m = momentum.ema(s.momentum, g, config.beta1)
+        new_m = momentum.ema(s.momentum, g, config.beta1, config.donate_state)
         f, f_scale = momentum.filtered_gradient(new_m, g, config.beta1, step, config.nesterov)
 
-    new_graft = grafting.update_graft(config.graft_type, s.graft, g, config.graft_beta2)
+    new_graft = grafting.update_graft(config.graft_type, s.graft, g, config.graft_beta2, config.donate_state)
     direction, d_scale = grafting.graft_direction(
         xp, config.graft_type, new_graft, f, epsilon=config.diagonal_epsilon, beta2=config.graft_beta2, step=step,
         f_scale=f_scale,
@@ -608,7 +649,7 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
             weight, product_scale = None, 1.0 - config.beta2
         g_blocks = blocking.split_groups(xp, g, plan, weight)
         new_blocks = tuple(
-            _update_block(config, xp, b, gb, plan, schedule, (index, j), product_scale)
+            _update_block(config, xp, b, gb, plan, schedule, (index, j), product_scale, collected)
             for j, (b, gb) in enumerate(zip(s.blocks, g_blocks))
         )
 

@@ -24,26 +24,25 @@ def kronecker_factors(xp, g, preconditioned: tuple[bool, ...]) -> list:
     Returns:
         One ``(n, d_i, d_i)`` array per preconditioned dim, in the dtype of ``g``.
     """
-    if g.ndim == 2:  # full-matrix AdaGrad on vectors: outer products
-        return [g[:, :, None] * g[:, None, :]] if preconditioned[0] else []
+    return [a @ b for a, b in _gram_operands(xp, g, preconditioned)]
+
+
+def _gram_operands(xp, g, preconditioned: tuple[bool, ...]) -> list:
+    """The ``(a, b)`` whose batched products ``a @ b`` are the Gram matrices of the stack ``g``,
+    one pair per preconditioned dim: plain matmuls, so that BLAS sees a transposed operand (a
+    symmetric product where the library detects it) instead of a transposed copy."""
+    if g.ndim == 2:  # full-matrix AdaGrad on vectors: outer products, (n, d, 1) @ (n, 1, d)
+        return [(g[:, :, None], g[:, None, :])] if preconditioned[0] else []
     if g.ndim == 3:
-        return [a @ b for a, b in _matrix_operands(g, preconditioned)]
+        pre0, pre1 = preconditioned
+        return ([(g, g.mT)] if pre0 else []) + ([(g.mT, g)] if pre1 else [])
     out = []
     for i, pre in enumerate(preconditioned):
-        if not pre:
-            continue
-        # The mode-i unfolding of every block: its dim i first, the others flattened.
-        unfolded = xp.reshape(xp.moveaxis(g, i + 1, 1), (g.shape[0], g.shape[i + 1], -1))
-        out.append(unfolded @ unfolded.mT)
+        if pre:
+            # The mode-i unfolding of every block: its dim i first, the others flattened.
+            unfolded = xp.reshape(xp.moveaxis(g, i + 1, 1), (g.shape[0], g.shape[i + 1], -1))
+            out.append((unfolded, unfolded.mT))
     return out
-
-
-def _matrix_operands(g, preconditioned: tuple[bool, ...]) -> list:
-    """The ``(a, b)`` whose products ``a @ b`` are the Gram matrices of a stack of 2-D blocks:
-    plain matmuls, so that BLAS sees a transposed operand (a symmetric product where the library
-    detects it) instead of a transposed copy."""
-    pre0, pre1 = preconditioned
-    return ([(g, g.mT)] if pre0 else []) + ([(g.mT, g)] if pre1 else [])
 
 
 def statistics_weight(beta2: float) -> float:
@@ -52,25 +51,21 @@ def statistics_weight(beta2: float) -> float:
 
 
 def accumulate_weighted(xp, stats, weighted, preconditioned: tuple[bool, ...], beta2: float,
-                        product_scale: float = 1.0) -> tuple:
+                        product_scale: float = 1.0, donate: bool = False) -> tuple:
     """β₂·H + s·Gram(weighted) per statistic, for ``weighted = statistics_weight(β₂)·G`` and
     s = ``product_scale`` = 1, or for ``weighted = G`` and s = 1 - β₂.
 
     β₂ = 1 gives H + Gram(G), AdaGrad's sum. Shampoo weights a whole parameter once and then cuts
     it into blocks, one pass instead of one small operation per block; where the library scales a
     matrix product as it writes it (:func:`_xp.product_takes_scale`: torch), the 2-D blocks of G
-    go unweighted with s = 1 - β₂, and that pass is saved too.
+    go unweighted with s = 1 - β₂, and that pass is saved too. Each product and its average are
+    one call where the library fuses them (:func:`_xp.scaled_plus_product`).
+
+    ``donate``: the caller gives ``stats`` up, and a library's in-place fast path may write the
+    new statistics into them (``donate_state`` of :func:`shampoo_core.shampoo`).
     """
-    if weighted.ndim == 3:
-        # Each product and its average in one call where the library fuses them (_xp).
-        return tuple(_xp.scaled_plus_product(xp, h, a, b, beta2, product_scale)
-                     for h, (a, b) in zip(stats, _matrix_operands(weighted, preconditioned)))
-    factors = kronecker_factors(xp, weighted, preconditioned)
-    if product_scale != 1.0:
-        factors = [product_scale * f for f in factors]
-    if beta2 == 1.0:
-        return tuple(h + f for h, f in zip(stats, factors))
-    return tuple(beta2 * h + f for h, f in zip(stats, factors))
+    return tuple(_xp.scaled_plus_product(xp, h, a, b, beta2, product_scale, donate)
+                 for h, (a, b) in zip(stats, _gram_operands(xp, weighted, preconditioned)))
 
 
 def update_statistics(xp, stats, g, preconditioned: tuple[bool, ...], beta2: float) -> tuple:

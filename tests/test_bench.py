@@ -40,6 +40,8 @@ def test_step_benchmark(tmp_path):
         assert r["pass_ms"] > 0 and report["pass_ms"] > 0
         assert r["passes_above_floor"] == pytest.approx((r["nonroot_ms"] - r["floor_ms"]) / r["pass_ms"])
         assert r["passes_left_by_target"] == pytest.approx(0.25 * r["floor_ms"] / r["pass_ms"])
+        assert r["donated_ratio_to_floor"] == pytest.approx(r["donated_nonroot_ms"] / r["floor_ms"])
+        assert r["donated_passes_above_floor"] == pytest.approx((r["donated_nonroot_ms"] - r["floor_ms"]) / r["pass_ms"])
 
 
 @pytest.mark.parametrize("lib", ["torch", "jax"])
@@ -52,6 +54,7 @@ def test_step_benchmark_on_other_libraries(tmp_path, lib):
     assert row["floor_ms"] > 0 and row["nonroot_ms"] > 0 and row["pass_ms"] > 0
     assert ("first_call_s" in row) == (lib == "jax") and ("amortized_ms" in row) == (lib == "torch")
     assert ("hot_floor_ms" in row) == (lib == "torch")  # from cache: eager calls only
+    assert ("donated_nonroot_ms" in row) == (lib == "torch")  # jax.jit donates through donate_argnums
 
 
 def test_step_floor_gives_every_block_operands_of_its_own(monkeypatch):
@@ -93,6 +96,12 @@ def test_memory_benchmark(tmp_path):
     # Adam keeps two float32 moments per parameter plus a counter; Eva's vectors add little to SGD's buffer.
     assert 8.0 <= rows["adam"] < 8.01
     assert 4.0 <= rows["eva"] < rows["kfac"]
+    peaks = {r["optimizer"]: r["step_peak_bytes_per_parameter"]
+             for r in json.loads((tmp_path / "memory.json").read_text())["rows"]}
+    # Every step allocates its float32 updates; a donated one, not its first moment, grafting
+    # accumulator (4 bytes per parameter each) and statistics anew.
+    assert all(peak >= 4.0 for peak in peaks.values())
+    assert peaks["shampoo, donate_state=True"] + 8.0 < peaks["shampoo (block 128, demo settings)"]
 
 
 def test_gpu_benchmark_harness_on_the_cpu(tmp_path):
@@ -122,6 +131,7 @@ def test_gpu_benchmark_harness_on_the_cpu(tmp_path):
         assert r["ratio_to_floor"] == pytest.approx(r["nonroot_ms"] / r["floor_ms"])
         assert r["passes_above_floor"] == pytest.approx((r["nonroot_ms"] - r["floor_ms"]) / r["pass_ms"])
         assert r["passes_left_by_target"] == pytest.approx(0.25 * r["floor_ms"] / r["pass_ms"])
+        assert r["donated_ratio_to_floor"] == pytest.approx(r["donated_nonroot_ms"] / r["floor_ms"])
     assert report["adamw_ms"]["numpy"] == {}  # AdamW runs on torch backends only
     assert (tmp_path / "gpu.png").stat().st_size > 0
     import shampoo_core as sc
@@ -213,6 +223,6 @@ def test_device_floor_row_and_adamw_on_torch():
     row = device_step.floor_row(backend, *step.model_problem(shapes), 16, steps=2, repeats=2, budget=0.05)
     assert row["blocks"] == sum(step._block_counts(16, step.model_problem(shapes)[0]).values()) > 0
     assert row["floor_ms"] == min(row["floor_loop_ms"], row["floor_batched_ms"]) > 0
-    assert row["nonroot_ms"] > 0 and row["pass_ms"] > 0
+    assert row["nonroot_ms"] > 0 and row["pass_ms"] > 0 and row["donated_nonroot_ms"] > 0
     adamw = device_step.adamw_ms(backend, *step.model_problem(shapes), 2)
     assert adamw["default"] > 0

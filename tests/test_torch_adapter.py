@@ -60,8 +60,8 @@ def test_matches_functional_core():
 
 
 def test_core_calls_are_bounded_in_size(monkeypatch):
-    # A core call holds the old and new state of its parameters at once: it takes parameters up
-    # to _CALL_NUMEL entries (the model's are 30, 5, 15 and 3), a larger one alone.
+    # A core call without donate_state holds the old and new state of its parameters at once: it
+    # takes parameters up to _CALL_NUMEL entries (the model's are 30, 5, 15 and 3), a larger one alone.
     import backends.torch_optim as adapter
 
     monkeypatch.setattr(adapter, "_CALL_NUMEL", 20)
@@ -625,10 +625,48 @@ def test_error_of_a_joint_core_call_names_the_parameter(monkeypatch):
 
     model, x, y = model_and_data()
     opt = Shampoo(model.named_parameters(), lr=0.05, **HP)
+    train(opt, model, x, y, 2)
     loss_of(model, x, y).backward()
+    state_before = copy.deepcopy(opt.state_dict()["state"])
     monkeypatch.setattr(shampoo_module, "_check_blocks", refuse_3x5)
     with pytest.raises(ValueError, match=r"^param_groups\[0\]\['params'\]\[2\] \('2.weight'\): grads refused$"):
         opt.step()
+    # Finding the parameter runs the others again, without writing their (donated) state.
+    state_after = opt.state_dict()["state"]
+    assert all(torch.equal(a, b) for k in state_before for a, b in zip(state_before[k].values(), state_after[k].values()))
+
+
+def test_state_is_updated_in_place_with_the_bits_of_new_tensors():
+    # donate_state (the default here) writes each step into the same tensors, as torch.optim
+    # does; donate_state=False makes new ones. Parameters and state agree to the bit.
+    runs = []
+    for options in ({}, {"donate_state": False}):
+        model, x, y = model_and_data()
+        opt = Shampoo(model.parameters(), lr=0.05, **options, **HP)
+        train(opt, model, x, y, 1)
+        first = {id(p): {k: v for k, v in opt.state[p].items()} for p in model.parameters()}
+        train(opt, model, x, y, 5)  # root steps 2, 4, 6 among them
+        kept = [first[id(p)][k] is v for p in model.parameters() for k, v in opt.state[p].items()
+                if k in first[id(p)] and v.ndim > 0]
+        runs.append(([p.detach().clone() for p in model.parameters()],
+                     [v.clone() for p in model.parameters() for v in opt.state[p].values()], kept))
+    (params_in_place, state_in_place, kept), (params_new, state_new, kept_new) = runs
+    assert all(torch.equal(a, b) for a, b in zip(params_in_place, params_new))
+    assert all(torch.equal(a, b) for a, b in zip(state_in_place, state_new))
+    # Momentum, grafting accumulator and statistics (4 per 2-D parameter, 3 per bias) stay put.
+    assert sum(kept) >= 2 * 4 + 2 * 3 and not any(kept_new)
+
+
+def test_load_state_dict_copies_the_state_it_is_given():
+    model, x, y = model_and_data()
+    opt = Shampoo(model.parameters(), lr=0.05, **HP)
+    train(opt, model, x, y, 2)
+    saved = opt.state_dict()
+    kept = copy.deepcopy(saved["state"])
+    other = Shampoo(model.parameters(), lr=0.05, **HP)
+    other.load_state_dict(saved)
+    train(other, model, x, y, 2)  # writes its own copies, not the dict's (nor opt's) tensors
+    assert all(torch.equal(a, b) for k in kept for a, b in zip(kept[k].values(), saved["state"][k].values()))
 
 
 @pytest.mark.parametrize("nonfinite", ["raise", "skip"])  # joint core calls, and one per parameter
