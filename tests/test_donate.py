@@ -10,11 +10,12 @@ import time
 import numpy as np
 import optree
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import shampoo_core as sc
 from shampoo_core import _elementwise, _xp
 from shampoo_core import roots as roots_module
-from helpers import to_np, to_xp
+from helpers import examples_for, to_np, to_xp
 
 # A matrix in 2 x 2 blocks, a ragged matrix, a vector (full-matrix AdaGrad) and an order-3 block
 # (its statistics through mode unfoldings): every path the statistics take.
@@ -55,6 +56,55 @@ def test_donated_steps_have_the_bits_of_new_states(xp, graft_type, beta2):
         for a, b in zip(u0, u1):
             assert_same_leaves(a, b)
         assert_same_leaves(s0, s1)
+
+
+SHAPE_LISTS = st.lists(st.integers(0, 4).flatmap(lambda rank: st.tuples(*[st.integers(1, 9)] * rank)),
+                       min_size=1, max_size=3)
+HYPERPARAMETERS = st.fixed_dictionaries({
+    "block_size": st.integers(2, 6),
+    "beta1": st.sampled_from([0.0, 0.3, 0.9]),
+    "beta2": st.sampled_from([1.0, 0.4, 0.99]),
+    "graft_type": st.sampled_from(["none", "sgd", "adagrad", "rmsprop", "adam", "sqrt_n"]),
+    "graft_beta2": st.sampled_from([0.3, 0.99]),
+    "graft_granularity": st.sampled_from(["layer", "block"]),
+    "nesterov": st.booleans(),
+    "weight_decay": st.sampled_from([0.0, 0.01]),
+    "decoupled_weight_decay": st.booleans(),
+    "merge_small_dims": st.booleans(),
+    "statistics_compute_steps": st.integers(1, 2),
+    "start_preconditioning_step": st.integers(1, 3),
+    "preconditioning_compute_steps": st.integers(1, 3),
+})
+
+
+@pytest.mark.filterwarnings("ignore:root_dtype='float64' is not available")  # no_float64: roots in float32
+def test_donation_keeps_the_bits_for_any_shapes_and_hyperparameters(xp):
+    """Averages of β < 1/2 and > 1/2 (the two forms of the in-place average), β₂ = 1 (sums),
+    leaves of order 0-4, every graft type and granularity, skipped statistics steps."""
+
+    # Elsewhere than NumPy and torch the option changes nothing (no in-place kernels): a few examples.
+    in_place = getattr(xp, "__name__", "") in ("array_api_compat.numpy", "array_api_compat.torch")
+
+    @settings(max_examples=examples_for(xp, settings().max_examples) if in_place else 3)
+    @given(shapes=SHAPE_LISTS, hp=HYPERPARAMETERS, steps=st.integers(1, 5), seed=st.integers(0, 2**16))
+    def check(shapes, hp, steps, seed):
+        rng = np.random.default_rng(seed)
+        params = [to_xp(xp, rng.standard_normal(s), "float32") for s in shapes]
+        grads = [[to_xp(xp, rng.standard_normal(s), "float32") for s in shapes] for _ in range(steps)]
+        runs = []
+        for donate in (False, True):
+            tx = sc.shampoo(0.1, donate_state=donate, **hp)
+            state, updates = tx.init(params), []
+            for g in grads:
+                u, state = tx.update(state, g, params)
+                updates.append([to_np(x) for x in u])
+            runs.append((updates, snapshot(state)))
+        (u0, s0), (u1, s1) = runs
+        for a, b in zip(u0, u1):
+            assert_same_leaves(a, b)
+        assert_same_leaves(s0, s1)
+
+    check()
 
 
 def _running_averages(state) -> list:
