@@ -276,9 +276,10 @@ class Shampoo(torch.optim.Optimizer):
         torch casts floating state to the parameter's dtype on load; here that would turn the int32
         counters into floats and round the float32 state of bfloat16 and float16 parameters
         (``state_dtype``). The tensors are copied, as later steps write into them
-        (``donate_state``) and ``state_dict`` may still be the caller's. Errors are torch's (group and parameter counts), and ValueError for a
-        saved cost model of another format, or saved roots in flight for a group of this optimizer
-        without ``async_preconditioners``; the optimizer is unchanged after any of them.
+        (``donate_state``) and ``state_dict`` may still be the caller's. Errors are torch's (group
+        and parameter counts), and ValueError for a saved cost model of another format, or saved
+        roots in flight for a group of this optimizer without ``async_preconditioners``; the
+        optimizer is unchanged after any of them.
         """
         # Read before anything is loaded, so that a bad one leaves the optimizer as it was.
         models = [sc.CostModel.from_dict(g["cost_model"], f"the state dict's param_groups[{i}]['cost_model']")
@@ -421,8 +422,9 @@ class _GroupTransform:
         per parameter. Without ``donate_state`` a call holds the old and the new state of its
         parameters at once, so it takes parameters only up to ``_CALL_NUMEL`` entries (a larger
         one is a call of its own): the optimizer's peak memory stays the state plus that much, as
-        when each parameter was a call. With ``nonfinite="skip"`` (each parameter skips on its own gradient) or
-        asynchronous roots (each parameter has its own executor view) every parameter is a call.
+        when each parameter was a call. With ``nonfinite="skip"`` (each parameter skips on its own
+        gradient) or asynchronous roots (each parameter has its own executor view) every parameter
+        is a call.
         """
         if self._per_parameter:
             for p, f, where in items:

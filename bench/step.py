@@ -307,7 +307,8 @@ def run(args) -> int:
               f"{row['passes_above_floor']:.1f} passes; the 1.25x target leaves {row['passes_left_by_target']:.1f}",
               flush=True)
         if "donated_nonroot_ms" in row:
-            print(f"    donate_state=True (the state written in place): non-root step {row['donated_nonroot_ms']:.1f} ms "
+            print(f"    donate_state=True (the state written in place): non-root step "
+                  f"{row['donated_nonroot_ms']:.1f} ms "
                   f"({row['donated_ratio_to_floor']:.2f}x the floor, {row['donated_passes_above_floor']:.1f} passes "
                   "above it)", flush=True)
         if "block_matmuls_loop_ms" in row:

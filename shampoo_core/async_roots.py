@@ -3,11 +3,12 @@
 The paper hides root computation by running it on host CPUs while the accelerators keep
 stepping with the previous preconditioners. Here a thread pool plays the host CPUs (LAPACK and
 BLAS release the GIL): at a root step the block's statistics (the arrays themselves, or a copy
-where later steps write into them: ``donate_state``) are handed to a worker and ``update`` keeps using the previous roots. The
-results are swapped in at a later step boundary, as soon as they are done, or after at most
-``max_staleness`` steps, when the step waits for them. ``deterministic=True`` swaps exactly
-``max_staleness`` steps after submission (waiting if needed), so results do not depend on thread
-timing. An exception in a worker is raised in the caller at the step that collects it.
+where later steps write into them: ``donate_state``) are handed to a worker and ``update``
+keeps using the previous roots. The results are swapped in at a later step boundary, as soon as
+they are done, or after at most ``max_staleness`` steps, when the step waits for them.
+``deterministic=True`` swaps exactly ``max_staleness`` steps after submission (waiting if
+needed), so results do not depend on thread timing. An exception in a worker is raised in the
+caller at the step that collects it, before that step writes anything.
 """
 
 from __future__ import annotations
