@@ -33,13 +33,24 @@ def ema(old, new, beta: float):
     """β·old + (1 - β)·new as torch's ``lerp`` forms it (see ``shampoo_core._elementwise.ema``)."""
     if not _arrays(old, new):
         return NotImplemented
-    out = old - new
+    return _lerp(old, new, beta, into_old=False)
+
+
+def _lerp(old, new, beta: float, into_old: bool):
+    """old + (β - 1)(old - new) for β > 1/2, else new + β(old - new): torch's ``lerp`` forms, in
+    one new array or (``into_old``) in ``old``, where the first form needs a temporary since it
+    reads ``old`` again."""
     if beta > 0.5:
+        out = old - new
         out *= beta - 1.0
+        if into_old:
+            old += out
+            return old
         out += old
-    else:
-        out *= beta
-        out += new
+        return out
+    out = np.subtract(old, new, out=old if into_old else None)
+    out *= beta
+    out += new
     return out
 
 
@@ -99,15 +110,7 @@ def ema_(old, new, beta: float):
     difference needs a temporary: ``old`` is read again after it)."""
     if not _writable(old, new):
         return NotImplemented
-    if beta > 0.5:
-        step = old - new
-        step *= beta - 1.0
-        old += step
-    else:
-        old -= new
-        old *= beta
-        old += new
-    return old
+    return _lerp(old, new, beta, into_old=True)
 
 
 def plus_square_(acc, g):
