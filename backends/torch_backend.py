@@ -70,35 +70,37 @@ def scaled_plus_product(c, a, b, beta: float, alpha: float = 1.0):
     return (torch.baddbmm if c.ndim == 3 else torch.addmm)(c, a, b, beta=beta, alpha=alpha)
 
 
-def _writable(target, *others) -> bool:
-    """Whether ``target`` may be written in place with values computed from ``others``: tensors
-    autograd does not record, and no broadcast of ``target`` (its storage then overlaps itself)."""
-    return (_tensors(target, *others) and not any(x.requires_grad for x in (target, *others))
-            and all(stride != 0 or size == 1 for stride, size in zip(target.stride(), target.shape)))
+def _writable(target, *operands, same_shape: bool = True) -> bool:
+    """Whether ``target`` may be written in place with a value computed from ``operands`` (of its
+    shape and dtype unless ``same_shape=False``): tensors autograd does not record, and no
+    broadcast of ``target`` (its storage then overlaps itself)."""
+    return (_tensors(target, *operands) and not any(x.requires_grad for x in (target, *operands))
+            and all(stride != 0 or size == 1 for stride, size in zip(target.stride(), target.shape))
+            and (not same_shape or all(x.shape == target.shape and x.dtype == target.dtype for x in operands)))
 
 
 def ema_(old, new, beta: float):
     """β·old + (1 - β)·new written into ``old`` by ``lerp_`` (as :func:`ema`)."""
-    if not _writable(old, new) or old.shape != new.shape or old.dtype != new.dtype:
+    if not _writable(old, new):
         return NotImplemented
     return old.lerp_(new, 1.0 - beta)
 
 
 def plus_square_(acc, g):
     """acc + g² written into ``acc`` by ``addcmul_``."""
-    if not _writable(acc, g) or acc.shape != g.shape or acc.dtype != g.dtype:
+    if not _writable(acc, g):
         return NotImplemented
     return acc.addcmul_(g, g)
 
 
 def scaled_plus_product_(c, a, b, beta: float, alpha: float = 1.0):
     """β·C + α·A·B written into ``C`` by ``addmm_`` (``baddbmm_`` for stacks)."""
-    if not _writable(c, a, b):
+    if not _writable(c, a, b, same_shape=False):
         return NotImplemented
     return (c.baddbmm_ if c.ndim == 3 else c.addmm_)(a, b, beta=beta, alpha=alpha)
 
 
-for _name in ("ema", "plus_square", "over_root_plus", "scaled_copy", "ema_", "plus_square_"):
-    _xp.register_fast_path(NAMESPACE, _name, globals()[_name])
-_xp.register_fast_path(NAMESPACE, "scaled_plus_product", scaled_plus_product, alpha_in_product=True)
-_xp.register_fast_path(NAMESPACE, "scaled_plus_product_", scaled_plus_product_, alpha_in_product=True)
+# The matrix product's trait (alpha applied inside it) is read from its new-array form.
+for _name in __all__:
+    _xp.register_fast_path(NAMESPACE, _name, globals()[_name],
+                           **({"alpha_in_product": True} if _name == "scaled_plus_product" else {}))

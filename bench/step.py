@@ -249,8 +249,6 @@ def run(args) -> int:
 
     threads = _pin_threads(args.threads)
     lib = library(args.library, args.threads)
-    import shampoo_core as sc
-
     shapes = SMALL_SHAPES if args.small else SHAPES
     np_params, np_grads = model_problem(shapes)
     params = {k: lib.asarray(v) for k, v in np_params.items()}
@@ -259,31 +257,17 @@ def run(args) -> int:
     jitted = lib.name == "jax"
     rows = []
     for block_size in [int(b) for b in args.block_sizes.split(",") if b]:
-        tx = sc.shampoo(1e-3, block_size=block_size, start_preconditioning_step=1,
-                        preconditioning_compute_steps=10**9, nonfinite="skip" if jitted else "raise")
-        update = lib.compile(tx.update)
-        state0 = tx.init(params)
-        t0 = time.perf_counter()
-        _, state = update(state0, grads, params)  # step 1: computes every root (and compiles, under jit)
-        first = time.perf_counter() - t0
-        box = {"state": state}
-
-        def step():
-            _, box["state"] = update(box["state"], grads, params)
-
-        nonroot = _median(step, args.steps)
-        state0 = None  # the donated run below holds a state of its own
-        box.clear()
+        first, nonroot = step_seconds(lib, block_size, params, grads, args.steps,
+                                      nonfinite="skip" if jitted else "raise")
         floor = floor_seconds(block_size, np_params, args.steps, lib)
         pass_ms = 1e3 * pass_seconds(np_params, args.steps, lib)
-        row = dict(block_size=block_size, blocks=sum(b.failures.shape[0] for s in state.params for b in s.blocks),
+        row = dict(block_size=block_size, blocks=sum(_block_counts(block_size, np_params).values()),
                    nonroot_ms=1e3 * nonroot, floor_ms=1e3 * floor, ratio_to_floor=nonroot / floor, pass_ms=pass_ms)
         row.update(passes(row))
-        state = None
         if not jitted:  # in place where the library can (jax.jit donates through donate_argnums instead)
-            donated = 1e3 * donated_step_seconds(sc, lib, block_size, params, grads, args.steps)
+            donated = 1e3 * step_seconds(lib, block_size, params, grads, args.steps, donate_state=True)[1]
             row.update(donated_nonroot_ms=donated, donated_ratio_to_floor=donated / row["floor_ms"],
-                       donated_passes_above_floor=(donated - row["floor_ms"]) / pass_ms)
+                       donated_passes_above_floor=passes(dict(row, nonroot_ms=donated))["passes_above_floor"])
         if jitted:
             row.update(first_call_s=first)  # compilation dominates; the root step is not separable
             roots_text = f"first call (compiles) {first:.1f} s"
@@ -326,17 +310,23 @@ def run(args) -> int:
     return 0
 
 
-def donated_step_seconds(sc, lib: Library, block_size: int, params, grads, steps: int) -> float:
-    """Median seconds of a non-root step of ``bench step``'s optimizer with ``donate_state=True``,
-    on ``lib``'s eager arrays (the first step, which computes the roots, untimed)."""
+def step_seconds(lib: Library, block_size: int, params, grads, steps: int, **options) -> tuple:
+    """``(first, non-root)``: the seconds of step 1 of ``bench step``'s optimizer (every root
+    computed; compilation too under jit) and the median of ``steps`` non-root steps after it, on
+    ``lib``'s arrays. ``options``: more keywords of ``sc.shampoo`` (``donate_state``, ...)."""
+    import shampoo_core as sc
+
     tx = sc.shampoo(1e-3, block_size=block_size, start_preconditioning_step=1,
-                    preconditioning_compute_steps=10**9, donate_state=True)
-    box = {"state": tx.update(tx.init(params), grads, params)[1]}
+                    preconditioning_compute_steps=10**9, **options)
+    update = lib.compile(tx.update)
+    t0 = time.perf_counter()
+    box = {"state": update(tx.init(params), grads, params)[1]}
+    first = time.perf_counter() - t0
 
     def step():
-        _, box["state"] = tx.update(box["state"], grads, params)
+        _, box["state"] = update(box["state"], grads, params)
 
-    return _median(step, steps)
+    return first, _median(step, steps)
 
 
 def _adamw_ms(params, grads, steps, threads=None, device=None, sync=None, warmup=1, **options):
