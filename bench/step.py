@@ -19,9 +19,14 @@ kernel and biases), float32, one BLAS thread. For each block size:
 * the block matmuls of the largest gradient as a loop over blocks against one batched matmul over
   the block grid (what the step does: blocks of equal shape are stacked).
 
+* the non-root step again with its state donated, to be written in place
+  (``donate_state=True``; under ``jax.jit``, ``donate_argnums``).
+
 ``--library torch`` or ``jax`` runs the step and its floor on that library's CPU arrays instead of
 NumPy's: torch eagerly, JAX under ``jax.jit`` (XLA fuses the elementwise passes, and the first
-call, which compiles the step, is reported instead of the root step).
+call, which compiles the step, is reported instead of the root step). Every thread of the process
+runs on ``--threads`` CPUs (``bench.timing.pinned_cpus``), so that XLA's runtime, which runs
+independent operations side by side, gets no more cores than the BLAS calls of NumPy and torch.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import statistics
 import time
 from typing import Callable, NamedTuple
 
-from .timing import call_times
+from .timing import call_times, pinned_cpus
 
 SHAPES = {
     "attn_q": (1024, 1024), "attn_k": (1024, 1024), "attn_v": (1024, 1024),
@@ -79,6 +84,9 @@ class Library(NamedTuple):
     name: str
     asarray: Callable  # float32 NumPy array -> the library's array
     compile: Callable  # fn -> fn that runs to completion (jitted and awaited for JAX)
+    # tx.update -> the same with its state donated (jax.jit's donate_argnums); None for eager
+    # libraries, which donate through sc.shampoo(..., donate_state=True)
+    compile_donating: Callable | None = None
 
 
 def library(name: str, threads: int) -> Library:
@@ -108,7 +116,19 @@ def library(name: str, threads: int) -> Library:
         jitted = jax.jit(fn)
         return lambda *args: jax.block_until_ready(jitted(*args))
 
-    return Library(name, jnp.asarray, compile_)
+    def compile_donating(update):
+        # The state goes out first, as it came in: JAX gives each donated input buffer to an
+        # output of the same shape and dtype, in order, so with the updates first the state's
+        # buffers would go to them and the new state would be copied.
+        jitted = jax.jit(lambda state, *args: update(state, *args)[::-1], donate_argnums=0)
+
+        def run(*args):
+            state, updates = jax.block_until_ready(jitted(*args))
+            return updates, state
+
+        return run
+
+    return Library(name, jnp.asarray, compile_, compile_donating)
 
 
 def _median(fn, n):
@@ -248,6 +268,13 @@ def run(args) -> int:
     from .roots import _pin_threads
 
     threads = _pin_threads(args.threads)
+    # Every thread on --threads CPUs, JAX's runtime pool included (bench/timing.py).
+    with pinned_cpus(args.threads) as cpus:
+        threads["cpus"] = cpus
+        return _run(args, threads)
+
+
+def _run(args, threads: dict) -> int:
     lib = library(args.library, args.threads)
     shapes = SMALL_SHAPES if args.small else SHAPES
     np_params, np_grads = model_problem(shapes)
@@ -264,10 +291,11 @@ def run(args) -> int:
         row = dict(block_size=block_size, blocks=sum(_block_counts(block_size, np_params).values()),
                    nonroot_ms=1e3 * nonroot, floor_ms=1e3 * floor, ratio_to_floor=nonroot / floor, pass_ms=pass_ms)
         row.update(passes(row))
-        if not jitted:  # in place where the library can (jax.jit donates through donate_argnums instead)
-            donated = 1e3 * step_seconds(lib, block_size, params, grads, args.steps, donate_state=True)[1]
-            row.update(donated_nonroot_ms=donated, donated_ratio_to_floor=donated / row["floor_ms"],
-                       donated_passes_above_floor=passes(dict(row, nonroot_ms=donated))["passes_above_floor"])
+        # the state written in place: donate_state=True eagerly, donate_argnums under jax.jit
+        donated = 1e3 * step_seconds(lib, block_size, params, grads, args.steps, donate=True,
+                                     nonfinite="skip" if jitted else "raise")[1]
+        row.update(donated_nonroot_ms=donated, donated_ratio_to_floor=donated / row["floor_ms"],
+                   donated_passes_above_floor=passes(dict(row, nonroot_ms=donated))["passes_above_floor"])
         if jitted:
             row.update(first_call_s=first)  # compilation dominates; the root step is not separable
             roots_text = f"first call (compiles) {first:.1f} s"
@@ -291,7 +319,8 @@ def run(args) -> int:
               f"{row['passes_above_floor']:.1f} passes; the 1.25x target leaves {row['passes_left_by_target']:.1f}",
               flush=True)
         if "donated_nonroot_ms" in row:
-            print(f"    donate_state=True (the state written in place): non-root step "
+            how = "donate_argnums" if jitted else "donate_state=True"
+            print(f"    {how} (the state written in place): non-root step "
                   f"{row['donated_nonroot_ms']:.1f} ms "
                   f"({row['donated_ratio_to_floor']:.2f}x the floor, {row['donated_passes_above_floor']:.1f} passes "
                   "above it)", flush=True)
@@ -310,15 +339,20 @@ def run(args) -> int:
     return 0
 
 
-def step_seconds(lib: Library, block_size: int, params, grads, steps: int, **options) -> tuple:
+def step_seconds(lib: Library, block_size: int, params, grads, steps: int, donate: bool = False,
+                 **options) -> tuple:
     """``(first, non-root)``: the seconds of step 1 of ``bench step``'s optimizer (every root
     computed; compilation too under jit) and the median of ``steps`` non-root steps after it, on
-    ``lib``'s arrays. ``options``: more keywords of ``sc.shampoo`` (``donate_state``, ...)."""
+    ``lib``'s arrays. ``donate``: each step gives its state up, to be written in place
+    (``donate_state=True``, or ``donate_argnums`` under ``jax.jit``). ``options``: more keywords
+    of ``sc.shampoo``."""
     import shampoo_core as sc
 
+    if donate and lib.compile_donating is None:
+        options["donate_state"] = True
     tx = sc.shampoo(1e-3, block_size=block_size, start_preconditioning_step=1,
                     preconditioning_compute_steps=10**9, **options)
-    update = lib.compile(tx.update)
+    update = lib.compile_donating(tx.update) if donate and lib.compile_donating else lib.compile(tx.update)
     t0 = time.perf_counter()
     box = {"state": update(tx.init(params), grads, params)[1]}
     first = time.perf_counter() - t0

@@ -1,7 +1,10 @@
-"""The one timer of every bench command: wall-clock seconds per call after warm-up calls."""
+"""The one timer of every bench command: wall-clock seconds per call after warm-up calls, and
+the CPUs a timed run may use."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 
 
@@ -29,3 +32,40 @@ def call_times(fn, n: int, *, warmup: int = 1, sync=None, budget: float | None =
         if t_end is not None and time.perf_counter() > t_end and len(times) >= 2:
             break
     return times, out
+
+
+@contextlib.contextmanager
+def pinned_cpus(n: int):
+    """Run the block with every thread of this process on the first ``n`` CPUs it may use, and
+    give each thread back the CPUs it had (or, if it started inside the block, the process's)
+    after it. Yields the CPUs, or None where the system cannot pin (not Linux).
+
+    Pinning the library's thread counts is not enough for XLA: its CPU runtime runs independent
+    operations of one compiled call side by side on a pool of its own, one thread per core, so
+    that a jitted floor of many small matmuls used both cores of a two-core machine while the
+    step's few batched ones used about one. Threads that already run (a JAX client started
+    before) are pinned too: Linux sets the CPUs of one thread at a time.
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        yield None
+        return
+    allowed = sorted(os.sched_getaffinity(0))
+    cpus = set(allowed[:max(n, 1)])
+    saved = {}
+    for tid in _threads():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            saved[tid] = os.sched_getaffinity(tid)
+            os.sched_setaffinity(tid, cpus)
+    try:
+        yield sorted(cpus)
+    finally:
+        for tid in _threads():
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, saved.get(tid, set(allowed)))
+
+
+def _threads() -> list:
+    try:
+        return [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        return [0]  # the calling thread alone

@@ -18,6 +18,14 @@ The running averages also take ``donate``: the caller (``donate_state``) gives u
 average, and a library's in-place fast path (NumPy's and torch's) writes the new one into it,
 with the same bits, instead of allocating a new array. This module never writes into an array
 itself, so JAX and the other libraries compute the new array as before.
+
+They also take ``gate``: ``None``, or the traced verdict of ``nonfinite="skip"`` (a 0-d bool
+array). Where it is False the step is skipped and the result holds ``old``'s values: the
+coefficients of the average become 1 and 0 and ``new`` is replaced by zeros, inside the one
+expression. A ``where`` between the new and the old average after it would be a pass of its own
+whenever the new average has another reader (the first moment feeds the update), and it keeps
+the old average alive past the new one, so that ``jax.jit`` cannot write a donated state in
+place (docs/reliability.md). Where ``gate`` is True the bits are those of the ungated expression.
 """
 
 from __future__ import annotations
@@ -27,13 +35,15 @@ from . import _xp
 __all__ = ["ema", "plus_square", "over_root_plus", "scaled_copy"]
 
 
-def ema(old, new, beta: float, donate: bool = False):
+def ema(old, new, beta: float, donate: bool = False, gate=None):
     """β·old + (1 - β)·new, the running average of ``new`` (Adam's m and v; Kingma & Ba 2015).
 
     Args:
         old, new: arrays of one shape and real floating dtype.
         beta: a float in [0, 1].
         donate: ``old`` may be overwritten with the result (see the module docstring).
+        gate: None, or a 0-d bool array; where False, the result is ``old``'s values (see the
+            module docstring).
 
     Returns:
         A new array of ``old``'s shape and dtype (``old`` itself, overwritten, where donated to an
@@ -44,22 +54,38 @@ def ema(old, new, beta: float, donate: bool = False):
         rounding β first and taking 1 - β in float32 misplaces Adam's (1 - β₂)·g² by 1.3e-5
         relative.
     """
+    if gate is not None:
+        xp = _xp.namespace(old)
+        keep, take = _gated(xp, gate, beta, old.dtype), _gated(xp, gate, 1.0 - beta, old.dtype, 0.0)
+        return keep * old + take * xp.where(gate, new, xp.zeros_like(new))
     out = _xp.fast_value("ema", old, new, beta, donate=donate)
     if out is not NotImplemented:
         return out
     return beta * old + (1.0 - beta) * new
 
 
-def plus_square(acc, g, donate: bool = False):
+def _gated(xp, gate, value: float, dtype, otherwise: float = 1.0):
+    """The 0-d array ``value`` where ``gate``, else ``otherwise``, in ``dtype``: each rounded
+    once, as a Python float is when it multiplies an array of ``dtype``."""
+    return xp.where(gate, xp.asarray(value, dtype=dtype), xp.asarray(otherwise, dtype=dtype))
+
+
+def plus_square(acc, g, donate: bool = False, gate=None):
     """acc + g², AdaGrad's sum of squared gradients (Duchi, Hazan, Singer 2011).
 
     Args:
         acc, g: arrays of one shape and real floating dtype.
         donate: ``acc`` may be overwritten with the result (see the module docstring).
+        gate: None, or a 0-d bool array; where False, ``g`` counts as zeros and the result is
+            ``acc``'s values (see the module docstring).
 
     Returns:
         A new array of ``acc``'s shape and dtype (``acc`` itself where donated and written in place).
     """
+    if gate is not None:
+        xp = _xp.namespace(acc)
+        g = xp.where(gate, g, xp.zeros_like(g))
+        return acc + g * g
     out = _xp.fast_value("plus_square", acc, g, donate=donate)
     if out is not NotImplemented:
         return out

@@ -36,13 +36,15 @@ def init_graft(xp, graft_type: GraftType, param, initial_accumulator_value: floa
     return GraftState(None)
 
 
-def update_graft(graft_type: GraftType, state: GraftState, g, beta2: float, donate: bool = False) -> GraftState:
+def update_graft(graft_type: GraftType, state: GraftState, g, beta2: float, donate: bool = False,
+                 gate=None) -> GraftState:
     """Add the raw gradient ``g`` to the grafting statistic; ``donate``: the accumulator may be
-    overwritten (:mod:`shampoo_core._elementwise`)."""
+    overwritten; ``gate``: the traced verdict of ``nonfinite="skip"``, where False the
+    accumulator keeps its values (:mod:`shampoo_core._elementwise`)."""
     if graft_type is GraftType.ADAGRAD:
-        return GraftState(_elementwise.plus_square(state.accumulator, g, donate))
+        return GraftState(_elementwise.plus_square(state.accumulator, g, donate, gate))
     if graft_type in (GraftType.RMSPROP, GraftType.ADAM):
-        return GraftState(_elementwise.ema(state.accumulator, g * g, beta2, donate))
+        return GraftState(_elementwise.ema(state.accumulator, g * g, beta2, donate, gate))
     return state
 
 

@@ -11,11 +11,12 @@ from . import _elementwise
 __all__ = ["ema", "filtered_gradient"]
 
 
-def ema(m, g, beta1: float, donate: bool = False):
+def ema(m, g, beta1: float, donate: bool = False, gate=None):
     """m_t = beta1 m_{t-1} + (1 - beta1) g_t, as a new array of ``m``'s shape and dtype (``m`` and
-    ``g`` of one shape and dtype); with ``donate``, possibly written into ``m``
+    ``g`` of one shape and dtype); with ``donate``, possibly written into ``m``; ``gate``: the
+    traced verdict of ``nonfinite="skip"``, where False m_{t-1} is kept
     (:func:`shampoo_core._elementwise.ema`)."""
-    return _elementwise.ema(m, g, beta1, donate)
+    return _elementwise.ema(m, g, beta1, donate, gate)
 
 
 def filtered_gradient(m, g, beta1: float, step, nesterov: bool):

@@ -406,25 +406,28 @@ class _Schedule(NamedTuple):
     precondition: object  # use Shampoo's direction (else the grafting optimizer's)
     learning_rate: object
     weight_decay: object  # a float, or the traced 0-d array
+    finite: object = None  # the traced verdict of nonfinite="skip", gating the running averages
 
 
 def _gated_step(xp, verdict, new, skipped):
     """``new`` where the traced verdict found the inputs finite, else ``skipped``: both
     ``(updates, state)``, selected as :meth:`~shampoo_core.nonfinite.Guard.run` does, except the
-    blocks. They are taken from ``new`` as they are: their statistics and roots were gated on the
-    verdict inside the step (:func:`_schedule`), where the select joins the statistics update and
-    an untaken ``cond`` returns the old preconditioners. A second select over them would be a pass of its
-    own over every statistic and preconditioner, which XLA cannot fuse into the ``cond``
-    (docs/performance.md)."""
+    arrays of each parameter's state. They are taken from ``new`` as they are: the step gated
+    them on the verdict itself (``_Schedule.finite``). The statistics and roots through their
+    flags (:func:`_schedule`), where the select joins the statistics update and an untaken
+    ``cond`` returns the old preconditioners; the first moment and the grafting accumulator
+    inside their averages (:mod:`shampoo_core._elementwise`, ``gate``). A select over them here
+    would be a pass of its own over each (XLA cannot fuse it into the ``cond``, nor into an
+    average the update reads too), and would keep the old state alive to the end of the step, so
+    that a donated state (``jax.jit(..., donate_argnums=...)``) is copied instead of written in
+    place (docs/performance.md)."""
 
     def select(a, b):
         return verdict.select(xp, a, b)
 
     (new_updates, new_state), (old_updates, old_state) = new, skipped
-    params = tuple(ParamState(select(n.momentum, o.momentum), select(n.graft, o.graft), n.blocks)
-                   for n, o in zip(new_state.params, old_state.params))
     return select(new_updates, old_updates), ShampooState(
-        select(new_state.count, old_state.count), params, select(new_state.skipped, old_state.skipped))
+        select(new_state.count, old_state.count), new_state.params, select(new_state.skipped, old_state.skipped))
 
 
 def _gate(flag, finite):
@@ -444,7 +447,7 @@ def _schedule(config: ShampooConfig, count, wd, finite=None) -> _Schedule:
     step = count + 1
     if isinstance(count, int):
         return _Schedule(count, step, _gate((step - 1) % k == 0, finite),
-                         _gate(step >= start and (step - start) % n == 0, finite), step >= start, lr, wd)
+                         _gate(step >= start and (step - start) % n == 0, finite), step >= start, lr, wd, finite)
     return _Schedule(
         count,
         step,
@@ -453,6 +456,7 @@ def _schedule(config: ShampooConfig, count, wd, finite=None) -> _Schedule:
         True if start <= 1 else step >= start,
         lr,
         wd,
+        finite,
     )
 
 
@@ -622,10 +626,11 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
     # the learning rate, not in passes of their own.
     new_m, f, f_scale = None, g, 1.0
     if s.momentum is not None:
-        new_m = momentum.ema(s.momentum, g, config.beta1, config.donate_state)
+        new_m = momentum.ema(s.momentum, g, config.beta1, config.donate_state, schedule.finite)
         f, f_scale = momentum.filtered_gradient(new_m, g, config.beta1, step, config.nesterov)
 
-    new_graft = grafting.update_graft(config.graft_type, s.graft, g, config.graft_beta2, config.donate_state)
+    new_graft = grafting.update_graft(config.graft_type, s.graft, g, config.graft_beta2, config.donate_state,
+                                      schedule.finite)
     direction, d_scale = grafting.graft_direction(
         xp, config.graft_type, new_graft, f, epsilon=config.diagonal_epsilon, beta2=config.graft_beta2, step=step,
         f_scale=f_scale,

@@ -1,6 +1,7 @@
 """The benchmark commands run (tiny sizes) and report what they claim to measure."""
 
 import json
+import os
 
 import pytest
 
@@ -54,7 +55,40 @@ def test_step_benchmark_on_other_libraries(tmp_path, lib):
     assert row["floor_ms"] > 0 and row["nonroot_ms"] > 0 and row["pass_ms"] > 0
     assert ("first_call_s" in row) == (lib == "jax") and ("amortized_ms" in row) == (lib == "torch")
     assert ("hot_floor_ms" in row) == (lib == "torch")  # from cache: eager calls only
-    assert ("donated_nonroot_ms" in row) == (lib == "torch")  # jax.jit donates through donate_argnums
+    assert row["donated_nonroot_ms"] > 0  # donate_state=True on torch, donate_argnums under jax.jit
+    assert report["threads"]["cpus"] == sorted(os.sched_getaffinity(0))[:1]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is set on Linux only")
+def test_pinned_cpus_pins_threads_already_running_and_gives_the_cpus_back():
+    """XLA's runtime pool starts with the JAX client, before a bench run pins: its threads must be
+    pinned too, and every thread must get its CPUs back after the run (the test session goes on)."""
+    import threading
+
+    from bench.timing import pinned_cpus
+
+    before = os.sched_getaffinity(0)
+    seen: dict = {}
+    go, done = threading.Event(), threading.Event()
+
+    def worker():  # started before the pin
+        go.wait()
+        seen["inside"] = os.sched_getaffinity(0)  # pid 0: the calling thread
+        done.wait()
+        seen["after"] = os.sched_getaffinity(0)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    with pinned_cpus(1) as cpus:
+        assert cpus == sorted(before)[:1]
+        assert os.sched_getaffinity(0) == set(cpus)
+        go.set()
+        while "inside" not in seen:
+            thread.join(0.01)
+    done.set()
+    thread.join()
+    assert seen["inside"] == set(cpus) and seen["after"] == before
+    assert os.sched_getaffinity(0) == before
 
 
 def test_step_floor_gives_every_block_operands_of_its_own(monkeypatch):

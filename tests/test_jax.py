@@ -119,6 +119,72 @@ def test_nonfinite_skip_under_jit(monkeypatch, with_cond, bad_step):
         np.testing.assert_allclose(np.asarray(u_jit[k]), np.asarray(u_eager[k]), rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("graft_type", ["adagrad", "rmsprop", "adam", "sgd", "none"])
+@pytest.mark.parametrize("beta1, nesterov, weight_decay", [(0.9, False, 0.0), (0.9, True, 0.0), (0.0, False, 0.0),
+                                                           (0.9, False, 0.1)],
+                         ids=["momentum", "nesterov", "no momentum", "coupled decay"])
+def test_traced_skip_gates_the_averages_in_place(graft_type, beta1, nesterov, weight_decay):
+    """Under jit, "skip" gates the first moment and the grafting accumulator inside their running
+    averages instead of selecting the old state after the step. A bad step (a statistics step and
+    a root step) must still leave every array of the state as it was, and a finite step must
+    give what "ignore", which gates nothing, gives (to rounding: XLA fuses the two programs, and
+    contracts their multiply-adds, differently)."""
+    hp = dict(HP, graft_type=graft_type, beta1=beta1, nesterov=nesterov, weight_decay=weight_decay,
+              decoupled_weight_decay=weight_decay == 0.0)
+    skip, ignore = sc.shampoo(0.1, **hp), sc.shampoo(0.1, **dict(hp, nonfinite="ignore"))
+    params, grads = params_and_grads(jnp.float64, steps=6)
+    update, reference = jax.jit(skip.update), jax.jit(ignore.update)
+    state = ref_state = skip.init(params)
+    tol = 10 * HP["block_size"] * float(jnp.finfo(jnp.float64).eps) / HP["epsilon"]  # as in test_jit_update_equals_eager
+    for i, g in enumerate(grads):
+        if i in (1, 2):  # steps 2 (statistics) and 3 (roots; HP computes roots every 2 steps from 3)
+            bad = dict(g, t=g["t"].at[1, 2, 3].set(jnp.inf if i == 1 else jnp.nan))
+            u, new_state = update(state, bad, params)
+            assert not any(np.any(np.asarray(v)) for v in u.values())
+            for a, b in zip(jax.tree_util.tree_leaves(new_state.params), jax.tree_util.tree_leaves(state.params)):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            state = new_state
+        u, state = update(state, g, params)
+        r, ref_state = reference(ref_state, g, params)
+        for k in params:
+            np.testing.assert_allclose(np.asarray(u[k]), np.asarray(r[k]), rtol=tol, atol=tol)
+        for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(ref_state.params)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
+    assert int(state.skipped) == 2 and int(state.count) == len(grads)
+
+
+def _compiled_copies(tx, params, grads) -> int:
+    """Array copies in the compiled HLO of a whole training step that donates the parameters and
+    the state, and returns them in the places they came from (JAX pairs a donated input with an
+    output of the same shape, in order)."""
+    import re
+
+    def train_step(params, state, grads):
+        updates, state = tx.update(state, grads, params)
+        return sc.apply_updates(params, updates), state
+
+    text = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, tx.init(params), grads).compile().as_text()
+    entry = text[text.index("ENTRY"):]
+    return sum(1 for line in entry.splitlines() if re.search(r"= \S+\[[^\]]+\]\S* copy\(", line))
+
+
+def test_donated_jitted_step_with_skip_copies_no_state():
+    """With the state donated to ``jax.jit``, "skip" must let XLA write it in place: a select
+    between the new and the old state after the step keeps the old arrays alive to the end, and
+    XLA copies them first (6 copies here when the first moment and the accumulator were selected
+    so). "skip" may add no copy to the step of "ignore"."""
+    rng = np.random.default_rng(0)
+    shapes = {"w": (64, 32), "v": (32, 64), "b": (32,)}
+    params = {k: jnp.asarray(rng.standard_normal(s), dtype=jnp.float32) for k, s in shapes.items()}
+    grads = {k: jnp.asarray(rng.standard_normal(s), dtype=jnp.float32) for k, s in shapes.items()}
+    hp = dict(block_size=32, start_preconditioning_step=1, graft_type="adagrad")
+    for graft_type in ("adagrad", "adam"):
+        copies = {mode: _compiled_copies(sc.shampoo(1e-3, nonfinite=mode, **dict(hp, graft_type=graft_type)),
+                                         params, grads)
+                  for mode in ("skip", "ignore")}
+        assert copies["skip"] == copies["ignore"], (graft_type, copies)
+
+
 def test_nonfinite_raise_under_jit_explains():
     tx = sc.shampoo(0.1, block_size=4)
     params, grads = params_and_grads(jnp.float64, steps=1)
