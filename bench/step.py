@@ -17,8 +17,7 @@ kernel and biases), float32, one BLAS thread. For each block size:
   1.25x target leaves beside the matmuls (a quarter of the floor), are reported in these passes,
   so that the arithmetic's own count of passes (docs/performance.md) can be set against them;
 * the block matmuls of the largest gradient as a loop over blocks against one batched matmul over
-  the block grid (what the step does: blocks of equal shape are stacked).
-
+  the block grid (what the step does: blocks of equal shape are stacked);
 * the non-root step again with its state donated, to be written in place
   (``donate_state=True``; under ``jax.jit``, ``donate_argnums``).
 
@@ -318,12 +317,10 @@ def _run(args, threads: dict) -> int:
         print(f"    one elementwise pass over the parameters {pass_ms:.2f} ms; above the floor "
               f"{row['passes_above_floor']:.1f} passes; the 1.25x target leaves {row['passes_left_by_target']:.1f}",
               flush=True)
-        if "donated_nonroot_ms" in row:
-            how = "donate_argnums" if jitted else "donate_state=True"
-            print(f"    {how} (the state written in place): non-root step "
-                  f"{row['donated_nonroot_ms']:.1f} ms "
-                  f"({row['donated_ratio_to_floor']:.2f}x the floor, {row['donated_passes_above_floor']:.1f} passes "
-                  "above it)", flush=True)
+        how = "donate_argnums" if jitted else "donate_state=True"
+        print(f"    {how} (the state written in place): non-root step {row['donated_nonroot_ms']:.1f} ms "
+              f"({row['donated_ratio_to_floor']:.2f}x the floor, {row['donated_passes_above_floor']:.1f} passes "
+              "above it)", flush=True)
         if "block_matmuls_loop_ms" in row:
             print(f"    block matmuls of the {big[0]}x{big[1]} gradient: loop over blocks "
                   f"{row['block_matmuls_loop_ms']:.1f} ms, one batched matmul {row['block_matmuls_batched_ms']:.1f} ms")
