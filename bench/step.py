@@ -283,16 +283,14 @@ def _run(args, threads: dict) -> int:
     jitted = lib.name == "jax"
     rows = []
     for block_size in [int(b) for b in args.block_sizes.split(",") if b]:
-        first, nonroot = step_seconds(lib, block_size, params, grads, args.steps,
-                                      nonfinite="skip" if jitted else "raise")
+        first, nonroot = step_seconds(lib, block_size, params, grads, args.steps)
         floor = floor_seconds(block_size, np_params, args.steps, lib)
         pass_ms = 1e3 * pass_seconds(np_params, args.steps, lib)
         row = dict(block_size=block_size, blocks=sum(_block_counts(block_size, np_params).values()),
                    nonroot_ms=1e3 * nonroot, floor_ms=1e3 * floor, ratio_to_floor=nonroot / floor, pass_ms=pass_ms)
         row.update(passes(row))
         # the state written in place: donate_state=True eagerly, donate_argnums under jax.jit
-        donated = 1e3 * step_seconds(lib, block_size, params, grads, args.steps, donate=True,
-                                     nonfinite="skip" if jitted else "raise")[1]
+        donated = 1e3 * step_seconds(lib, block_size, params, grads, args.steps, donate=True)[1]
         row.update(donated_nonroot_ms=donated, donated_ratio_to_floor=donated / row["floor_ms"],
                    donated_passes_above_floor=passes(dict(row, nonroot_ms=donated))["passes_above_floor"])
         if jitted:
@@ -342,9 +340,11 @@ def step_seconds(lib: Library, block_size: int, params, grads, steps: int, donat
     computed; compilation too under jit) and the median of ``steps`` non-root steps after it, on
     ``lib``'s arrays. ``donate``: each step gives its state up, to be written in place
     (``donate_state=True``, or ``donate_argnums`` under ``jax.jit``). ``options``: more keywords
-    of ``sc.shampoo``."""
+    of ``sc.shampoo`` (``nonfinite`` defaults to "skip" under ``jax.jit``, where "raise" cannot
+    read the gradients)."""
     import shampoo_core as sc
 
+    options.setdefault("nonfinite", "skip" if lib.name == "jax" else "raise")
     if donate and lib.compile_donating is None:
         options["donate_state"] = True
     tx = sc.shampoo(1e-3, block_size=block_size, start_preconditioning_step=1,

@@ -177,10 +177,9 @@ def test_donated_jitted_step_with_skip_copies_no_state():
     shapes = {"w": (64, 32), "v": (32, 64), "b": (32,)}
     params = {k: jnp.asarray(rng.standard_normal(s), dtype=jnp.float32) for k, s in shapes.items()}
     grads = {k: jnp.asarray(rng.standard_normal(s), dtype=jnp.float32) for k, s in shapes.items()}
-    hp = dict(block_size=32, start_preconditioning_step=1, graft_type="adagrad")
     for graft_type in ("adagrad", "adam"):
-        copies = {mode: _compiled_copies(sc.shampoo(1e-3, nonfinite=mode, **dict(hp, graft_type=graft_type)),
-                                         params, grads)
+        copies = {mode: _compiled_copies(sc.shampoo(1e-3, nonfinite=mode, block_size=32, start_preconditioning_step=1,
+                                                    graft_type=graft_type), params, grads)
                   for mode in ("skip", "ignore")}
         assert copies["skip"] == copies["ignore"], (graft_type, copies)
 
