@@ -197,10 +197,11 @@ def step_times(backend: Backend, shapes: dict, block_size: int, every: int, step
 
 def run(args) -> int:
     from . import device_step
-    from .roots import _pin_threads, _print_crossovers, cost_model_from
+    from .roots import _print_crossovers, cost_model_from
+    from .timing import limit_threads
     from .step import model_problem, scaled_shapes
 
-    thread_info = _pin_threads(args.threads)
+    thread_info = limit_threads(args.threads)
     sizes = [int(x) for x in args.sizes.split(",") if x]
     batches = [tuple(int(x) for x in b.split("x")) for b in args.batches.split(",") if b]
     shapes = scaled_shapes(args.scale)

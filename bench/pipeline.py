@@ -76,9 +76,9 @@ def _digits(steps: int, executor, seed=0):
 
 
 def run(args) -> int:
-    from .roots import _pin_threads
+    from .timing import limit_threads
 
-    threads = _pin_threads(args.threads)
+    threads = limit_threads(args.threads)
     import shampoo_core as sc
 
     from .step import model_problem, scaled_shapes

@@ -4,18 +4,18 @@ Matrices are built from known spectra (log-spaced eigenvalues in [1/κ, 1], rand
 eigenvectors), so the exact root Q diag(λ^(-1/p)) Qᵀ is known without an eigensolver; accuracy
 is ‖X - X_exact‖_F / ‖X_exact‖_F. Every time is a median over repeats, also given in units of one
 n×n matmul of the same dtype measured in the same run (the hardware floor). BLAS threads are
-pinned (``--threads``) and reported.
+pinned (``--threads``): the libraries' thread pools, and every thread of the process to that
+many CPUs (``bench.timing.pinned``); both are reported.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import statistics
 from typing import NamedTuple
 
-from .timing import call_times
+from .timing import call_times, pinned, start_jax
 
 
 def add_arguments(parser) -> None:
@@ -31,21 +31,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--save-cost-model", default="", help="write a CostModel JSON for root_method='auto'")
     parser.set_defaults(func=run)
-
-
-def _pin_threads(n: int) -> dict:
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(n)
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    info = {"threads": n}
-    try:
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(n)
-        info["threadpoolctl"] = True
-    except ImportError:
-        info["threadpoolctl"] = False
-    return info
 
 
 def matrix_with_spectrum(n: int, kappa: float, p: float, seed: int = 0):
@@ -76,7 +61,7 @@ class Method(NamedTuple):
     device: str | None = None
 
 
-def methods():
+def methods(threads: int = 1):
     """name -> :class:`Method`."""
     import numpy as np
     import scipy.linalg as sla
@@ -125,14 +110,13 @@ def methods():
         import torch
         import array_api_compat.torch as xt
 
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        torch.set_num_threads(threads)
         table["core newton f64 (torch)"] = core("newton", "float64", xt, lambda x: x.numpy())
         table["core eigh f64 (torch)"] = core("eigh", "float64", xt, lambda x: x.numpy())
     except ImportError:
         pass
     try:
-        import jax
-
+        jax = start_jax(threads)
         jax.config.update("jax_enable_x64", True)
         import jax.numpy as jnp
 
@@ -186,13 +170,19 @@ def _matmul_floor(n: int, dtype: str, repeats: int, budget: float) -> float:
 
 
 def run(args) -> int:
-    thread_info = _pin_threads(args.threads)
+    # Every thread on --threads CPUs: XLA's runtime runs the independent operations of one call
+    # side by side, one thread per core, where the BLAS calls of NumPy and torch get one.
+    with pinned(args.threads) as thread_info:
+        return _run(args, thread_info)
+
+
+def _run(args, thread_info: dict) -> int:
     import numpy as np
 
     sizes = [int(x) for x in args.sizes.split(",") if x]
     kappas = [float(x) for x in args.kappas.split(",") if x]
     powers = [int(x) for x in args.powers.split(",") if x]
-    table = methods()
+    table = methods(args.threads)
     if args.methods:
         wanted = [m.strip() for m in args.methods.split(",")]
         table = {k: v for k, v in table.items() if k in wanted}

@@ -24,20 +24,19 @@ kernel and biases), float32, one BLAS thread. For each block size:
 ``--library torch`` or ``jax`` runs the step and its floor on that library's CPU arrays instead of
 NumPy's: torch eagerly, JAX under ``jax.jit`` (XLA fuses the elementwise passes, and the first
 call, which compiles the step, is reported instead of the root step). Every thread of the process
-runs on ``--threads`` CPUs (``bench.timing.pinned_cpus``), so that XLA's runtime, which runs
+runs on ``--threads`` CPUs (``bench.timing.pinned``), so that XLA's runtime, which runs
 independent operations side by side, gets no more cores than the BLAS calls of NumPy and torch.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import statistics
 import time
 from typing import Callable, NamedTuple
 
-from .timing import call_times, pinned_cpus
+from .timing import call_times, pinned, start_jax
 
 SHAPES = {
     "attn_q": (1024, 1024), "attn_k": (1024, 1024), "attn_v": (1024, 1024),
@@ -96,20 +95,10 @@ def library(name: str, threads: int) -> Library:
 
         torch.set_num_threads(threads)
         return Library(name, torch.from_numpy, lambda fn: fn)
-    import jax
+    jax = start_jax(threads)
     import jax.numpy as jnp
 
     import backends.jax_backend  # noqa: F401  (lax.cond: roots only on their steps)
-
-    if threads == 1 and "XLA_FLAGS" not in os.environ:
-        # Read once, when JAX starts its CPU client (a no-op if it already runs); not left in the
-        # environment, where child processes would inherit it. XLA stops parsing at a token that
-        # is not a --flag, so only real flags go here.
-        os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false"
-        try:
-            jax.devices()
-        finally:
-            del os.environ["XLA_FLAGS"]
 
     def compile_(fn):
         jitted = jax.jit(fn)
@@ -264,12 +253,8 @@ def batching_seconds(block_size: int, repeats: int, shape=(4096, 1024)) -> tuple
 
 
 def run(args) -> int:
-    from .roots import _pin_threads
-
-    threads = _pin_threads(args.threads)
     # Every thread on --threads CPUs, JAX's runtime pool included (bench/timing.py).
-    with pinned_cpus(args.threads) as cpus:
-        threads["cpus"] = cpus
+    with pinned(args.threads) as threads:
         return _run(args, threads)
 
 

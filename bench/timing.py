@@ -1,5 +1,5 @@
 """The one timer of every bench command: wall-clock seconds per call after warm-up calls, and
-the CPUs a timed run may use."""
+the threads and CPUs a timed run may use."""
 
 from __future__ import annotations
 
@@ -32,6 +32,56 @@ def call_times(fn, n: int, *, warmup: int = 1, sync=None, budget: float | None =
         if t_end is not None and time.perf_counter() > t_end and len(times) >= 2:
             break
     return times, out
+
+
+def limit_threads(n: int) -> dict:
+    """Limit the BLAS and OpenMP pools to ``n`` threads (environment for pools not yet started,
+    threadpoolctl for those running) with passive waiting; returns what was set, for the report.
+
+    Spinning OpenMP workers made a 1024x1024 eigh 30x slower on this machine.
+    """
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    info = {"threads": n}
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(n)
+        info["threadpoolctl"] = True
+    except ImportError:
+        info["threadpoolctl"] = False
+    return info
+
+
+def start_jax(threads: int):
+    """Import JAX and start its CPU client; with ``threads == 1``, with XLA's Eigen kernels
+    (its dot and convolution) on the calling thread instead of a pool of one thread per core.
+    Returns the ``jax`` module. A client that already runs keeps its settings.
+    """
+    import jax
+
+    if threads == 1 and "XLA_FLAGS" not in os.environ:
+        # Read once, when JAX starts its CPU client; not left in the environment, where child
+        # processes would inherit it. XLA stops parsing at a token that is not a --flag, so only
+        # real flags go here.
+        os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false"
+        try:
+            jax.devices()
+        finally:
+            del os.environ["XLA_FLAGS"]
+    return jax
+
+
+@contextlib.contextmanager
+def pinned(n: int):
+    """:func:`limit_threads` and :func:`pinned_cpus` together: yields the report's thread info,
+    the CPUs under ``"cpus"``. For a timed run whose every thread should share ``n`` CPUs (not
+    for one whose worker needs a core of its own)."""
+    info = limit_threads(n)
+    with pinned_cpus(n) as cpus:
+        info["cpus"] = cpus
+        yield info
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from . import _xp
 
-__all__ = ["ema", "plus_square", "over_root_plus", "scaled_copy"]
+__all__ = ["ema", "plus_square", "over_root_plus", "scaled_copy", "gated"]
 
 
 def ema(old, new, beta: float, donate: bool = False, gate=None):
@@ -56,7 +56,7 @@ def ema(old, new, beta: float, donate: bool = False, gate=None):
     """
     if gate is not None:
         xp = _xp.namespace(old)
-        keep, take = _gated(xp, gate, beta, old.dtype), _gated(xp, gate, 1.0 - beta, old.dtype, 0.0)
+        keep, take = gated(xp, gate, beta, old.dtype), gated(xp, gate, 1.0 - beta, old.dtype, 0.0)
         return keep * old + take * xp.where(gate, new, xp.zeros_like(new))
     out = _xp.fast_value("ema", old, new, beta, donate=donate)
     if out is not NotImplemented:
@@ -64,7 +64,7 @@ def ema(old, new, beta: float, donate: bool = False, gate=None):
     return beta * old + (1.0 - beta) * new
 
 
-def _gated(xp, gate, value: float, dtype, otherwise: float = 1.0):
+def gated(xp, gate, value: float, dtype, otherwise: float = 1.0):
     """The 0-d array ``value`` where ``gate``, else ``otherwise``, in ``dtype``: each rounded
     once, as a Python float is when it multiplies an array of ``dtype``."""
     return xp.where(gate, xp.asarray(value, dtype=dtype), xp.asarray(otherwise, dtype=dtype))

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from . import _xp, tree
+from . import _elementwise, _xp, tree
 from .base import (GradientTransformation, check_against_state, check_leaf_count, check_leaves,
                    count_and_learning_rate, may_be_positive, record_hyperparameters, scalar_as,
                    shape_and_dtype, weight_decay_for_update, zero_count)
@@ -77,8 +77,15 @@ class EvaState(NamedTuple):
     skipped: object
 
 
-def ema(xp, old, new, decay: float, first):
-    """Running average; the first update takes ``new`` as is (``first``: bool or 0-d bool array)."""
+def ema(xp, old, new, decay: float, first, gate=None):
+    """Running average; the first update takes ``new`` as is (``first``: bool or 0-d bool array).
+
+    ``gate``: None, or the traced verdict of ``nonfinite="skip"`` (a 0-d bool array); where False
+    the result is ``old``'s values, computed in the one expression (see :func:`run_step`).
+    """
+    if gate is not None:
+        avg = _elementwise.ema(old, new, decay, gate=gate)
+        return avg if first is False else xp.where(gate if first is True else first & gate, new, avg)
     if isinstance(first, bool):
         return new if first else decay * old + (1.0 - decay) * new
     return xp.where(first, new, decay * old + (1.0 - decay) * new)
@@ -156,9 +163,22 @@ def begin_update(state, grads, params, curvature, learning_rate, weight_decay, *
 
 
 def run_step(state, inputs: UpdateInputs, step):
-    """``step(state, inputs)`` where the inputs are finite, else a skipped step (see ``Guard.run``)."""
-    return inputs.verdict.run(inputs.xp, lambda: step(state, inputs),
-                              lambda: skipped_step(inputs.xp, state, inputs.g_leaves, inputs.spec))
+    """``step(state, inputs)`` where the inputs are finite, else a skipped step (see ``Guard.run``).
+
+    Traced (``nonfinite="skip"`` under ``jax.jit``), ``step`` gates the arrays of its state on the
+    verdict itself (``inputs.verdict.finite``: the running averages and momentum buffers through
+    ``gate``, K-FAC's inverses through the flag of their ``cond``), and only the updates and the
+    counters are selected here, as in ``sc.shampoo``: a select over the state after the step would
+    be a pass of its own over each buffer and would keep the old state alive to the end of the
+    step, so that a state donated to ``jax.jit`` is copied instead of written in place.
+    """
+    xp, verdict = inputs.xp, inputs.verdict
+    skipped = lambda: skipped_step(xp, state, inputs.g_leaves, inputs.spec)  # noqa: E731
+    if verdict.finite is None:
+        return verdict.run(xp, lambda: step(state, inputs), skipped)
+    (updates, new), (no_updates, old) = step(state, inputs), skipped()
+    return verdict.select(xp, updates, no_updates), new._replace(
+        count=verdict.select(xp, new.count, old.count), skipped=verdict.select(xp, new.skipped, old.skipped))
 
 
 def check_variant_and_clip(variant, allowed, kl_clip):
@@ -175,16 +195,18 @@ def validate(learning_rate, damping, stat_decay, momentum, weight_decay, nonfini
             check_injectable("weight_decay", weight_decay), check_mode(nonfinite))
 
 
-def clipped_momentum_step(xp, vs, g_leaves, c_leaves, buffers, p_leaves, *, lr, kl_clip, momentum, weight_decay):
+def clipped_momentum_step(xp, vs, g_leaves, c_leaves, buffers, p_leaves, *, lr, kl_clip, momentum, weight_decay,
+                          gate=None):
     """KL clipping over all preconditioned layers, then SGD with momentum; returns (updates, buffers).
 
     ν = min(1, sqrt(kl_clip / Σ_l lr²⟨V_l, G_l⟩)) over the leaves with curvature (``kl_clip=None``:
-    ν = 1). Leaves without curvature use their gradient unscaled.
+    ν = 1). Leaves without curvature use their gradient unscaled. ``gate``: as in :func:`ema`; where
+    False the buffers keep their values.
     """
     nu = kl_scale(xp, vs, g_leaves, c_leaves, lr, kl_clip)
     updates, out = [], []
     for v, c, buf, p in zip(vs, c_leaves, buffers, p_leaves):
-        buf = _sgd_step(xp, nu * v if c is not None else v, buf, p, momentum, weight_decay)
+        buf = _sgd_step(xp, nu * v if c is not None else v, buf, p, momentum, weight_decay, gate)
         updates.append((-scalar_as(xp, lr, buf.dtype)) * buf)
         out.append(buf)
     return updates, out
@@ -213,14 +235,17 @@ def _finish(state, inputs: UpdateInputs, vs, lefts, rights, *, kl_clip, momentum
     """The step of ``sc.eva``/``sc.eva_s`` from the directions ``vs``: updates and the new state."""
     updates, moms = clipped_momentum_step(
         inputs.xp, vs, inputs.g_leaves, inputs.c_leaves, state.momentum, inputs.p_leaves,
-        lr=inputs.learning_rate, kl_clip=kl_clip, momentum=momentum, weight_decay=inputs.weight_decay)
+        lr=inputs.learning_rate, kl_clip=kl_clip, momentum=momentum, weight_decay=inputs.weight_decay,
+        gate=inputs.verdict.finite)
     return tree.unflatten(inputs.spec, updates), EvaState(state.count + 1, tuple(moms), tuple(lefts), tuple(rights),
                                                           state.skipped)
 
 
-def _sgd_step(xp, d, buf, p, momentum, weight_decay):
+def _sgd_step(xp, d, buf, p, momentum, weight_decay, gate=None):
     if may_be_positive(weight_decay):
         d = d + scalar_as(xp, weight_decay, d.dtype) * p
+    if gate is not None:  # momentum and d where gate, else 1 and 0: buf's values, one expression
+        return _elementwise.gated(xp, gate, momentum, buf.dtype) * buf + xp.where(gate, d, xp.zeros_like(d))
     buf = momentum * buf + d
     return buf
 
@@ -272,7 +297,8 @@ def eva(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.0
                 rights.append(right)
                 continue
             g_bar, a_bar = c
-            left, right = ema(xp, left, g_bar, stat_decay, first), ema(xp, right, a_bar, stat_decay, first)
+            gate = inputs.verdict.finite
+            left, right = ema(xp, left, g_bar, stat_decay, first, gate), ema(xp, right, a_bar, stat_decay, first, gate)
             if variant == "eva_f":
                 v = eva_f_precondition(xp, g, right, damping)
             elif two_sided:
@@ -368,8 +394,8 @@ def eva_s(learning_rate=0.1, *, damping: float = 0.03, stat_decay: float = 0.95,
         ds, lefts, rights = [], [], []
         for g, left, right in zip(g_leaves, state.left, state.right):
             if left is not None:
-                left = ema(xp, left, xp.mean(g, axis=1), stat_decay, first)
-                right = ema(xp, right, xp.mean(g, axis=0), stat_decay, first)
+                left = ema(xp, left, xp.mean(g, axis=1), stat_decay, first, inputs.verdict.finite)
+                right = ema(xp, right, xp.mean(g, axis=0), stat_decay, first, inputs.verdict.finite)
                 g = eva_s_precondition(xp, g, left, right, damping)
             ds.append(g)
             lefts.append(left)

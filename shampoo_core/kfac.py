@@ -115,16 +115,18 @@ def kfac(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.
         return run_step(state, inputs, step)
 
     def step(state, inputs):
-        g_leaves, spec, _, p_leaves, c_leaves, count, lr, xp, _, wd = inputs
-        first, recompute = count == 0, count % inverse_steps == 0
+        g_leaves, spec, _, p_leaves, c_leaves, count, lr, xp, verdict, wd = inputs
+        first, recompute, gate = count == 0, count % inverse_steps == 0, verdict.finite
+        if gate is not None:  # traced "skip": a skipped step keeps the inverses (run_step)
+            recompute = recompute & gate
         vs, s_f, a_f, s_i, a_i = [], [], [], [], []
         for i, (g, c) in enumerate(zip(g_leaves, c_leaves)):
             s_fac, a_fac, s_inv, a_inv = state.s_factor[i], state.a_factor[i], state.s_inverse[i], state.a_inverse[i]
             if c is not None:
                 s_new, a_new = c
-                a_fac = ema(xp, a_fac, a_new, stat_decay, first)
+                a_fac = ema(xp, a_fac, a_new, stat_decay, first, gate)
                 if s_fac is not None:
-                    s_fac = ema(xp, s_fac, s_new, stat_decay, first)
+                    s_fac = ema(xp, s_fac, s_new, stat_decay, first, gate)
                 a_inv, s_inv = inverses(xp, recompute, (a_fac, s_fac), (a_inv, s_inv))
                 v = g @ a_inv
                 if s_inv is not None:
@@ -139,7 +141,7 @@ def kfac(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.
             s_i.append(s_inv)
             a_i.append(a_inv)
         updates, moms = clipped_momentum_step(xp, vs, g_leaves, c_leaves, state.momentum, p_leaves, lr=lr,
-                                              kl_clip=kl_clip, momentum=momentum, weight_decay=wd)
+                                              kl_clip=kl_clip, momentum=momentum, weight_decay=wd, gate=gate)
         new = KFACState(state.count + 1, tuple(moms), tuple(s_f), tuple(a_f), tuple(s_i), tuple(a_i), state.skipped)
         return tree.unflatten(spec, updates), new
 

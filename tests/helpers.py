@@ -76,6 +76,18 @@ def train(step, params, state, steps: int):
     return params, state, losses
 
 
+def compiled_copies(fn, *args, donate_argnums=()) -> int:
+    """Array copies in the compiled HLO of ``jax.jit(fn, donate_argnums=...)`` on ``args``: what
+    XLA adds where a donated buffer cannot be written in place."""
+    import re
+
+    import jax
+
+    text = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile().as_text()
+    entry = text[text.index("ENTRY"):]
+    return sum(1 for line in entry.splitlines() if re.search(r"= \S+\[[^\]]+\]\S* copy\(", line))
+
+
 class XlaCompiles:
     """Counts JAX's XLA compilations while active (``jax.monitoring``'s backend-compile events)."""
 

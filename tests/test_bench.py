@@ -30,6 +30,32 @@ def test_roots_benchmark_and_cost_model(tmp_path):
     assert all(device == "cpu" for _, device, _ in model.entries())  # this machine has no GPU for NumPy
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is set on Linux only")
+def test_roots_benchmark_runs_every_thread_on_its_cpus(tmp_path, monkeypatch):
+    """JAX's jitted root (XLA runs independent operations on a pool of one thread per core) and the
+    BLAS calls share ``--threads`` CPUs while timed; the process gets its CPUs back after."""
+    pytest.importorskip("jax")
+    before = os.sched_getaffinity(0)
+    seen = []
+
+    import bench.roots as roots
+
+    real = roots._median_time
+
+    def spy(fn, repeats, budget):
+        seen.append(os.sched_getaffinity(0))
+        return real(fn, repeats, budget)
+
+    monkeypatch.setattr(roots, "_median_time", spy)
+    assert main(["roots", "--out", str(tmp_path), "--sizes", "16", "--kappas", "1e2", "--batches", "",
+                 "--repeats", "2", "--budget", "0.05", "--no-plot", "--methods", "core eigh f64 (jax.jit)"]) == 0
+    report = json.loads((tmp_path / "roots.json").read_text())
+    cpus = sorted(before)[:1]
+    assert report["threads"]["cpus"] == cpus and report["threads"]["threads"] == 1
+    assert seen and all(s == set(cpus) for s in seen)  # the floor and the method, timed on one CPU
+    assert os.sched_getaffinity(0) == before
+
+
 def test_step_benchmark(tmp_path):
     assert main(["step", "--out", str(tmp_path), "--small", "--block-sizes", "8,32", "--steps", "2"]) == 0
     report = json.loads((tmp_path / "step.json").read_text())

@@ -10,7 +10,7 @@ import jax.numpy as jnp  # noqa: E402
 import shampoo_core as sc  # noqa: E402
 from backends import jax_backend  # noqa: E402, F401  (registers lax.cond)
 from backends.jax_curvature import Taps, value_grads_and_curvature  # noqa: E402
-from helpers import XlaCompiles, train  # noqa: E402
+from helpers import XlaCompiles, compiled_copies, train  # noqa: E402
 
 
 def mlp_loss(params, taps, x, y):
@@ -196,32 +196,109 @@ def test_conv2d_errors_and_jitted_eva_on_a_conv_net():
     assert losses[-1] < 0.5 * losses[0]
 
 
+FAMILY = {
+    "eva": ("eva", lambda **kw: sc.eva(0.3, **kw)),
+    "eva_f": ("eva", lambda **kw: sc.eva(0.3, variant="eva_f", **kw)),
+    "two_sided": ("eva", lambda **kw: sc.eva(0.3, two_sided=True, kl_clip=None, damping=1.0, weight_decay=0.1, **kw)),
+    "eva_s": (None, lambda **kw: sc.eva_s(0.3, weight_decay=0.1, **kw)),
+    "kfac": ("kfac", lambda **kw: sc.kfac(0.3, inverse_steps=2, **kw)),
+    "foof": ("kfac", lambda **kw: sc.kfac(0.3, variant="foof", inverse_steps=2, **kw)),
+}
+
+
+def _family_update(tx, kind):
+    """``update(state, grads, curvature)`` of ``tx`` under jax.jit (Eva-s takes no curvature)."""
+    params = problem()[0]
+    if kind is None:
+        return jax.jit(lambda s, g, c: tx.update(s, g, params))
+    return jax.jit(lambda s, g, c: tx.update(s, g, params, curvature=c))
+
+
 @pytest.mark.parametrize("with_cond", [True, False], ids=["lax.cond", "where"])
-@pytest.mark.parametrize("kind, make", [("eva", lambda **kw: sc.eva(0.3, **kw)),
-                                        ("kfac", lambda **kw: sc.kfac(0.3, inverse_steps=1, **kw))])
-def test_traced_nonfinite_curvature_is_skipped_without_a_host_read(monkeypatch, kind, make, with_cond):
-    """Under jax.jit ``nonfinite="skip"`` keeps the old state (K-FAC's decompositions under
-    lax.cond or not); ``"raise"`` says it cannot read traced inputs."""
+@pytest.mark.parametrize("bad_step", [1, 3])
+@pytest.mark.parametrize("bad", ["grads", "curvature"])
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_traced_nonfinite_input_is_skipped_without_a_host_read(monkeypatch, name, bad, bad_step, with_cond):
+    """Under jax.jit ``nonfinite="skip"`` keeps the old state bit for bit, on the first step and
+    on a later one where K-FAC's inverses are due again (under lax.cond or not), and a finite step
+    after it equals one where the bad step never came; ``"raise"`` says it cannot read traced
+    inputs. The state is gated inside the step, not selected after it (``eva.run_step``)."""
+    kind, make = FAMILY[name]
+    if kind is None and bad == "curvature":
+        pytest.skip("Eva-s reads no curvature")
     if not with_cond:
         from shampoo_core import _xp
 
         monkeypatch.setattr(_xp, "_CONDS", {})
     params, x, y = problem()
     tx = make(nonfinite="skip")
-    _, grads, curv = value_grads_and_curvature(mlp_loss, params, x, y, kind=kind)
+    _, grads, curv = value_grads_and_curvature(mlp_loss, params, x, y, kind=kind or "eva")
+    curv = None if kind is None else curv
+    update = _family_update(tx, kind)
     state = tx.init(params)
-    _, state = jax.jit(lambda s: tx.update(s, grads, params, curvature=curv))(state)
-    bad = dict(curv, w2=(curv["w2"][0], curv["w2"][1].at[0].set(jnp.nan)))
-    updates, new = jax.jit(lambda s, c: tx.update(s, grads, params, curvature=c))(state, bad)
-    assert int(new.skipped) == 1 and int(new.count) == 1
+    for _ in range(bad_step - 1):
+        _, state = update(state, grads, curv)
+    if bad == "grads":
+        bad_grads, bad_curv = dict(grads, w1=grads["w1"].at[0, 0].set(jnp.inf)), curv
+    else:
+        bad_grads, bad_curv = grads, dict(curv, w2=(curv["w2"][0], curv["w2"][1].at[0].set(jnp.nan)))
+    updates, new = update(state, bad_grads, bad_curv)
+    assert int(new.skipped) == 1 and int(new.count) == bad_step - 1
     for u in jax.tree_util.tree_leaves(updates):
         np.testing.assert_array_equal(np.asarray(u), 0.0)
     for a, b in zip(jax.tree_util.tree_leaves(state._replace(skipped=None)),
                     jax.tree_util.tree_leaves(new._replace(skipped=None))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    u_after, s_after = update(new, grads, curv)
+    u_never, s_never = update(state, grads, curv)
+    for a, b in zip(jax.tree_util.tree_leaves((u_after, s_after._replace(skipped=None))),
+                    jax.tree_util.tree_leaves((u_never, s_never._replace(skipped=None)))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     strict = make()
     with pytest.raises(ValueError, match="traced arrays .*pass nonfinite='skip'"):
-        jax.jit(lambda s: strict.update(s, grads, params, curvature=curv))(strict.init(params))
+        _family_update(strict, kind)(strict.init(params), grads, curv)
+
+
+def test_traced_skip_matches_ignore_on_finite_steps():
+    """Gated inside the averages, a finite step under "skip" is the step of "ignore" (same
+    programs up to XLA's fusion: the tolerance of the jitted-against-eager test above)."""
+    params, x, y = problem()
+    for name, (kind, make) in FAMILY.items():
+        _, grads, curv = value_grads_and_curvature(mlp_loss, params, x, y, kind=kind or "eva")
+        curv = None if kind is None else curv
+        runs = []
+        for mode in ("skip", "ignore"):
+            tx = make(nonfinite=mode)
+            update, state, out = _family_update(tx, kind), tx.init(params), []
+            for _ in range(3):
+                updates, state = update(state, grads, curv)
+                out.append(updates)
+            runs.append(jax.tree_util.tree_leaves((out, state._replace(skipped=None))))
+        for a, b in zip(*runs):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_donated_jitted_step_with_skip_copies_no_state(name):
+    """With the state donated to ``jax.jit``, "skip" must let XLA write it in place, as in
+    ``sc.shampoo`` (tests/test_jax.py): "skip" may add no copy to the step of "ignore"."""
+    kind, make = FAMILY[name]
+    params, x, y = problem()
+    _, grads, curv = value_grads_and_curvature(mlp_loss, params, x, y, kind=kind or "eva")
+    curv = None if kind is None else curv
+
+    def copies(tx):
+        def train_step(params, state, grads, curv):
+            if kind is None:
+                updates, state = tx.update(state, grads, params)
+            else:
+                updates, state = tx.update(state, grads, params, curvature=curv)
+            return sc.apply_updates(params, updates), state
+
+        return compiled_copies(train_step, params, tx.init(params), grads, curv, donate_argnums=(0, 1))
+
+    counts = {mode: copies(make(nonfinite=mode)) for mode in ("skip", "ignore")}
+    assert counts["skip"] == counts["ignore"], counts
 
 
 def _optax_adapter():
