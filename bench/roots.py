@@ -61,7 +61,7 @@ class Method(NamedTuple):
     device: str | None = None
 
 
-def methods(threads: int = 1):
+def methods(threads: int = 1, report: dict | None = None):
     """name -> :class:`Method`."""
     import numpy as np
     import scipy.linalg as sla
@@ -116,7 +116,7 @@ def methods(threads: int = 1):
     except ImportError:
         pass
     try:
-        jax = start_jax(threads)
+        jax = start_jax(threads, report)
         jax.config.update("jax_enable_x64", True)
         import jax.numpy as jnp
 
@@ -182,7 +182,7 @@ def _run(args, thread_info: dict) -> int:
     sizes = [int(x) for x in args.sizes.split(",") if x]
     kappas = [float(x) for x in args.kappas.split(",") if x]
     powers = [int(x) for x in args.powers.split(",") if x]
-    table = methods(args.threads)
+    table = methods(args.threads, thread_info)
     if args.methods:
         wanted = [m.strip() for m in args.methods.split(",")]
         table = {k: v for k, v in table.items() if k in wanted}

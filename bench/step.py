@@ -87,7 +87,7 @@ class Library(NamedTuple):
     compile_donating: Callable | None = None
 
 
-def library(name: str, threads: int) -> Library:
+def library(name: str, threads: int, report: dict | None = None) -> Library:
     if name == "numpy":
         return Library(name, lambda a: a, lambda fn: fn)
     if name == "torch":
@@ -95,7 +95,7 @@ def library(name: str, threads: int) -> Library:
 
         torch.set_num_threads(threads)
         return Library(name, torch.from_numpy, lambda fn: fn)
-    jax = start_jax(threads)
+    jax = start_jax(threads, report)
     import jax.numpy as jnp
 
     import backends.jax_backend  # noqa: F401  (lax.cond: roots only on their steps)
@@ -259,7 +259,7 @@ def run(args) -> int:
 
 
 def _run(args, threads: dict) -> int:
-    lib = library(args.library, args.threads)
+    lib = library(args.library, args.threads, threads)
     shapes = SMALL_SHAPES if args.small else SHAPES
     np_params, np_grads = model_problem(shapes)
     params = {k: lib.asarray(v) for k, v in np_params.items()}

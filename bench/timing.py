@@ -54,23 +54,50 @@ def limit_threads(n: int) -> dict:
     return info
 
 
-def start_jax(threads: int):
-    """Import JAX and start its CPU client; with ``threads == 1``, with XLA's Eigen kernels
-    (its dot and convolution) on the calling thread instead of a pool of one thread per core.
-    Returns the ``jax`` module. A client that already runs keeps its settings.
+def xla_flags(threads: int) -> str:
+    """The ``XLA_FLAGS`` the bench commands start JAX's CPU client with, unless ``XLA_FLAGS`` is
+    set (then it is used as it is): with ``threads == 1``, XLA's Eigen kernels (its dot and
+    convolution) on the calling thread instead of a pool of one thread per core.
+
+    Set ``XLA_FLAGS`` to time other settings, such as
+    ``--xla_cpu_enable_concurrency_optimized_scheduler=false`` (``docs/performance.md``).
+    """
+    return "--xla_cpu_multi_thread_eigen=false" if threads == 1 else ""
+
+
+def start_jax(threads: int, report: dict | None = None):
+    """Import JAX and start its CPU client with :func:`xla_flags` (or the environment's
+    ``XLA_FLAGS``); returns the ``jax`` module. With ``report``, its ``"xla_flags"`` says which,
+    or is None where the client already ran (in a test session, say): it keeps the settings it
+    was started with.
     """
     import jax
 
-    if threads == 1 and "XLA_FLAGS" not in os.environ:
+    if _jax_started():
+        flags = None
+    elif "XLA_FLAGS" in os.environ:
+        flags = os.environ["XLA_FLAGS"]
+    else:
+        flags = xla_flags(threads)
         # Read once, when JAX starts its CPU client; not left in the environment, where child
         # processes would inherit it. XLA stops parsing at a token that is not a --flag, so only
         # real flags go here.
-        os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false"
+        os.environ["XLA_FLAGS"] = flags
         try:
             jax.devices()
         finally:
             del os.environ["XLA_FLAGS"]
+    if report is not None:
+        report["xla_flags"] = flags
     return jax
+
+
+def _jax_started() -> bool:
+    try:  # JAX has no public test for it; without one, assume a fresh client
+        from jax._src.xla_bridge import backends_are_initialized
+    except ImportError:
+        return False
+    return backends_are_initialized()
 
 
 @contextlib.contextmanager

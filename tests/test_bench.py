@@ -30,6 +30,33 @@ def test_roots_benchmark_and_cost_model(tmp_path):
     assert all(device == "cpu" for _, device, _ in model.entries())  # this machine has no GPU for NumPy
 
 
+def test_start_jax_starts_the_client_with_the_bench_flags_and_reports_them():
+    """A fresh process starts JAX's CPU client with ``xla_flags`` (or the environment's
+    ``XLA_FLAGS``, as it is) and leaves nothing in the environment; a client that already runs
+    is reported as such (None), since it keeps its own settings."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("jax")
+    from bench.timing import start_jax, xla_flags
+
+    script = ("import json, os; from bench.timing import start_jax; r = {}; start_jax(1, r); "
+              "print(json.dumps([r['xla_flags'], os.environ.get('XLA_FLAGS')]))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    for given, expected, left in ((None, xla_flags(1), None), ("--xla_cpu_use_xnnpack=true",) * 3):
+        run_env = env if given is None else dict(env, XLA_FLAGS=given)
+        out = subprocess.run([sys.executable, "-c", script], cwd=root, env=run_env, capture_output=True, text=True,
+                             check=True)
+        assert json.loads(out.stdout.strip().splitlines()[-1]) == [expected, left]
+    assert xla_flags(1) == "--xla_cpu_multi_thread_eigen=false" and xla_flags(2) == ""
+    import jax
+
+    jax.devices()
+    report = {}
+    assert start_jax(1, report) is jax and report == {"xla_flags": None}
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is set on Linux only")
 def test_roots_benchmark_runs_every_thread_on_its_cpus(tmp_path, monkeypatch):
     """JAX's jitted root (XLA runs independent operations on a pool of one thread per core) and the
@@ -83,6 +110,7 @@ def test_step_benchmark_on_other_libraries(tmp_path, lib):
     assert ("hot_floor_ms" in row) == (lib == "torch")  # from cache: eager calls only
     assert row["donated_nonroot_ms"] > 0  # donate_state=True on torch, donate_argnums under jax.jit
     assert report["threads"]["cpus"] == sorted(os.sched_getaffinity(0))[:1]
+    assert ("xla_flags" in report["threads"]) == (lib == "jax")
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is set on Linux only")
