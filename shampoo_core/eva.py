@@ -173,7 +173,10 @@ def run_step(state, inputs: UpdateInputs, step):
     step, so that a state donated to ``jax.jit`` is copied instead of written in place.
     """
     xp, verdict = inputs.xp, inputs.verdict
-    skipped = lambda: skipped_step(xp, state, inputs.g_leaves, inputs.spec)  # noqa: E731
+
+    def skipped():
+        return skipped_step(xp, state, inputs.g_leaves, inputs.spec)
+
     if verdict.finite is None:
         return verdict.run(xp, lambda: step(state, inputs), skipped)
     (updates, new), (no_updates, old) = step(state, inputs), skipped()
@@ -287,7 +290,7 @@ def eva(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.0
         return run_step(state, inputs, step)
 
     def step(state, inputs):
-        g_leaves, c_leaves, xp = inputs.g_leaves, inputs.c_leaves, inputs.xp
+        g_leaves, c_leaves, xp, gate = inputs.g_leaves, inputs.c_leaves, inputs.xp, inputs.verdict.finite
         first = inputs.count == 0
         vs, lefts, rights = [], [], []
         for g, c, left, right in zip(g_leaves, c_leaves, state.left, state.right):
@@ -297,7 +300,6 @@ def eva(learning_rate=0.1, *, damping: float = 0.03, kl_clip: float | None = 0.0
                 rights.append(right)
                 continue
             g_bar, a_bar = c
-            gate = inputs.verdict.finite
             left, right = ema(xp, left, g_bar, stat_decay, first, gate), ema(xp, right, a_bar, stat_decay, first, gate)
             if variant == "eva_f":
                 v = eva_f_precondition(xp, g, right, damping)
@@ -390,12 +392,12 @@ def eva_s(learning_rate=0.1, *, damping: float = 0.03, stat_decay: float = 0.95,
         return run_step(state, inputs, step)
 
     def step(state, inputs):
-        g_leaves, xp, first = inputs.g_leaves, inputs.xp, inputs.count == 0
+        g_leaves, xp, first, gate = inputs.g_leaves, inputs.xp, inputs.count == 0, inputs.verdict.finite
         ds, lefts, rights = [], [], []
         for g, left, right in zip(g_leaves, state.left, state.right):
             if left is not None:
-                left = ema(xp, left, xp.mean(g, axis=1), stat_decay, first, inputs.verdict.finite)
-                right = ema(xp, right, xp.mean(g, axis=0), stat_decay, first, inputs.verdict.finite)
+                left = ema(xp, left, xp.mean(g, axis=1), stat_decay, first, gate)
+                right = ema(xp, right, xp.mean(g, axis=0), stat_decay, first, gate)
                 g = eva_s_precondition(xp, g, left, right, damping)
             ds.append(g)
             lefts.append(left)
