@@ -206,12 +206,16 @@ FAMILY = {
 }
 
 
-def _family_update(tx, kind):
-    """``update(state, grads, curvature)`` of ``tx`` under jax.jit (Eva-s takes no curvature)."""
-    params = problem()[0]
+def _update(tx, kind, state, grads, params, curv):
+    """``tx.update``, with the curvature where the optimizer reads one (Eva-s reads none)."""
     if kind is None:
-        return jax.jit(lambda s, g, c: tx.update(s, g, params))
-    return jax.jit(lambda s, g, c: tx.update(s, g, params, curvature=c))
+        return tx.update(state, grads, params)
+    return tx.update(state, grads, params, curvature=curv)
+
+
+def _family_update(tx, kind, params):
+    """``update(state, grads, curvature)`` of ``tx`` on ``params`` under jax.jit."""
+    return jax.jit(lambda s, g, c: _update(tx, kind, s, g, params, c))
 
 
 @pytest.mark.parametrize("with_cond", [True, False], ids=["lax.cond", "where"])
@@ -234,7 +238,7 @@ def test_traced_nonfinite_input_is_skipped_without_a_host_read(monkeypatch, name
     tx = make(nonfinite="skip")
     _, grads, curv = value_grads_and_curvature(mlp_loss, params, x, y, kind=kind or "eva")
     curv = None if kind is None else curv
-    update = _family_update(tx, kind)
+    update = _family_update(tx, kind, params)
     state = tx.init(params)
     for _ in range(bad_step - 1):
         _, state = update(state, grads, curv)
@@ -256,7 +260,7 @@ def test_traced_nonfinite_input_is_skipped_without_a_host_read(monkeypatch, name
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     strict = make()
     with pytest.raises(ValueError, match="traced arrays .*pass nonfinite='skip'"):
-        _family_update(strict, kind)(strict.init(params), grads, curv)
+        _family_update(strict, kind, params)(strict.init(params), grads, curv)
 
 
 def test_traced_skip_matches_ignore_on_finite_steps():
@@ -269,7 +273,7 @@ def test_traced_skip_matches_ignore_on_finite_steps():
         runs = []
         for mode in ("skip", "ignore"):
             tx = make(nonfinite=mode)
-            update, state, out = _family_update(tx, kind), tx.init(params), []
+            update, state, out = _family_update(tx, kind, params), tx.init(params), []
             for _ in range(3):
                 updates, state = update(state, grads, curv)
                 out.append(updates)
@@ -289,10 +293,7 @@ def test_donated_jitted_step_with_skip_copies_no_state(name):
 
     def copies(tx):
         def train_step(params, state, grads, curv):
-            if kind is None:
-                updates, state = tx.update(state, grads, params)
-            else:
-                updates, state = tx.update(state, grads, params, curvature=curv)
+            updates, state = _update(tx, kind, state, grads, params, curv)
             return sc.apply_updates(params, updates), state
 
         return compiled_copies(train_step, params, tx.init(params), grads, curv, donate_argnums=(0, 1))
