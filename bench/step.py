@@ -19,7 +19,11 @@ kernel and biases), float32, one BLAS thread. For each block size:
 * the block matmuls of the largest gradient as a loop over blocks against one batched matmul over
   the block grid (what the step does: blocks of equal shape are stacked);
 * the non-root step again with its state donated, to be written in place
-  (``donate_state=True``; under ``jax.jit``, ``donate_argnums``).
+  (``donate_state=True``; under ``jax.jit``, ``donate_argnums``);
+* the donated non-root step of plain Shampoo (``PLAIN``: the paper's Algorithm 1, no grafting and
+  no first moment): the statistics, the preconditioning and the merge alone. Its time against the
+  floor is what Shampoo's own arithmetic costs beside its matmuls; the default step's time above
+  it is the cost of the first-order optimizer grafted on (set against ``torch.optim.AdamW``'s).
 
 ``--library torch`` or ``jax`` runs the step and its floor on that library's CPU arrays instead of
 NumPy's: torch eagerly, JAX under ``jax.jit`` (XLA fuses the elementwise passes, and the first
@@ -43,6 +47,10 @@ SHAPES = {
     "mlp_in": (1024, 4096), "mlp_out": (4096, 1024),
     "conv": (128, 64, 3, 3), "bias_1024": (1024,), "bias_4096": (4096,), "norm": (1024,),
 }
+
+
+# Plain Shampoo (arXiv 2002.09018, Algorithm 1): no grafting optimizer, no first moment.
+PLAIN = {"graft_type": "none", "beta1": 0.0}
 
 
 def scaled_shapes(scale: int) -> dict:
@@ -278,6 +286,10 @@ def _run(args, threads: dict) -> int:
         donated = 1e3 * step_seconds(lib, block_size, params, grads, args.steps, donate=True)[1]
         row.update(donated_nonroot_ms=donated, donated_ratio_to_floor=donated / row["floor_ms"],
                    donated_passes_above_floor=passes(dict(row, nonroot_ms=donated))["passes_above_floor"])
+        plain = 1e3 * step_seconds(lib, block_size, params, grads, args.steps, donate=True, **PLAIN)[1]
+        row.update(plain_donated_nonroot_ms=plain, plain_donated_ratio_to_floor=plain / row["floor_ms"],
+                   plain_donated_passes_above_floor=passes(dict(row, nonroot_ms=plain))["passes_above_floor"],
+                   grafted_optimizer_ms=donated - plain)
         if jitted:
             row.update(first_call_s=first)  # compilation dominates; the root step is not separable
             roots_text = f"first call (compiles) {first:.1f} s"
@@ -304,6 +316,10 @@ def _run(args, threads: dict) -> int:
         print(f"    {how} (the state written in place): non-root step {row['donated_nonroot_ms']:.1f} ms "
               f"({row['donated_ratio_to_floor']:.2f}x the floor, {row['donated_passes_above_floor']:.1f} passes "
               "above it)", flush=True)
+        print(f"    plain Shampoo (no grafting, no first moment), donated: {row['plain_donated_nonroot_ms']:.1f} ms "
+              f"({row['plain_donated_ratio_to_floor']:.2f}x the floor, {row['plain_donated_passes_above_floor']:.1f} "
+              f"passes above it); the grafted optimizer and first moment add {row['grafted_optimizer_ms']:.1f} ms",
+              flush=True)
         if "block_matmuls_loop_ms" in row:
             print(f"    block matmuls of the {big[0]}x{big[1]} gradient: loop over blocks "
                   f"{row['block_matmuls_loop_ms']:.1f} ms, one batched matmul {row['block_matmuls_batched_ms']:.1f} ms")

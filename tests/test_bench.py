@@ -96,6 +96,24 @@ def test_step_benchmark(tmp_path):
         assert r["passes_left_by_target"] == pytest.approx(0.25 * r["floor_ms"] / r["pass_ms"])
         assert r["donated_ratio_to_floor"] == pytest.approx(r["donated_nonroot_ms"] / r["floor_ms"])
         assert r["donated_passes_above_floor"] == pytest.approx((r["donated_nonroot_ms"] - r["floor_ms"]) / r["pass_ms"])
+        assert r["plain_donated_ratio_to_floor"] == pytest.approx(r["plain_donated_nonroot_ms"] / r["floor_ms"])
+        assert r["plain_donated_passes_above_floor"] == pytest.approx(
+            (r["plain_donated_nonroot_ms"] - r["floor_ms"]) / r["pass_ms"])
+        assert r["grafted_optimizer_ms"] == pytest.approx(r["donated_nonroot_ms"] - r["plain_donated_nonroot_ms"])
+
+
+def test_step_benchmark_times_plain_shampoo_donated(tmp_path, monkeypatch):
+    """The plain row is the donated step of Shampoo without grafting or a first moment, beside
+    the default donated step on the same blocks."""
+    import shampoo_core as sc
+
+    built = []
+    real = sc.shampoo
+    monkeypatch.setattr(sc, "shampoo", lambda *a, **k: built.append(k) or real(*a, **k))
+    assert main(["step", "--out", str(tmp_path), "--small", "--block-sizes", "32", "--steps", "2"]) == 0
+    donated = [k for k in built if k.get("donate_state")]
+    assert [(k.get("graft_type"), k.get("beta1")) for k in donated] == [(None, None), ("none", 0.0)]
+    assert all(k["block_size"] == 32 for k in donated)
 
 
 @pytest.mark.parametrize("lib", ["torch", "jax"])
@@ -109,6 +127,7 @@ def test_step_benchmark_on_other_libraries(tmp_path, lib):
     assert ("first_call_s" in row) == (lib == "jax") and ("amortized_ms" in row) == (lib == "torch")
     assert ("hot_floor_ms" in row) == (lib == "torch")  # from cache: eager calls only
     assert row["donated_nonroot_ms"] > 0  # donate_state=True on torch, donate_argnums under jax.jit
+    assert row["plain_donated_nonroot_ms"] > 0
     assert report["threads"]["cpus"] == sorted(os.sched_getaffinity(0))[:1]
     assert ("xla_flags" in report["threads"]) == (lib == "jax")
 
