@@ -19,6 +19,7 @@ Writes ``results.json``, ``loss_curves.png`` and ``summary.md`` under ``--out``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -317,7 +318,7 @@ def train_eva_family_jax(name, lr, data_np, order, args, progress):
             h = jnp.tanh(z) if i < n - 1 else 1.0 / (1.0 + jnp.exp(-z))
         return jnp.mean((h - x) ** 2)
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(0, 1))  # parameters and state written in place
     def step(p, s, idx):
         x = data[idx]
         if kind is None:
@@ -353,7 +354,7 @@ def train_jax(name, lr, data_np, order, args, progress):
             "sgd_momentum": lambda: optax.sgd(lr, momentum=0.9),
         }[name]()
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(0, 1))  # parameters and state written in place
     def step(p, s, idx):
         grads = jax.grad(lambda q: loss_fn(jnp, q, data[idx]))(p)
         updates, s = tx.update(grads, s, p)
@@ -364,7 +365,8 @@ def train_jax(name, lr, data_np, order, args, progress):
 
 
 def _run_jitted(step, params, state, evaluate, order, args, progress):
-    """Drive a jitted ``step(params, state, idx)``; the optimizer's own time is not separable."""
+    """Drive a jitted ``step(params, state, idx)`` that donates its parameters and state (each
+    call's are written into the buffers of the last); the optimizer's own time is not separable."""
     import jax
     import jax.numpy as jnp
 

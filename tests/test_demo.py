@@ -126,3 +126,27 @@ def test_bfloat16_demo_is_for_torch_without_the_eva_family(tmp_path, argv):
 
     with pytest.raises(SystemExit, match="--dtype bfloat16"):
         main(["demo", "--out", str(tmp_path), "--dtype", "bfloat16", *argv])
+
+
+@pytest.mark.parametrize("optimizer", ["shampoo", "eva"])
+def test_jitted_demo_step_writes_parameters_and_state_in_place(tmp_path, monkeypatch, optimizer):
+    """The jax framework's step donates its parameters and optimizer state (as a JAX training
+    step should): the buffers it is given are gone after a call, for Shampoo, the Eva family and
+    the optax baselines."""
+    pytest.importorskip("optax")
+    import jax
+
+    from bench import demo
+
+    donated = []
+    real = demo._run_jitted
+
+    def spy(step, params, state, *rest):
+        given = jax.tree_util.tree_map(jax.numpy.copy, jax.device_put((params, state), jax.devices()[0]))
+        step(*given, jax.numpy.arange(4))
+        donated.append(all(x.is_deleted() for x in jax.tree_util.tree_leaves(given)))
+        return real(step, params, state, *rest)
+
+    monkeypatch.setattr(demo, "_run_jitted", spy)
+    run_tiny(tmp_path, "--framework", "jax", "--optimizers", optimizer)
+    assert donated == [True, True]  # the optimizer, then Adam
