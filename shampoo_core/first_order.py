@@ -6,6 +6,10 @@ before ``start_preconditioning_step`` is exactly the matching optimizer here. Se
 bias-corrected moments; L2 weight decay added to the gradient, or AdamW-style when decoupled).
 ``learning_rate`` is taken as by :func:`shampoo_core.shampoo`: a float, a 0-d array or a schedule;
 ``weight_decay`` a float or a 0-d array (which may be traced: ``optax.inject_hyperparams``).
+``adagrad`` and ``adam`` take ``donate_state``: ``update`` may write the new accumulator and first
+moment into the arrays of the state it is given, as :func:`shampoo_core.shampoo`'s option does
+(NumPy and torch, with the bits of a new state; elsewhere new arrays). ``sgd``'s heavy-ball buffer,
+β·buf + g, has no in-place kernel and is always a new array.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ class FirstOrderState(NamedTuple):
     graft: tuple
 
 
-def _transform(learning_rate, graft_type, *, beta1, beta2, epsilon, weight_decay, decoupled, nesterov, heavy_ball, initial_accumulator_value=0.0):
+def _transform(learning_rate, graft_type, *, beta1, beta2, epsilon, weight_decay, decoupled, nesterov, heavy_ball,
+               donate, initial_accumulator_value=0.0):
     learning_rate = check_learning_rate(learning_rate)
     hyperparameters = dict(learning_rate=learning_rate, beta1=beta1, beta2=beta2, epsilon=epsilon,
                            weight_decay=weight_decay, decoupled_weight_decay=decoupled, nesterov=nesterov,
@@ -71,14 +76,14 @@ def _transform(learning_rate, graft_type, *, beta1, beta2, epsilon, weight_decay
             if decay and not decoupled:
                 g = g + wd_i * p
             m = state.momentum[i]
-            graft = grafting.update_graft(graft_type, state.graft[i], g, beta2)
+            graft = grafting.update_graft(graft_type, state.graft[i], g, beta2, donate)
             scale = 1.0  # the direction is scale · d: per-step scalars join the learning rate
             if heavy_ball:
                 d = g
             else:
                 f, f_scale = g, 1.0
                 if m is not None:
-                    m = momentum.ema(m, g, beta1)
+                    m = momentum.ema(m, g, beta1, donate)
                     f, f_scale = momentum.filtered_gradient(m, g, beta1, step_i, nesterov)
                 d, scale = grafting.graft_direction(xp, graft_type, graft, f, epsilon=epsilon, beta2=beta2,
                                                     step=step_i, f_scale=f_scale)
@@ -109,24 +114,28 @@ def sgd(learning_rate=1e-2, *, momentum: float = 0.0, nesterov: bool = False, we
     return _transform(
         learning_rate, GraftType.SGD, beta1=momentum, beta2=1.0, epsilon=0.0,
         weight_decay=check_injectable("weight_decay", weight_decay), decoupled=False,
-        nesterov=nesterov, heavy_ball=True,
+        nesterov=nesterov, heavy_ball=True, donate=False,
     )
 
 
-def adagrad(learning_rate=1e-2, *, epsilon: float = 1e-10, initial_accumulator_value: float = 0.0, weight_decay: float = 0.0):
-    """Diagonal AdaGrad (Duchi, Hazan, Singer 2011): W ← W - lr g / (√Σg² + ε)."""
+def adagrad(learning_rate=1e-2, *, epsilon: float = 1e-10, initial_accumulator_value: float = 0.0, weight_decay: float = 0.0,
+            donate_state: bool = False):
+    """Diagonal AdaGrad (Duchi, Hazan, Singer 2011): W ← W - lr g / (√Σg² + ε). ``donate_state``:
+    the accumulator may be written in place (module docstring)."""
     return _transform(
         learning_rate, GraftType.ADAGRAD, beta1=0.0, beta2=1.0,
         epsilon=check_real("epsilon", epsilon, low=0.0),
         weight_decay=check_injectable("weight_decay", weight_decay), decoupled=False, nesterov=False,
-        heavy_ball=False,
+        heavy_ball=False, donate=check_bool("donate_state", donate_state),
         initial_accumulator_value=check_real("initial_accumulator_value", initial_accumulator_value, low=0.0),
     )
 
 
 def adam(learning_rate=1e-3, *, beta1: float = 0.9, beta2: float = 0.999, epsilon: float = 1e-8,
-         weight_decay: float = 0.0, decoupled_weight_decay: bool = False, nesterov: bool = False):
-    """Adam (Kingma & Ba 2015, Alg. 1); AdamW with ``decoupled_weight_decay=True``; NAdam with nesterov."""
+         weight_decay: float = 0.0, decoupled_weight_decay: bool = False, nesterov: bool = False,
+         donate_state: bool = False):
+    """Adam (Kingma & Ba 2015, Alg. 1); AdamW with ``decoupled_weight_decay=True``; NAdam with nesterov.
+    ``donate_state``: both moments may be written in place (module docstring)."""
     return _transform(
         learning_rate, GraftType.ADAM,
         beta1=check_real("beta1", beta1, low=0.0, high=1.0, high_open=True),
@@ -135,4 +144,5 @@ def adam(learning_rate=1e-3, *, beta1: float = 0.9, beta2: float = 0.999, epsilo
         weight_decay=check_injectable("weight_decay", weight_decay),
         decoupled=check_bool("decoupled_weight_decay", decoupled_weight_decay),
         nesterov=check_bool("nesterov", nesterov), heavy_ball=False,
+        donate=check_bool("donate_state", donate_state),
     )

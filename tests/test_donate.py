@@ -254,3 +254,47 @@ def test_donate_state_is_checked_and_not_a_checkpointed_hyperparameter(tmp_path)
     donating = sc.shampoo(1e-2, donate_state=True, **HP)
     loaded = sc.load_state(tmp_path / "opt.npz", like=params, tx=donating)  # the same run, in place
     assert_same_leaves(snapshot(loaded), snapshot(state))
+
+
+FIRST_ORDER = {
+    "adam": lambda donate: sc.adam(1e-2, beta2=0.99, weight_decay=0.01, donate_state=donate),
+    "nadamw": lambda donate: sc.adam(1e-2, nesterov=True, weight_decay=0.01, decoupled_weight_decay=True,
+                                     donate_state=donate),
+    "adagrad": lambda donate: sc.adagrad(1e-2, initial_accumulator_value=0.1, donate_state=donate),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FIRST_ORDER))
+def test_first_order_donation_keeps_the_bits_and_writes_where_the_library_can(xp, name):
+    params, grads = problem(xp, steps=4)
+    runs = []
+    for donate in (False, True):
+        tx = FIRST_ORDER[name](donate)
+        state, updates, written = tx.init(params), [], []
+        for g in grads:
+            given = optree.tree_leaves((state.momentum, state.graft))
+            u, state = tx.update(state, g, params)
+            written += [a is b for a, b in zip(given, optree.tree_leaves((state.momentum, state.graft)))]
+            updates.append([to_np(x) for x in optree.tree_leaves(u)])
+        runs.append((updates, snapshot(state), written))
+    (u0, s0, w0), (u1, s1, w1) = runs
+    for a, b in zip(u0, u1):
+        assert_same_leaves(a, b)
+    assert_same_leaves(s0, s1)
+    assert not any(w0)  # a new state by default
+    in_place = _xp.namespace(*optree.tree_leaves(params)).__name__ in ("array_api_compat.numpy", "array_api_compat.torch")
+    assert w1 and all(w1) == in_place and any(w1) == in_place
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_first_order_rejected_steps_leave_a_donated_state_whole(backend):
+    xp = pytest.importorskip(backend)
+    params, grads = problem(xp, steps=2)
+    tx = sc.adam(1e-2, donate_state=True)
+    _, state = tx.update(tx.init(params), grads[0], params)
+    before = snapshot(state)
+    with pytest.raises(ValueError, match=r"\['w'\]"):  # the last leaf in the state's order
+        tx.update(state, dict(grads[1], w=grads[1]["ragged"]), params)
+    assert_same_leaves(snapshot(state), before)
+    with pytest.raises(TypeError, match="donate_state"):
+        sc.adagrad(donate_state=1)
