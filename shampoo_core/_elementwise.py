@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from . import _xp
 
-__all__ = ["ema", "plus_square", "over_root_plus", "scaled_copy", "gated"]
+__all__ = ["ema", "plus_square", "over_root_plus", "norm_over_root_plus", "scaled_copy", "gated"]
 
 
 def ema(old, new, beta: float, donate: bool = False, gate=None):
@@ -106,6 +106,25 @@ def over_root_plus(xp, f, acc, epsilon):
     if out is not NotImplemented:
         return out
     return f / (xp.sqrt(acc) + epsilon)
+
+
+def norm_over_root_plus(xp, f, acc, epsilon):
+    """‖f / (√acc + ε)‖₂ over all entries: the norm of :func:`over_root_plus`'s result, which a
+    fast path computes in pieces small enough to stay in cache, reading ``f`` and ``acc`` once
+    and writing nothing of their size (NumPy's and torch's: four passes over memory become one).
+
+    Args:
+        f, acc: arrays of one shape and real floating dtype, ``acc >= 0``.
+        epsilon: a float >= 0, or a 0-d array of ``f``'s dtype.
+
+    Returns:
+        A 0-d array of ``f``'s dtype. A fast path sums the squares of its pieces in float64,
+        which is more accurate than the whole array's norm in ``f``'s dtype.
+    """
+    out = _xp.fast_value("norm_over_root_plus", f, acc, epsilon)
+    if out is not NotImplemented:
+        return out
+    return _xp.norm(xp, over_root_plus(xp, f, acc, epsilon))
 
 
 def scaled_copy(x, scale):

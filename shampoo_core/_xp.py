@@ -239,9 +239,15 @@ def norm(xp, x):
       11.6M float32 entries on one core.
     * Half dtypes (float16, bfloat16) are summed in float32: NumPy's ``vector_norm`` sums the
       squares in float16, so a norm of 256 or more came out inf.
+
+    A library may register a fast path (``"norm"``): torch's is the BLAS dot too, for accuracy
+    (``backends.torch_backend.norm``).
     """
     if is_half(xp, x.dtype):
         return xp.astype(norm(xp, xp.astype(x, xp.float32)), x.dtype)
+    out = fast_value("norm", x)
+    if out is not NotImplemented:
+        return out
     if array_api_compat.is_numpy_array(x) or array_api_compat.is_array_api_strict_namespace(xp):
         v = xp.reshape(x, (-1,))
         return xp.sqrt(v @ v)  # 1-D @ 1-D: the BLAS dot, without vecdot's wrapper

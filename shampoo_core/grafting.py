@@ -15,7 +15,7 @@ from . import _elementwise, _xp
 from .options import GraftType
 
 __all__ = ["GraftState", "init_graft", "update_graft", "graft_direction", "graft_norm", "graft_block_norms",
-           "NORM_FLOOR"]
+           "direction_norm", "NORM_FLOOR"]
 
 NORM_FLOOR = 1e-16
 
@@ -71,11 +71,38 @@ def graft_direction(xp, graft_type: GraftType, state: GraftState, f, *, epsilon:
         return f, f_scale
     if graft_type is GraftType.SQRT_N:  # f_scale > 0 cancels
         return f, math.sqrt(math.prod(f.shape)) / _xp.at_least(xp, _xp.norm(xp, f), NORM_FLOOR)
-    acc = state.accumulator
+    eps, scale = _diagonal(graft_type, epsilon, beta2, step)
+    return _elementwise.over_root_plus(xp, f, state.accumulator, eps), f_scale * scale
+
+
+def direction_norm(xp, graft_type: GraftType, state: GraftState, f, *, epsilon: float, beta2: float, step,
+                   f_scale=1.0):
+    """The norm of :func:`graft_direction`'s direction over the whole of ``f``, without writing
+    the direction (a layer's grafted norm is all that a preconditioned step needs of it).
+
+    The diagonal optimizers' ‖f / (√acc + ε)‖ is one pass over ``f`` and the accumulator where a
+    library computes it in cache-sized pieces (:func:`shampoo_core._elementwise.norm_over_root_plus`),
+    against four for the direction and its norm. Same arguments as :func:`graft_direction`.
+
+    Returns:
+        A 0-d array of ``f``'s dtype, or a float (sqrt_n: √numel; sgd/none with a float
+        ``f_scale``: still an array).
+    """
+    if graft_type is GraftType.SQRT_N:
+        return math.sqrt(math.prod(f.shape))
+    if graft_type in (GraftType.NONE, GraftType.SGD):
+        return f_scale * _xp.norm(xp, f)
+    eps, scale = _diagonal(graft_type, epsilon, beta2, step)
+    return (f_scale * scale) * _elementwise.norm_over_root_plus(xp, f, state.accumulator, eps)
+
+
+def _diagonal(graft_type: GraftType, epsilon, beta2: float, step):
+    """``(ε, scale)`` of a diagonal optimizer's direction scale · f / (√acc + ε): Adam's bias
+    correction c = 1 - β₂ᵗ enters as √c · f / (√acc + ε√c); AdaGrad and RMSProp have none."""
     if graft_type is GraftType.ADAM:
         root_c = (1.0 - beta2**step) ** 0.5
-        return _elementwise.over_root_plus(xp, f, acc, epsilon * root_c), f_scale * root_c
-    return _elementwise.over_root_plus(xp, f, acc, epsilon), f_scale
+        return epsilon * root_c, root_c
+    return epsilon, 1.0
 
 
 def graft_norm(xp, graft_type: GraftType, d, scale):

@@ -631,17 +631,18 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
 
     new_graft = grafting.update_graft(config.graft_type, s.graft, g, config.graft_beta2, config.donate_state,
                                       schedule.finite)
-    direction, d_scale = grafting.graft_direction(
-        xp, config.graft_type, new_graft, f, epsilon=config.diagonal_epsilon, beta2=config.graft_beta2, step=step,
-        f_scale=f_scale,
-    )
+    diagonal = dict(epsilon=config.diagonal_epsilon, beta2=config.graft_beta2, step=step, f_scale=f_scale)
+
+    def direction():  # written only where a step uses it: a layer's grafting needs only its norm
+        return grafting.graft_direction(xp, config.graft_type, new_graft, f, **diagonal)
 
     plan = config.plan(tuple(g.shape))
     new_blocks = s.blocks
     neg_lr = -scalar_as(xp, schedule.learning_rate, dtype)
 
     def first_order():
-        return direction * (neg_lr * d_scale)
+        d, d_scale = direction()
+        return d * (neg_lr * d_scale)
 
     u = None
     if plan.num_preconditioned:
@@ -659,7 +660,8 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
         )
 
         def preconditioned():
-            return _preconditioned_update(config, xp, new_blocks, f, f_scale, direction, d_scale, plan, neg_lr)
+            return _preconditioned_update(config, xp, new_blocks, f, f_scale, new_graft, diagonal, direction, plan,
+                                          neg_lr)
 
         u = _select(xp, schedule.precondition, preconditioned, first_order)
     else:
@@ -672,9 +674,10 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
     return u, ParamState(new_m, new_graft, new_blocks)
 
 
-def _preconditioned_update(config, xp, blocks, f, f_scale, direction, d_scale, plan, factor):
+def _preconditioned_update(config, xp, blocks, f, f_scale, graft, diagonal, direction, plan, factor):
     """Shampoo's direction for the filtered gradient ``f_scale · f``, grafted to the norm of the
-    grafting direction ``d_scale · direction``, times ``factor``.
+    grafting direction (``direction()``, or for a layer its norm alone from the grafting state
+    ``graft`` and ``diagonal``, the keywords of :func:`grafting.direction_norm`), times ``factor``.
 
     Preconditioning is linear, so it runs on ``f`` and the scalars meet in one multiply: with
     P = precondition(f), the grafted update is P · f_scale‖D‖ / max(f_scale‖P‖, 1e-16).
@@ -693,10 +696,11 @@ def _preconditioned_update(config, xp, blocks, f, f_scale, direction, d_scale, p
         return factor * f_scale * target / _xp.at_least(xp, f_scale * p_norm, floor)
 
     if config.graft_granularity is GraftGranularity.BLOCK:
-        d_blocks = blocking.split_groups(xp, direction, plan)
+        d, d_scale = direction()
+        d_blocks = blocking.split_groups(xp, d, plan)
         scales = [grafted(grafting.graft_block_norms(xp, graft_type, db, d_scale), _xp.block_norms(xp, pb))
                   for pb, db in zip(pre, d_blocks)]
         return blocking.merge_groups(xp, pre, plan, block_scales=scales)  # scaled in the merge copy
     # The layer's norm from the stacks, so that the merge copy applies the grafted scale.
-    scale = grafted(grafting.graft_norm(xp, graft_type, direction, d_scale), _xp.joint_norm(xp, pre))
+    scale = grafted(grafting.direction_norm(xp, graft_type, graft, f, **diagonal), _xp.joint_norm(xp, pre))
     return blocking.merge_groups(xp, pre, plan, scale)

@@ -84,6 +84,51 @@ def test_over_root_plus_is_the_diagonal_step(xp, shape, epsilon_kind, seed, epsi
     assert np.all(np.abs(to_np(out) - exact) <= 5 * eps("float32") * np.abs(exact))
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("epsilon_kind", ["float", "array"])
+@given(seed=st.integers(0, 2**16), epsilon=st.sampled_from([0.0, 1e-8, 0.3]))
+def test_norm_over_root_plus_is_the_norm_of_the_diagonal_step(xp, shape, epsilon_kind, seed, epsilon):
+    f, acc = _inputs(shape, seed, np.float32)
+    acc = np.abs(acc) + np.float32(0.01)
+    xf, xa = to_xp(xp, f), to_xp(xp, acc)
+    e = epsilon if epsilon_kind == "float" else to_xp(xp, np.asarray(epsilon, dtype=np.float32))
+    out = _elementwise.norm_over_root_plus(xp, xf, xa, e)
+    assert out.shape == () and out.dtype == xf.dtype
+    _check_new_and_untouched(xp, out, (xf, xa), (f, acc), out)
+    exact = np.linalg.norm(f.astype(np.float64) / (np.sqrt(acc.astype(np.float64)) + np.float64(np.float32(epsilon))))
+    # each quotient within 5u, the sum of n squares within (n - 1)u, the root within u
+    assert abs(float(to_np(out)) - exact) <= (7 + f.size / 2) * eps("float32") * exact
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("size", [1, 100, 1050])
+def test_norm_over_root_plus_reads_pieces_without_writing_the_quotient(backend, size, monkeypatch):
+    """NumPy's and torch's fast paths never form the whole quotient, and every piece counts, the
+    last, ragged one included (100 entries a piece here)."""
+    lib = pytest.importorskip(backend)
+    module = pytest.importorskip(f"backends.{backend}_backend")
+    monkeypatch.setattr(module, "PIECE_ENTRIES", 100)
+    monkeypatch.setattr(_elementwise, "over_root_plus", lambda *a: pytest.fail("the quotient was written"))
+    f, acc = _inputs((size,), 5, np.float32)
+    acc = np.abs(acc) + np.float32(0.01)
+    out = _elementwise.norm_over_root_plus(_xp.namespace(lib.asarray(f)), lib.asarray(f), lib.asarray(acc), 1e-8)
+    exact = np.linalg.norm(f.astype(np.float64) / (np.sqrt(acc.astype(np.float64)) + np.float64(np.float32(1e-8))))
+    assert abs(float(out) - exact) <= (7 + 50) * eps("float32") * exact
+
+
+def test_torch_norm_is_the_accurate_dot():
+    """``torch.linalg.vector_norm`` of 4M float32 Gaussian entries is 8e-5 off; the norm of a
+    layer's update sets the grafted step size."""
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(0).standard_normal(1 << 22).astype(np.float32)
+    exact = np.linalg.norm(x.astype(np.float64))
+    for shaped in (x, x.reshape(1024, 4096)):
+        out = _xp.norm(_xp.namespace(torch.from_numpy(shaped)), torch.from_numpy(shaped))
+        assert abs(float(out) - exact) <= 2e-5 * exact
+    t = torch.from_numpy(x.reshape(1024, 4096)).T  # not contiguous: torch's own norm, as accurate as it is
+    assert abs(float(_xp.norm(_xp.namespace(t), t)) - exact) <= 2e-4 * exact
+
+
 def test_torch_division_that_autograd_records_is_differentiable():
     """A result autograd needs for its backward pass must not be overwritten."""
     torch = pytest.importorskip("torch")

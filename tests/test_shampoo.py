@@ -97,14 +97,15 @@ def test_before_start_equals_grafting_optimizer(xp, graft, first_order):
 
 @pytest.mark.parametrize("granularity", ["layer", "block"])
 @pytest.mark.parametrize("graft", ["sgd", "adagrad", "rmsprop", "adam", "sqrt_n"])
-def test_update_norm_equals_graft_norm(xp, granularity, graft):
+@pytest.mark.parametrize("beta1", [0.0, 0.9])  # with a first moment, its bias correction scales f
+def test_update_norm_equals_graft_norm(xp, granularity, graft, beta1):
     rng = np.random.default_rng(2)
     shape = (10, 7)
     grads = [rng.standard_normal(shape) for _ in range(3)]
     lr = 0.5
-    tx = sc.shampoo(lr, block_size=4, beta1=0.0, beta2=0.9, diagonal_epsilon=1e-8, graft_type=graft,
+    tx = sc.shampoo(lr, block_size=4, beta1=beta1, beta2=0.9, diagonal_epsilon=1e-8, graft_type=graft,
                     graft_granularity=granularity, start_preconditioning_step=1, preconditioning_compute_steps=1)
-    first_order = sc.shampoo(lr, block_size=4, beta1=0.0, beta2=0.9, diagonal_epsilon=1e-8, graft_type=graft,
+    first_order = sc.shampoo(lr, block_size=4, beta1=beta1, beta2=0.9, diagonal_epsilon=1e-8, graft_type=graft,
                              start_preconditioning_step=10**9)
     ours, _, _ = run(tx, xp, np.zeros(shape), grads, apply=False)
     ref, _, _ = run(first_order, xp, np.zeros(shape), grads, apply=False)
@@ -121,6 +122,28 @@ def test_update_norm_equals_graft_norm(xp, granularity, graft):
             assert np.linalg.norm(u[s]) == pytest.approx(expected, rel=1e3 * eps(np.float64))
         # Shampoo's direction, not the graft's.
         assert not np.allclose(u / np.linalg.norm(u), d / np.linalg.norm(d), atol=1e-3)
+
+
+@pytest.mark.parametrize("graft", ["sgd", "adagrad", "rmsprop", "adam", "sqrt_n"])
+def test_a_layer_grafted_step_takes_the_norm_without_writing_the_direction(graft, monkeypatch):
+    """Preconditioned, a layer needs only the grafting direction's norm; before
+    start_preconditioning_step, and for per-block norms, the direction itself."""
+    from shampoo_core import grafting
+
+    rng = np.random.default_rng(4)
+    params = {"w": rng.standard_normal((12, 10)).astype(np.float32)}
+    grads = [{"w": rng.standard_normal((12, 10)).astype(np.float32)} for _ in range(3)]
+    real = grafting.graft_direction
+    calls = []
+    monkeypatch.setattr(grafting, "graft_direction", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for granularity, written in (("layer", [1, 0, 0]), ("block", [1, 1, 1])):
+        tx = sc.shampoo(0.1, block_size=4, graft_type=graft, graft_granularity=granularity,
+                        start_preconditioning_step=2, preconditioning_compute_steps=1)
+        state = tx.init(params)
+        for g, expected in zip(grads, written):
+            calls.clear()
+            _, state = tx.update(state, g, params)
+            assert len(calls) == expected, (granularity, expected)
 
 
 def test_inputs_are_not_mutated(xp):
