@@ -85,8 +85,7 @@ def direction_norm(xp, graft_type: GraftType, state: GraftState, f, *, epsilon: 
     against four for the direction and its norm. Same arguments as :func:`graft_direction`.
 
     Returns:
-        A 0-d array of ``f``'s dtype, or a float (sqrt_n: √numel; sgd/none with a float
-        ``f_scale``: still an array).
+        A 0-d array of ``f``'s dtype (a float for sqrt_n: √numel).
     """
     if graft_type is GraftType.SQRT_N:
         return math.sqrt(math.prod(f.shape))
