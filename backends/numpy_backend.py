@@ -74,7 +74,8 @@ def over_root_plus(f, acc, epsilon):
     return np.divide(f, out, out=out)
 
 
-# Entries of one piece of a reduction computed in pieces: 256 KB of float32 per operand, in cache.
+# Entries computed at a time where a pass goes in pieces that stay in cache (256 KB of float32):
+# a reduction's pieces, and the products of the blocks of a stack added into their average.
 PIECE_ENTRIES = 65536
 
 
@@ -104,10 +105,6 @@ def scaled_copy(x, scale):
     if not _arrays(x):
         return NotImplemented
     return np.multiply(x, scale, out=np.empty(x.shape, dtype=np.result_type(x, scale)))
-
-
-# Blocks of a stack whose products are added at a time: 256 KB of float32 products, in cache.
-_PRODUCT_ENTRIES = 65536
 
 
 def scaled_plus_product(c, a, b, beta: float, alpha: float = 1.0):
@@ -161,7 +158,7 @@ def scaled_plus_product_(c, a, b, beta: float, alpha: float = 1.0):
 
 def _add_products(out, a, b, alpha: float) -> None:
     """``out += alpha * (a @ b)`` for stacks, the products of a few blocks at a time."""
-    step = max(1, _PRODUCT_ENTRIES // max(1, out.shape[1] * out.shape[2]))
+    step = max(1, PIECE_ENTRIES // max(1, out.shape[1] * out.shape[2]))
     for i in range(0, out.shape[0], step):
         product = a[i:i + step] @ b[i:i + step]
         if alpha != 1.0:

@@ -636,6 +636,9 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
     def direction():  # written only where a step uses it: a layer's grafting needs only its norm
         return grafting.graft_direction(xp, config.graft_type, new_graft, f, **diagonal)
 
+    def direction_norm():
+        return grafting.direction_norm(xp, config.graft_type, new_graft, f, **diagonal)
+
     plan = config.plan(tuple(g.shape))
     new_blocks = s.blocks
     neg_lr = -scalar_as(xp, schedule.learning_rate, dtype)
@@ -660,8 +663,7 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
         )
 
         def preconditioned():
-            return _preconditioned_update(config, xp, new_blocks, f, f_scale, new_graft, diagonal, direction, plan,
-                                          neg_lr)
+            return _preconditioned_update(config, xp, new_blocks, f, f_scale, direction, direction_norm, plan, neg_lr)
 
         u = _select(xp, schedule.precondition, preconditioned, first_order)
     else:
@@ -674,10 +676,10 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
     return u, ParamState(new_m, new_graft, new_blocks)
 
 
-def _preconditioned_update(config, xp, blocks, f, f_scale, graft, diagonal, direction, plan, factor):
+def _preconditioned_update(config, xp, blocks, f, f_scale, direction, direction_norm, plan, factor):
     """Shampoo's direction for the filtered gradient ``f_scale · f``, grafted to the norm of the
-    grafting direction (``direction()``, or for a layer its norm alone from the grafting state
-    ``graft`` and ``diagonal``, the keywords of :func:`grafting.direction_norm`), times ``factor``.
+    grafting direction (``direction()`` as ``(d, scale)``, cut into blocks for per-block norms;
+    for a layer ``direction_norm()``, its norm alone), times ``factor``.
 
     Preconditioning is linear, so it runs on ``f`` and the scalars meet in one multiply: with
     P = precondition(f), the grafted update is P · f_scale‖D‖ / max(f_scale‖P‖, 1e-16).
@@ -702,5 +704,5 @@ def _preconditioned_update(config, xp, blocks, f, f_scale, graft, diagonal, dire
                   for pb, db in zip(pre, d_blocks)]
         return blocking.merge_groups(xp, pre, plan, block_scales=scales)  # scaled in the merge copy
     # The layer's norm from the stacks, so that the merge copy applies the grafted scale.
-    scale = grafted(grafting.direction_norm(xp, graft_type, graft, f, **diagonal), _xp.joint_norm(xp, pre))
+    scale = grafted(direction_norm(), _xp.joint_norm(xp, pre))
     return blocking.merge_groups(xp, pre, plan, scale)
