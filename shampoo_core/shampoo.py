@@ -573,7 +573,8 @@ def _update_block(config, xp, block: BlockState, g, plan, schedule: _Schedule, k
                   product_scale: float = 1.0, collected: dict | None = None) -> BlockState:
     """``g``: the group's stack of blocks of the gradient weighted by
     ``statistics.statistics_weight(beta2)``, or unweighted with ``product_scale`` = 1 - β₂
-    (``statistics.accumulate_weighted``). ``collected``: :func:`_collect_roots`' results."""
+    (``statistics.accumulate_weighted``); ``None`` on a step that leaves the statistics as they
+    are (a Python ``False`` flag). ``collected``: :func:`_collect_roots`' results."""
 
     def accumulate():
         return statistics.accumulate_weighted(xp, block.statistics, g, plan.preconditioned, config.beta2,
@@ -584,7 +585,7 @@ def _update_block(config, xp, block: BlockState, g, plan, schedule: _Schedule, k
         return block  # the common step: no root work, nothing more to resolve
 
     exponent = config.exponent(plan)
-    dtype_name = _xp.dtype_name(_root_dtype(config, xp, g))
+    dtype_name = _xp.dtype_name(_root_dtype(config, xp, block.statistics[0]))  # the state dtype
 
     def results_of(stats):
         return _root_results(config, stats, exponent, dtype_name)
@@ -656,14 +657,27 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
             weight = None
         elif len(plan.preconditioned) == 2 and _xp.product_takes_scale(xp):
             weight, product_scale = None, 1.0 - config.beta2
-        g_blocks = blocking.split_groups(xp, g, plan, weight)
+        g_blocks = (None,) * len(s.blocks)
+        if schedule.statistics is not False:
+            g_blocks = blocking.split_groups(xp, g, plan, weight)
         new_blocks = tuple(
             _update_block(config, xp, b, gb, plan, schedule, (index, j), product_scale, collected)
             for j, (b, gb) in enumerate(zip(s.blocks, g_blocks))
         )
 
         def preconditioned():
-            return _preconditioned_update(config, xp, new_blocks, f, f_scale, direction, direction_norm, plan, neg_lr)
+            # Without a first moment F is G, already cut into blocks for the statistics (weighted
+            # by w = √(1-β₂) where the products take no scale): preconditioning is linear, so
+            # P(w·G) with the scale f_scale / w is P(G) with f_scale, and G is cut only once.
+            f_blocks, p_scale = None, f_scale
+            if f is g and g_blocks[0] is not None:
+                f_blocks = g_blocks
+                if weight is not None:
+                    p_scale = f_scale / weight
+            else:
+                f_blocks = blocking.split_groups(xp, f, plan)
+            return _preconditioned_update(config, xp, new_blocks, f_blocks, p_scale, direction, direction_norm,
+                                          plan, neg_lr)
 
         u = _select(xp, schedule.precondition, preconditioned, first_order)
     else:
@@ -676,15 +690,15 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
     return u, ParamState(new_m, new_graft, new_blocks)
 
 
-def _preconditioned_update(config, xp, blocks, f, f_scale, direction, direction_norm, plan, factor):
-    """Shampoo's direction for the filtered gradient ``f_scale · f``, grafted to the norm of the
-    grafting direction (``direction()`` as ``(d, scale)``, cut into blocks for per-block norms;
-    for a layer ``direction_norm()``, its norm alone), times ``factor``.
+def _preconditioned_update(config, xp, blocks, f_blocks, f_scale, direction, direction_norm, plan, factor):
+    """Shampoo's direction for the filtered gradient F = ``f_scale`` · f, given as ``f_blocks``
+    (:func:`~shampoo_core.blocking.split_groups` of f), grafted to the norm of the grafting
+    direction (``direction()`` as ``(d, scale)``, cut into blocks for per-block norms; for a
+    layer ``direction_norm()``, its norm alone), times ``factor``.
 
-    Preconditioning is linear, so it runs on ``f`` and the scalars meet in one multiply: with
+    Preconditioning is linear, so it runs on f and the scalars meet in one multiply: with
     P = precondition(f), the grafted update is P · f_scale‖D‖ / max(f_scale‖P‖, 1e-16).
     """
-    f_blocks = blocking.split_groups(xp, f, plan)
     pre = [
         preconditioner.precondition_block(xp, fb, b.preconditioners, plan.preconditioned)
         for fb, b in zip(f_blocks, blocks)

@@ -146,6 +146,31 @@ def test_a_layer_grafted_step_takes_the_norm_without_writing_the_direction(graft
             assert len(calls) == expected, (granularity, expected)
 
 
+@pytest.mark.parametrize("beta2", [0.999, 1.0])  # blocks weighted by √(1-β₂) for the statistics, or not
+def test_a_step_without_a_first_moment_cuts_the_gradient_into_blocks_once(xp, beta2, monkeypatch):
+    """With β₁ = 0 the filtered gradient is the gradient, already cut into blocks for the
+    statistics: preconditioning reuses those blocks (rescaled where they were weighted), where a
+    first moment needs a cut of its own; a step that leaves the statistics alone cuts only F.
+    (That the updates stay right is test_reference's property, which draws β₁ = 0 and β₂ < 1.)"""
+    from shampoo_core import blocking
+
+    rng = np.random.default_rng(5)
+    params = to_xp(xp, {"w": rng.standard_normal((12, 10)), "b": rng.standard_normal(10)})
+    grads = to_xp(xp, {"w": rng.standard_normal((12, 10)), "b": rng.standard_normal(10)})
+    real = blocking.split_groups
+    cuts = []
+    monkeypatch.setattr(blocking, "split_groups", lambda *a, **k: cuts.append(1) or real(*a, **k))
+    # (β₁, statistics every k steps, cuts per leaf at step 2, which skips the statistics for k = 2)
+    for beta1, k, per_leaf in ((0.0, 1, 1), (0.9, 1, 2), (0.0, 2, 1), (0.9, 2, 1)):
+        tx = sc.shampoo(0.1, block_size=4, beta1=beta1, beta2=beta2, start_preconditioning_step=1,
+                        preconditioning_compute_steps=1, statistics_compute_steps=k)
+        state = tx.update(tx.init(params), grads, params)[1]
+        cuts.clear()
+        updates, _ = tx.update(state, grads, params)
+        assert len(cuts) == 2 * per_leaf, (beta1, k)
+        assert all(np.all(np.isfinite(to_np(u))) for u in updates.values())
+
+
 def test_inputs_are_not_mutated(xp):
     rng = np.random.default_rng(3)
     params_np = {"w": rng.standard_normal((5, 4)), "b": rng.standard_normal(4)}
