@@ -669,13 +669,10 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
             # Without a first moment F is G, already cut into blocks for the statistics (weighted
             # by w = √(1-β₂) where the products take no scale): preconditioning is linear, so
             # P(w·G) with the scale f_scale / w is P(G) with f_scale, and G is cut only once.
-            f_blocks, p_scale = None, f_scale
             if f is g and g_blocks[0] is not None:
-                f_blocks = g_blocks
-                if weight is not None:
-                    p_scale = f_scale / weight
+                f_blocks, p_scale = g_blocks, f_scale if weight is None else f_scale / weight
             else:
-                f_blocks = blocking.split_groups(xp, f, plan)
+                f_blocks, p_scale = blocking.split_groups(xp, f, plan), f_scale
             return _preconditioned_update(config, xp, new_blocks, f_blocks, p_scale, direction, direction_norm,
                                           plan, neg_lr)
 
