@@ -15,11 +15,11 @@ new-array forms. Read-only arrays and broadcast views decline.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from shampoo_core import _xp
+
+from . import _pieces
 
 __all__ = ["ema", "plus_square", "over_root_plus", "norm_over_root_plus", "scaled_copy", "scaled_plus_product",
            "ema_", "plus_square_", "scaled_plus_product_"]
@@ -90,14 +90,8 @@ def norm_over_root_plus(f, acc, epsilon):
         return NotImplemented
     flat_f, flat_acc = f.reshape(-1), acc.reshape(-1)
     scratch = np.empty(min(PIECE_ENTRIES, flat_f.size), dtype=f.dtype)
-    total = 0.0
-    for start in range(0, flat_f.size, PIECE_ENTRIES):
-        piece = scratch[:min(PIECE_ENTRIES, flat_f.size - start)]
-        np.sqrt(flat_acc[start:start + piece.size], out=piece)
-        piece += epsilon
-        np.divide(flat_f[start:start + piece.size], piece, out=piece)
-        total += float(np.dot(piece, piece))
-    return np.asarray(math.sqrt(total), dtype=f.dtype)
+    return np.asarray(_pieces.norm_over_root_plus(np, flat_f, flat_acc, epsilon, scratch, PIECE_ENTRIES),
+                      dtype=f.dtype)
 
 
 def scaled_copy(x, scale):

@@ -14,11 +14,11 @@ up (``donate_state``): the same kernels as ``torch.optim``'s own in-place steps 
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from shampoo_core import _xp
+
+from . import _pieces
 
 __all__ = ["ema", "plus_square", "over_root_plus", "norm_over_root_plus", "norm", "scaled_copy",
            "scaled_plus_product", "ema_", "plus_square_", "scaled_plus_product_"]
@@ -71,17 +71,9 @@ def norm_over_root_plus(f, acc, epsilon):
             and f.is_contiguous() and acc.is_contiguous() and isinstance(epsilon, (int, float))):
         return NotImplemented
     flat_f, flat_acc = f.reshape(-1), acc.reshape(-1)
-    n = flat_f.numel()
-    scratch = torch.empty(min(PIECE_ENTRIES, n), dtype=f.dtype)
-    total = 0.0
-    for start in range(0, n, PIECE_ENTRIES):
-        size = min(PIECE_ENTRIES, n - start)
-        piece = scratch[:size]
-        torch.sqrt(flat_acc[start:start + size], out=piece)
-        piece.add_(epsilon)
-        torch.div(flat_f[start:start + size], piece, out=piece)
-        total += float(torch.dot(piece, piece))
-    return torch.tensor(math.sqrt(total), dtype=f.dtype)
+    scratch = torch.empty(min(PIECE_ENTRIES, flat_f.numel()), dtype=f.dtype)
+    return torch.tensor(_pieces.norm_over_root_plus(torch, flat_f, flat_acc, epsilon, scratch, PIECE_ENTRIES),
+                        dtype=f.dtype)
 
 
 def norm(x):
