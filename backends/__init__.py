@@ -3,3 +3,30 @@
 ``shampoo_core`` itself holds only array-API code; everything that imports torch, JAX, CuPy or
 SciPy by name lives here.
 """
+
+import math
+
+
+# The piece loop that NumPy's and torch's CPU fast paths share (here, so that loading one library's
+# fast paths loads no module beside it).
+def piecewise_norm_over_root_plus(lib, flat_f, flat_acc, epsilon: float, scratch, piece_entries: int) -> float:
+    """‖f / (√acc + ε)‖₂ of the 1-D ``flat_f`` and ``flat_acc`` (one length, one dtype), each
+    piece's quotient as ``f / (√acc + ε)`` rounds it in that dtype, the pieces' squares summed in
+    float64 (a Python float).
+
+    Args:
+        lib: ``numpy`` or ``torch``: its ``sqrt(x, out=)``, ``divide(a, b, out=)`` and ``dot``.
+        scratch: a 1-D array of ``lib`` and ``flat_f``'s dtype, of at least
+            ``min(piece_entries, len(flat_f))`` entries; overwritten.
+        piece_entries: entries per piece (>= 1).
+    """
+    n = flat_f.shape[0]
+    total = 0.0
+    for start in range(0, n, piece_entries):
+        stop = min(start + piece_entries, n)
+        piece = scratch[:stop - start]
+        lib.sqrt(flat_acc[start:stop], out=piece)
+        piece += epsilon
+        lib.divide(flat_f[start:stop], piece, out=piece)
+        total += float(lib.dot(piece, piece))
+    return math.sqrt(total)

@@ -19,7 +19,7 @@ import numpy as np
 
 from shampoo_core import _xp
 
-from . import _pieces
+from . import piecewise_norm_over_root_plus
 
 __all__ = ["ema", "plus_square", "over_root_plus", "norm_over_root_plus", "scaled_copy", "scaled_plus_product",
            "ema_", "plus_square_", "scaled_plus_product_"]
@@ -90,7 +90,7 @@ def norm_over_root_plus(f, acc, epsilon):
         return NotImplemented
     flat_f, flat_acc = f.reshape(-1), acc.reshape(-1)
     scratch = np.empty(min(PIECE_ENTRIES, flat_f.size), dtype=f.dtype)
-    return np.asarray(_pieces.norm_over_root_plus(np, flat_f, flat_acc, epsilon, scratch, PIECE_ENTRIES),
+    return np.asarray(piecewise_norm_over_root_plus(np, flat_f, flat_acc, epsilon, scratch, PIECE_ENTRIES),
                       dtype=f.dtype)
 
 

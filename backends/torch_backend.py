@@ -18,7 +18,7 @@ import torch
 
 from shampoo_core import _xp
 
-from . import _pieces
+from . import piecewise_norm_over_root_plus
 
 __all__ = ["ema", "plus_square", "over_root_plus", "norm_over_root_plus", "norm", "scaled_copy",
            "scaled_plus_product", "ema_", "plus_square_", "scaled_plus_product_"]
@@ -72,7 +72,7 @@ def norm_over_root_plus(f, acc, epsilon):
         return NotImplemented
     flat_f, flat_acc = f.reshape(-1), acc.reshape(-1)
     scratch = torch.empty(min(PIECE_ENTRIES, flat_f.numel()), dtype=f.dtype)
-    return torch.tensor(_pieces.norm_over_root_plus(torch, flat_f, flat_acc, epsilon, scratch, PIECE_ENTRIES),
+    return torch.tensor(piecewise_norm_over_root_plus(torch, flat_f, flat_acc, epsilon, scratch, PIECE_ENTRIES),
                         dtype=f.dtype)
 
 
