@@ -146,6 +146,20 @@ def one_pass(arrays) -> list:
     return [x * 0.5 for x in arrays]
 
 
+TARGET = 1.25  # the step's target against its floor (non-root steps)
+
+
+def ratio_text(ratio: float, of: str = "", target: float = TARGET) -> str:
+    """``ratio`` (a step's time over its floor) as text that says which side of ``target`` it is:
+    ``ratio_text(1.13, " the floor")`` is ``"1.13x the floor, within 1.25x"``. Digits are added
+    (up to 6) while the ratio would print as the target itself, so that 1.254 reads
+    ``"1.254x, above 1.25x"``, not ``"1.25x"``."""
+    digits = 2
+    while digits < 6 and ratio != target and round(ratio, digits) == round(target, digits):
+        digits += 1
+    return f"{ratio:.{digits}f}x{of}, {'within' if ratio <= target else 'above'} {target:g}x"
+
+
 def passes(row: dict) -> dict:
     """``row``'s time above the floor, and the quarter of the floor that the 1.25x target leaves
     beside the matmuls, in elementwise passes over the parameters (``pass_ms``)."""
@@ -306,7 +320,7 @@ def _run(args, threads: dict) -> int:
             row.update(block_matmuls_loop_ms=1e3 * loop, block_matmuls_batched_ms=1e3 * batched)
         rows.append(row)
         print(f"block_size {block_size:5d} ({row['blocks']} blocks): non-root step {row['nonroot_ms']:8.1f} ms, "
-              f"floor {row['floor_ms']:8.1f} ms ({row['ratio_to_floor']:.2f}x)"
+              f"floor {row['floor_ms']:8.1f} ms ({ratio_text(row['ratio_to_floor'])})"
               + (f", from cache {row['hot_floor_ms']:.1f} ms ({row['ratio_to_hot_floor']:.2f}x)" if not jitted else "")
               + f"; {roots_text}", flush=True)
         print(f"    one elementwise pass over the parameters {pass_ms:.2f} ms; above the floor "
@@ -314,10 +328,10 @@ def _run(args, threads: dict) -> int:
               flush=True)
         how = "donate_argnums" if jitted else "donate_state=True"
         print(f"    {how} (the state written in place): non-root step {row['donated_nonroot_ms']:.1f} ms "
-              f"({row['donated_ratio_to_floor']:.2f}x the floor, {row['donated_passes_above_floor']:.1f} passes "
-              "above it)", flush=True)
+              f"({ratio_text(row['donated_ratio_to_floor'], ' the floor')}; {row['donated_passes_above_floor']:.1f} "
+              "passes above it)", flush=True)
         print(f"    plain Shampoo (no grafting, no first moment), donated: {row['plain_donated_nonroot_ms']:.1f} ms "
-              f"({row['plain_donated_ratio_to_floor']:.2f}x the floor, {row['plain_donated_passes_above_floor']:.1f} "
+              f"({ratio_text(row['plain_donated_ratio_to_floor'], ' the floor')}; {row['plain_donated_passes_above_floor']:.1f} "
               f"passes above it); the grafted optimizer and first moment add {row['grafted_optimizer_ms']:.1f} ms",
               flush=True)
         if "block_matmuls_loop_ms" in row:

@@ -102,6 +102,19 @@ def test_step_benchmark(tmp_path):
         assert r["grafted_optimizer_ms"] == pytest.approx(r["donated_nonroot_ms"] - r["plain_donated_nonroot_ms"])
 
 
+@pytest.mark.parametrize("ratio, text", [
+    (1.13, "1.13x the floor, within 1.25x"),
+    (1.254, "1.254x the floor, above 1.25x"),  # not "1.25x": rounding must not hide a miss
+    (1.2502, "1.2502x the floor, above 1.25x"),
+    (1.2499, "1.2499x the floor, within 1.25x"),
+    (1.25, "1.25x the floor, within 1.25x"),
+    (1.64, "1.64x the floor, above 1.25x"),
+])
+def test_step_ratios_print_their_side_of_the_target(ratio, text):
+    from bench.step import ratio_text
+    assert ratio_text(ratio, " the floor") == text
+
+
 def test_step_benchmark_times_plain_shampoo_donated(tmp_path, monkeypatch):
     """The plain row is the donated step of Shampoo without grafting or a first moment, beside
     the default donated step on the same blocks."""
