@@ -100,7 +100,7 @@ def floor_row(backend, np_params, np_grads, block_size: int, steps: int, repeats
     import shampoo_core as sc
 
     from .pipeline import mean_step
-    from .step import _block_counts, passes, ratio_text
+    from .step import TARGET, _block_counts, passes, ratio_text
 
     params = {k: backend.asarray(v) for k, v in np_params.items()}
     grads = {k: backend.asarray(v) for k, v in np_grads.items()}
@@ -121,7 +121,7 @@ def floor_row(backend, np_params, np_grads, block_size: int, steps: int, repeats
     print(f"{backend.name:<10} block_size {block_size:5d} ({row['blocks']} blocks): non-root step "
           f"{row['nonroot_ms']:8.2f} ms, floor {row['floor_ms']:8.2f} ms ({ratio_text(row['ratio_to_floor'])}; loop "
           f"{row['floor_loop_ms']:.2f}, batched {row['floor_batched_ms']:.2f}); pass {row['pass_ms']:.3f} ms, "
-          f"above the floor {row['passes_above_floor']:.1f} passes, 1.25x leaves {row['passes_left_by_target']:.1f}; "
+          f"above the floor {row['passes_above_floor']:.1f} passes, {TARGET:g}x leaves {row['passes_left_by_target']:.1f}; "
           f"donate_state=True {row['donated_nonroot_ms']:.2f} ms ({ratio_text(row['donated_ratio_to_floor'])})", flush=True)
     return row
 

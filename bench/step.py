@@ -161,11 +161,11 @@ def ratio_text(ratio: float, of: str = "", target: float = TARGET) -> str:
 
 
 def passes(row: dict) -> dict:
-    """``row``'s time above the floor, and the quarter of the floor that the 1.25x target leaves
+    """``row``'s time above the floor, and the part of the floor that the ``TARGET`` (1.25x) leaves
     beside the matmuls, in elementwise passes over the parameters (``pass_ms``)."""
     unit = row["pass_ms"]
     return dict(passes_above_floor=(row["nonroot_ms"] - row["floor_ms"]) / unit,
-                passes_left_by_target=0.25 * row["floor_ms"] / unit)
+                passes_left_by_target=(TARGET - 1.0) * row["floor_ms"] / unit)
 
 
 def _block_counts(block_size: int, params) -> dict:
@@ -324,7 +324,7 @@ def _run(args, threads: dict) -> int:
               + (f", from cache {row['hot_floor_ms']:.1f} ms ({row['ratio_to_hot_floor']:.2f}x)" if not jitted else "")
               + f"; {roots_text}", flush=True)
         print(f"    one elementwise pass over the parameters {pass_ms:.2f} ms; above the floor "
-              f"{row['passes_above_floor']:.1f} passes; the 1.25x target leaves {row['passes_left_by_target']:.1f}",
+              f"{row['passes_above_floor']:.1f} passes; the {TARGET:g}x target leaves {row['passes_left_by_target']:.1f}",
               flush=True)
         how = "donate_argnums" if jitted else "donate_state=True"
         print(f"    {how} (the state written in place): non-root step {row['donated_nonroot_ms']:.1f} ms "
