@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -e ".[test,demo,jax]"
+	$(PIP) install -q -e ".[test,demo,jax,fast]"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -30,3 +30,22 @@ def piecewise_norm_over_root_plus(lib, flat_f, flat_acc, epsilon: float, scratch
         lib.divide(flat_f[start:stop], piece, out=piece)
         total += float(lib.dot(piece, piece))
     return math.sqrt(total)
+
+
+_FUSED_CPU = []  # [module or None] once looked up
+
+
+def load_fused_cpu():
+    """``backends.fused_cpu`` (numba's one-pass kernels for NumPy's and torch's CPU fast paths),
+    imported at its first use; ``None`` where numba is not installed or does not import."""
+    if not _FUSED_CPU:
+        import importlib.util
+
+        module = None
+        if importlib.util.find_spec("numba") is not None:
+            try:
+                from . import fused_cpu as module
+            except ImportError:  # a numba built for another NumPy: the eager passes instead
+                module = None
+        _FUSED_CPU.append(module)
+    return _FUSED_CPU[0]

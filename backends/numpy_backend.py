@@ -19,10 +19,10 @@ import numpy as np
 
 from shampoo_core import _xp
 
-from . import piecewise_norm_over_root_plus
+from . import load_fused_cpu, piecewise_norm_over_root_plus
 
-__all__ = ["ema", "plus_square", "over_root_plus", "norm_over_root_plus", "scaled_copy", "scaled_plus_product",
-           "ema_", "plus_square_", "scaled_plus_product_"]
+__all__ = ["ema", "plus_square", "over_root_plus", "norm_over_root_plus", "ema_plus_square_norm", "scaled_copy",
+           "scaled_plus_product", "ema_", "plus_square_", "ema_plus_square_norm_", "scaled_plus_product_"]
 
 NAMESPACE = "array_api_compat.numpy"
 
@@ -94,6 +94,30 @@ def norm_over_root_plus(f, acc, epsilon):
                       dtype=f.dtype)
 
 
+def _fusable(m, acc, g, beta, epsilon) -> bool:
+    """Whether ``backends.fused_cpu`` takes these: numba installed, C-contiguous float32/float64
+    arrays of one shape and dtype that share no memory, Python β and ε."""
+    return (_arrays(m, acc, g) and m.dtype in (np.float32, np.float64) and acc.dtype == m.dtype
+            and g.dtype == m.dtype and acc.shape == m.shape and g.shape == m.shape
+            and all(x.flags.c_contiguous for x in (m, acc, g))
+            and isinstance(beta, (int, float)) and isinstance(epsilon, (int, float))
+            and not any(np.may_share_memory(x, y) for x, y in ((m, acc), (m, g), (acc, g)))
+            and load_fused_cpu() is not None)
+
+
+def ema_plus_square_norm(m, acc, g, beta: float, epsilon):
+    """The new first moment, the new accumulator and the grafted norm by one compiled pass over
+    copies of ``m`` and ``acc`` (``backends.fused_cpu``), with :func:`ema`'s and
+    :func:`plus_square`'s bits. Declines where numba is not installed, and all but
+    :func:`_fusable` arguments."""
+    if not _fusable(m, acc, g, beta, epsilon):
+        return NotImplemented
+    m_out, acc_out = m.copy(), acc.copy()
+    norm = load_fused_cpu().ema_plus_square_norm_in_place(g.reshape(-1), m_out.reshape(-1), acc_out.reshape(-1),
+                                                          beta, epsilon)
+    return m_out, acc_out, np.asarray(norm, dtype=m.dtype)
+
+
 def scaled_copy(x, scale):
     """scale·x written into a new C-contiguous array, in NumPy's result dtype of ``x * scale``."""
     if not _arrays(x):
@@ -137,6 +161,14 @@ def plus_square_(acc, g):
         return NotImplemented
     acc += g * g
     return acc
+
+
+def ema_plus_square_norm_(m, acc, g, beta: float, epsilon):
+    """:func:`ema_plus_square_norm` written into ``m`` and ``acc``, with the same bits."""
+    if not (_fusable(m, acc, g, beta, epsilon) and _writable(m) and _writable(acc)):
+        return NotImplemented
+    norm = load_fused_cpu().ema_plus_square_norm_in_place(g.reshape(-1), m.reshape(-1), acc.reshape(-1), beta, epsilon)
+    return m, acc, np.asarray(norm, dtype=m.dtype)
 
 
 def scaled_plus_product_(c, a, b, beta: float, alpha: float = 1.0):

@@ -18,10 +18,10 @@ import torch
 
 from shampoo_core import _xp
 
-from . import piecewise_norm_over_root_plus
+from . import load_fused_cpu, piecewise_norm_over_root_plus
 
-__all__ = ["ema", "plus_square", "over_root_plus", "norm_over_root_plus", "norm", "scaled_copy",
-           "scaled_plus_product", "ema_", "plus_square_", "scaled_plus_product_"]
+__all__ = ["ema", "plus_square", "over_root_plus", "norm_over_root_plus", "ema_plus_square_norm", "norm",
+           "scaled_copy", "scaled_plus_product", "ema_", "plus_square_", "ema_plus_square_norm_", "scaled_plus_product_"]
 
 NAMESPACE = "array_api_compat.torch"
 
@@ -76,6 +76,39 @@ def norm_over_root_plus(f, acc, epsilon):
                         dtype=f.dtype)
 
 
+def _fusable(m, acc, g, beta, epsilon) -> bool:
+    """Whether ``backends.fused_cpu`` takes these: numba installed, contiguous CPU float32/float64
+    tensors of one shape and dtype, none recorded by autograd, that share no memory; Python β and ε."""
+    return (_tensors(m, acc, g) and m.dtype in _REAL and acc.dtype == m.dtype and g.dtype == m.dtype
+            and acc.shape == m.shape and g.shape == m.shape
+            and all(x.device.type == "cpu" and x.is_contiguous() and not x.requires_grad for x in (m, acc, g))
+            and isinstance(beta, (int, float)) and isinstance(epsilon, (int, float))
+            and _disjoint(m, acc, g) and load_fused_cpu() is not None)
+
+
+def _disjoint(*tensors) -> bool:
+    """Whether the memory spans of these contiguous tensors overlap nowhere."""
+    spans = sorted((x.data_ptr(), x.data_ptr() + x.numel() * x.element_size()) for x in tensors)
+    return all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
+
+
+def _fused_in_place(m, acc, g, beta, epsilon):
+    flat = [x.reshape(-1).numpy() for x in (g, m, acc)]
+    return torch.tensor(load_fused_cpu().ema_plus_square_norm_in_place(*flat, beta, epsilon), dtype=m.dtype)
+
+
+def ema_plus_square_norm(m, acc, g, beta: float, epsilon):
+    """The new first moment, the new accumulator and the grafted norm by one compiled pass over
+    clones of ``m`` and ``acc`` (``backends.fused_cpu``), with NumPy's bits: every operation rounded on its own,
+    where torch's vectorized ``lerp`` and ``addcmul`` fuse a multiply and an add, so that an entry
+    may differ from theirs by an ulp. Declines where numba is not installed, and all but
+    :func:`_fusable` arguments."""
+    if not _fusable(m, acc, g, beta, epsilon):
+        return NotImplemented
+    m_out, acc_out = m.clone(), acc.clone()
+    return m_out, acc_out, _fused_in_place(m_out, acc_out, g, beta, epsilon)
+
+
 def norm(x):
     """‖x‖₂ of a contiguous float32/float64 tensor as the BLAS dot of its entries, which
     ``torch.linalg.vector_norm`` matches in time but not in accuracy: on 4M float32 Gaussian
@@ -124,6 +157,13 @@ def plus_square_(acc, g):
     if not _writable(acc, g):
         return NotImplemented
     return acc.addcmul_(g, g)
+
+
+def ema_plus_square_norm_(m, acc, g, beta: float, epsilon):
+    """:func:`ema_plus_square_norm` written into ``m`` and ``acc``, with the same bits."""
+    if not (_fusable(m, acc, g, beta, epsilon) and _writable(m) and _writable(acc)):
+        return NotImplemented
+    return m, acc, _fused_in_place(m, acc, g, beta, epsilon)
 
 
 def scaled_plus_product_(c, a, b, beta: float, alpha: float = 1.0):

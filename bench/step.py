@@ -343,9 +343,15 @@ def _run(args, threads: dict) -> int:
         print(f"torch.optim.AdamW step: {adamw:.1f} ms ({adamw / pass_ms:.1f} passes)")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # numba's one pass for the first moment, the accumulator and the grafted norm (NumPy, torch)
+    import backends
+
+    one_pass = lib.name in ("numpy", "torch") and backends.load_fused_cpu() is not None
     (out / "step.json").write_text(json.dumps(dict(library=args.library, threads=threads, parameters=n_params, shapes=shapes,
-                                                   rows=rows, adamw_ms=adamw, pass_ms=pass_ms), indent=2))
-    print(f"{n_params} parameters; written to {out}/step.json")
+                                                   rows=rows, adamw_ms=adamw, pass_ms=pass_ms,
+                                                   first_order_in_one_pass=one_pass), indent=2))
+    print(f"{n_params} parameters; grafted optimizer in one pass (numba): {'yes' if one_pass else 'no'}; "
+          f"written to {out}/step.json")
     return 0
 
 

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 from . import _xp
 
-__all__ = ["ema", "plus_square", "over_root_plus", "norm_over_root_plus", "scaled_copy", "gated"]
+__all__ = ["ema", "plus_square", "over_root_plus", "norm_over_root_plus", "ema_plus_square_norm", "scaled_copy",
+           "gated"]
 
 
 def ema(old, new, beta: float, donate: bool = False, gate=None):
@@ -125,6 +126,32 @@ def norm_over_root_plus(xp, f, acc, epsilon):
     if out is not NotImplemented:
         return out
     return _xp.norm(xp, over_root_plus(xp, f, acc, epsilon))
+
+
+def ema_plus_square_norm(xp, m, acc, g, beta: float, epsilon: float, donate: bool = False):
+    """The first moment, the AdaGrad accumulator and the norm of the grafting direction of a
+    layer-grafted step, together: ``(m', acc', ‖m' / (√acc' + ε)‖₂)`` with m' = :func:`ema` of
+    ``m`` and ``g`` and acc' = :func:`plus_square` of ``acc`` and ``g``.
+
+    The three read ``g``, ``m`` and ``acc`` three times as separate passes; a library's fast path
+    may compute them in one (``backends.fused_cpu``, where numba is installed: NumPy arrays and
+    torch CPU tensors). Its m' and acc' have the bits of NumPy's :func:`ema` and
+    :func:`plus_square`, its norm the accuracy of :func:`norm_over_root_plus`'s.
+
+    Args:
+        m, acc, g: arrays of one shape and real floating dtype, ``acc >= 0``.
+        beta: a float in [0, 1] (the first moment's β₁); epsilon: a float >= 0.
+        donate: ``m`` and ``acc`` may be overwritten with m' and acc' (see the module docstring).
+
+    Returns:
+        ``(m', acc', norm)``: m' and acc' of ``m``'s shape and dtype (new arrays, or ``m`` and
+        ``acc`` themselves where donated and written in place), ``norm`` a 0-d array of that dtype.
+    """
+    out = _xp.fast_value("ema_plus_square_norm", m, acc, g, beta, epsilon, donate=donate)
+    if out is not NotImplemented:
+        return out
+    new_m, new_acc = ema(m, g, beta, donate), plus_square(acc, g, donate)
+    return new_m, new_acc, norm_over_root_plus(xp, new_m, new_acc, epsilon)
 
 
 def scaled_copy(x, scale):

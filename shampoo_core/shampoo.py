@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import optree
 
-from . import _xp, blocking, grafting, momentum, preconditioner, roots, statistics, tree
+from . import _elementwise, _xp, blocking, grafting, momentum, preconditioner, roots, statistics, tree
 from .cost_model import CostModel
 from .base import (GradientTransformation, check_against_state, check_leaf_count, check_leaves,
                    count_and_learning_rate, may_be_positive, record_hyperparameters, scalar_as,
@@ -623,24 +623,35 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
     if decay and not config.decoupled_weight_decay:
         g = g + wd * p
 
+    plan = config.plan(tuple(g.shape))
     # F = f_scale · f and the grafting direction D = d_scale · d: per-step scalars are applied with
     # the learning rate, not in passes of their own.
-    new_m, f, f_scale = None, g, 1.0
-    if s.momentum is not None:
-        new_m = momentum.ema(s.momentum, g, config.beta1, config.donate_state, schedule.finite)
-        f, f_scale = momentum.filtered_gradient(new_m, g, config.beta1, step, config.nesterov)
-
-    new_graft = grafting.update_graft(config.graft_type, s.graft, g, config.graft_beta2, config.donate_state,
-                                      schedule.finite)
+    new_m, f, f_scale, layer_norm = None, g, 1.0, None
+    if (s.momentum is not None and not config.nesterov and schedule.finite is None
+            and config.graft_type is GraftType.ADAGRAD and config.graft_granularity is GraftGranularity.LAYER
+            and plan.num_preconditioned and schedule.precondition is True):
+        # A preconditioned step needs of AdaGrad's direction (for F = m̂) only its layer norm: the
+        # first moment, the accumulator and that norm in one pass where the library has one.
+        new_m, acc, layer_norm = _elementwise.ema_plus_square_norm(
+            xp, s.momentum, s.graft.accumulator, g, config.beta1, config.diagonal_epsilon, config.donate_state)
+        new_graft = grafting.GraftState(acc)
+        f, f_scale = momentum.filtered_gradient(new_m, g, config.beta1, step, False)
+    else:
+        if s.momentum is not None:
+            new_m = momentum.ema(s.momentum, g, config.beta1, config.donate_state, schedule.finite)
+            f, f_scale = momentum.filtered_gradient(new_m, g, config.beta1, step, config.nesterov)
+        new_graft = grafting.update_graft(config.graft_type, s.graft, g, config.graft_beta2, config.donate_state,
+                                          schedule.finite)
     diagonal = dict(epsilon=config.diagonal_epsilon, beta2=config.graft_beta2, step=step, f_scale=f_scale)
 
     def direction():  # written only where a step uses it: a layer's grafting needs only its norm
         return grafting.graft_direction(xp, config.graft_type, new_graft, f, **diagonal)
 
     def direction_norm():
+        if layer_norm is not None:  # AdaGrad's direction has no scale of its own (grafting._diagonal)
+            return f_scale * layer_norm
         return grafting.direction_norm(xp, config.graft_type, new_graft, f, **diagonal)
 
-    plan = config.plan(tuple(g.shape))
     new_blocks = s.blocks
     neg_lr = -scalar_as(xp, schedule.learning_rate, dtype)
 

@@ -1,0 +1,194 @@
+"""The grafted first-order optimizer's three passes (the first moment, AdaGrad's accumulator and
+the norm of the grafting direction) as one: ``_elementwise.ema_plus_square_norm``, and numba's
+one-pass kernel (``backends.fused_cpu``) behind NumPy's and torch's fast paths."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import backends
+import shampoo_core as sc
+from helpers import eps, to_np, to_xp
+from shampoo_core import _elementwise, _xp
+
+SHAPES = [(1,), (7,), (33, 17), (4, 3, 2, 2), (1000,)]
+EPSILON = 1e-6
+
+
+def _inputs(shape, seed, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    m, g = rng.standard_normal(shape), rng.standard_normal(shape)
+    acc = np.abs(rng.standard_normal(shape)) * rng.choice([1e-8, 1.0, 1e3], size=shape)
+    return tuple(np.asarray(x, dtype=dtype) for x in (m, acc, g))
+
+
+def _quotient_norm(new_m, new_acc, epsilon, dtype):
+    """‖m / (√acc + ε)‖ in float64 of the quotients as ``dtype`` rounds them."""
+    q = new_m / (np.sqrt(new_acc) + dtype(epsilon))
+    return float(np.sqrt(np.sum(q.astype(np.float64) ** 2)))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@given(beta=st.sampled_from([0.0, 0.3, 0.5, 0.9, 1.0]), seed=st.integers(0, 2**16))
+def test_one_pass_is_the_three_passes(xp, shape, beta, seed):
+    m, acc, g = _inputs(shape, seed)
+    xm, xa, xg = to_xp(xp, m), to_xp(xp, acc), to_xp(xp, g)
+    new_m, new_acc, norm = _elementwise.ema_plus_square_norm(xp, xm, xa, xg, beta, EPSILON)
+    for x, before in zip((xm, xa, xg), (m, acc, g)):
+        np.testing.assert_array_equal(to_np(x), before)  # inputs untouched
+    new_m, new_acc = to_np(new_m), to_np(new_acc)
+    assert new_m.shape == shape and new_m.dtype == np.float32 and new_acc.dtype == np.float32
+    # the running average within the bound of test_elementwise's, the sum of squares within an ulp
+    exact_m = beta * m.astype(np.float64) + (1.0 - beta) * g.astype(np.float64)
+    assert np.all(np.abs(new_m - exact_m) <= 6 * eps("float32") * np.maximum(np.abs(m), np.abs(g)))
+    exact_acc = acc.astype(np.float64) + g.astype(np.float64) ** 2
+    assert np.all(np.abs(new_acc - exact_acc) <= eps("float32") * exact_acc)
+    # the norm of the quotients it returns with, its squares summed to float32's accuracy or better
+    ref = _quotient_norm(new_m, new_acc, EPSILON, np.float32)
+    assert abs(float(to_np(norm)) - ref) <= (m.size + 2) * eps("float32") * ref
+
+
+def _spy(monkeypatch):
+    """Count the calls of the compiled kernel (skips where numba is not installed)."""
+    pytest.importorskip("numba")
+    fused = backends.load_fused_cpu()
+    assert fused is not None
+    calls = []
+    kernel = fused.ema_plus_square_norm_in_place
+
+    def spy(*args):
+        calls.append(args[0].size)
+        return kernel(*args)
+
+    monkeypatch.setattr(fused, "ema_plus_square_norm_in_place", spy)
+    return calls
+
+
+def _lib(name):
+    if name == "torch":
+        torch = pytest.importorskip("torch")
+        return torch.from_numpy
+    return np.array
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.9])
+def test_numba_kernel_has_numpys_bits_and_a_float64_sum(monkeypatch, lib, dtype, beta):
+    """NumPy arrays and torch CPU tensors take the compiled pass: the new m and acc have the bits
+    of NumPy's passes (``backends.numpy_backend``), donated or not, and the norm's squares are
+    summed in float64, so it is within 2u of the float64 norm of its quotients."""
+    calls = _spy(monkeypatch)
+    from backends import numpy_backend
+
+    conv = _lib(lib)
+    m, acc, g = _inputs((301, 7), 5, dtype)
+    want_m, want_acc = numpy_backend.ema(m, g, beta), numpy_backend.plus_square(acc, g)
+    for donate in (False, True):
+        xm, xa, xg = conv(m.copy()), conv(acc.copy()), conv(g.copy())
+        new_m, new_acc, norm = _elementwise.ema_plus_square_norm(_xp.namespace(xm), xm, xa, xg, beta, EPSILON, donate)
+        assert (new_m is xm and new_acc is xa) == donate
+        np.testing.assert_array_equal(to_np(new_m), want_m)
+        np.testing.assert_array_equal(to_np(new_acc), want_acc)
+        if not donate:
+            np.testing.assert_array_equal(to_np(xm), m)
+            np.testing.assert_array_equal(to_np(xa), acc)
+        ref = _quotient_norm(want_m, want_acc, EPSILON, dtype)
+        assert to_np(norm).dtype == dtype and to_np(norm).shape == ()
+        assert abs(float(to_np(norm)) - ref) <= 2 * eps(dtype) * ref
+    assert calls == [m.size, m.size]
+
+
+def _f64(x):
+    """float64 NumPy copy of an array or tensor (of any real dtype, bfloat16 included)."""
+    return x.detach().double().numpy() if hasattr(x, "detach") else np.asarray(x, dtype=np.float64)
+
+
+def _declined_cases(lib):
+    m, acc, g = _inputs((12, 10), 2)
+    if lib == "numpy":
+        buffer = np.abs(np.concatenate([m.reshape(-1), acc.reshape(-1)]))
+        overlapping = buffer[: m.size].reshape(m.shape), buffer[m.size // 2: m.size // 2 + m.size].reshape(m.shape)
+        return {
+            "strided": (np.asfortranarray(m), acc, g),
+            "overlapping": (*overlapping, g),
+            "float16": (m.astype(np.float16), acc.astype(np.float16), g.astype(np.float16)),
+        }
+    torch = pytest.importorskip("torch")
+    t = [torch.from_numpy(x) for x in (m, acc, g)]
+    return {
+        "strided": (t[0].t().contiguous().t(), t[1], t[2]),
+        "autograd": (t[0], t[1], t[2].clone().requires_grad_(True)),
+        "bfloat16": tuple(x.to(torch.bfloat16) for x in t),
+    }
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_numba_kernel_declines_what_it_cannot_read_as_one_flat_array(monkeypatch, lib):
+    """Strided arrays, arrays that overlap, half dtypes and tensors autograd records are left to
+    the three passes, with their values."""
+    calls = _spy(monkeypatch)
+    for name, (m, acc, g) in _declined_cases(lib).items():
+        import copy
+
+        expected = [_f64(x) for x in (_elementwise.ema(m, g, 0.9), _elementwise.plus_square(acc, g))]
+        before = [_f64(copy.deepcopy(x)) for x in (m, acc)]
+        new_m, new_acc, norm = _elementwise.ema_plus_square_norm(_xp.namespace(m), m, acc, g, 0.9, EPSILON)
+        assert calls == [], name
+        np.testing.assert_array_equal(_f64(new_m), expected[0], err_msg=name)
+        np.testing.assert_array_equal(_f64(new_acc), expected[1], err_msg=name)
+        assert np.isfinite(_f64(norm)), name
+        for x, b in zip((m, acc), before):
+            np.testing.assert_array_equal(_f64(x), b, err_msg=name)
+
+
+def test_without_numba_the_step_takes_the_three_passes(monkeypatch):
+    """Where numba is missing (or does not import) the fast paths decline, and the result is
+    the three passes' own, bit for bit."""
+    monkeypatch.setattr(backends, "_FUSED_CPU", [None])
+    m, acc, g = _inputs((40, 9), 4)
+    new_m, new_acc, norm = _elementwise.ema_plus_square_norm(_xp.namespace(m), m, acc, g, 0.9, EPSILON)
+    want_m, want_acc = _elementwise.ema(m, g, 0.9), _elementwise.plus_square(acc, g)
+    np.testing.assert_array_equal(new_m, want_m)
+    np.testing.assert_array_equal(new_acc, want_acc)
+    assert float(norm) == float(_elementwise.norm_over_root_plus(np, want_m, want_acc, EPSILON))
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_layer_grafted_preconditioned_steps_take_the_one_pass(monkeypatch, lib):
+    """Shampoo's default step (β₁ > 0, AdaGrad grafting per layer) takes the compiled pass once
+    per preconditioned parameter on preconditioned steps, donated or not, and its new first
+    moment and accumulator are NumPy's passes over the old ones; steps that need the grafting
+    direction itself, or another average, do not take it."""
+    calls = _spy(monkeypatch)
+    from backends import numpy_backend
+
+    conv = _lib(lib)
+    rng = np.random.default_rng(0)
+    params = {"w": rng.standard_normal((20, 12)).astype(np.float32), "b": rng.standard_normal(12).astype(np.float32)}
+    grads = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in params.items()} for _ in range(3)]
+    p = {k: conv(v.copy()) for k, v in params.items()}
+
+    def run(donate=False, **options):
+        tx = sc.shampoo(0.1, block_size=8, start_preconditioning_step=2, donate_state=donate, **options)
+        state = tx.init(p)
+        for g in grads:
+            old = [(to_np(s.momentum).copy(), to_np(s.graft.accumulator).copy()) for s in state.params]
+            updates, state = tx.update(state, {k: conv(v.copy()) for k, v in g.items()}, p)
+            assert all(np.all(np.isfinite(to_np(u))) for u in updates.values())
+        return old, state
+
+    for donate in (False, True):
+        calls.clear()
+        old, state = run(donate)
+        # step 1 is AdaGrad's (not preconditioned); steps 2 and 3 precondition both leaves
+        assert sorted(calls) == [12, 12, 240, 240]
+        # the last step's new state from the old (leaves in the tree's order: b, w)
+        for (m, acc), s, g in zip(old, state.params, (grads[-1]["b"], grads[-1]["w"])):
+            np.testing.assert_array_equal(to_np(s.momentum), numpy_backend.ema(m, g, 0.9))
+            np.testing.assert_array_equal(to_np(s.graft.accumulator), numpy_backend.plus_square(acc, g))
+    for options in (dict(nesterov=True), dict(graft_granularity="block"), dict(graft_type="rmsprop"), dict(beta1=0.0)):
+        calls.clear()
+        run(**options)
+        assert calls == [], options
