@@ -45,7 +45,7 @@ def load_fused_cpu():
         if importlib.util.find_spec("numba") is not None:
             try:
                 from . import fused_cpu as module
-            except ImportError:  # a numba built for another NumPy: the eager passes instead
-                module = None
+            except (ImportError, RuntimeError):  # a numba built for another NumPy, or no place
+                module = None  # to cache the compiled loop (RuntimeError): the eager passes instead
         _FUSED_CPU.append(module)
     return _FUSED_CPU[0]
