@@ -113,9 +113,13 @@ def ema_plus_square_norm(m, acc, g, beta: float, epsilon):
     if not _fusable(m, acc, g, beta, epsilon):
         return NotImplemented
     m_out, acc_out = m.copy(), acc.copy()
-    norm = load_fused_cpu().ema_plus_square_norm_in_place(g.reshape(-1), m_out.reshape(-1), acc_out.reshape(-1),
-                                                          beta, epsilon)
-    return m_out, acc_out, np.asarray(norm, dtype=m.dtype)
+    return m_out, acc_out, _fused_in_place(m_out, acc_out, g, beta, epsilon)
+
+
+def _fused_in_place(m, acc, g, beta, epsilon):
+    """The compiled pass into ``m`` and ``acc``; the norm as a 0-d array of their dtype."""
+    flat = [x.reshape(-1) for x in (g, m, acc)]
+    return np.asarray(load_fused_cpu().ema_plus_square_norm_in_place(*flat, beta, epsilon), dtype=m.dtype)
 
 
 def scaled_copy(x, scale):
@@ -167,8 +171,7 @@ def ema_plus_square_norm_(m, acc, g, beta: float, epsilon):
     """:func:`ema_plus_square_norm` written into ``m`` and ``acc``, with the same bits."""
     if not (_fusable(m, acc, g, beta, epsilon) and _writable(m) and _writable(acc)):
         return NotImplemented
-    norm = load_fused_cpu().ema_plus_square_norm_in_place(g.reshape(-1), m.reshape(-1), acc.reshape(-1), beta, epsilon)
-    return m, acc, np.asarray(norm, dtype=m.dtype)
+    return m, acc, _fused_in_place(m, acc, g, beta, epsilon)
 
 
 def scaled_plus_product_(c, a, b, beta: float, alpha: float = 1.0):

@@ -93,16 +93,17 @@ def _disjoint(*tensors) -> bool:
 
 
 def _fused_in_place(m, acc, g, beta, epsilon):
+    """The compiled pass into ``m`` and ``acc`` (zero-copy NumPy views); the norm as a 0-d tensor."""
     flat = [x.reshape(-1).numpy() for x in (g, m, acc)]
     return torch.tensor(load_fused_cpu().ema_plus_square_norm_in_place(*flat, beta, epsilon), dtype=m.dtype)
 
 
 def ema_plus_square_norm(m, acc, g, beta: float, epsilon):
     """The new first moment, the new accumulator and the grafted norm by one compiled pass over
-    clones of ``m`` and ``acc`` (``backends.fused_cpu``), with NumPy's bits: every operation rounded on its own,
-    where torch's vectorized ``lerp`` and ``addcmul`` fuse a multiply and an add, so that an entry
-    may differ from theirs by an ulp. Declines where numba is not installed, and all but
-    :func:`_fusable` arguments."""
+    clones of ``m`` and ``acc`` (``backends.fused_cpu``), with NumPy's bits: every operation
+    rounded on its own, where torch's vectorized ``lerp`` and ``addcmul`` fuse a multiply and an
+    add, so that an entry may differ from theirs by an ulp. Declines where numba is not
+    installed, and all but :func:`_fusable` arguments."""
     if not _fusable(m, acc, g, beta, epsilon):
         return NotImplemented
     m_out, acc_out = m.clone(), acc.clone()

@@ -2,6 +2,8 @@
 the norm of the grafting direction) as one: ``_elementwise.ema_plus_square_norm``, and numba's
 one-pass kernel (``backends.fused_cpu``) behind NumPy's and torch's fast paths."""
 
+import copy
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -130,8 +132,6 @@ def test_numba_kernel_declines_what_it_cannot_read_as_one_flat_array(monkeypatch
     the three passes, with their values."""
     calls = _spy(monkeypatch)
     for name, (m, acc, g) in _declined_cases(lib).items():
-        import copy
-
         expected = [_f64(x) for x in (_elementwise.ema(m, g, 0.9), _elementwise.plus_square(acc, g))]
         before = [_f64(copy.deepcopy(x)) for x in (m, acc)]
         new_m, new_acc, norm = _elementwise.ema_plus_square_norm(_xp.namespace(m), m, acc, g, 0.9, EPSILON)
