@@ -7,76 +7,218 @@ on one core. Here one compiled loop reads each entry of g, m and acc once, write
 acc, and sums the squares of the direction, in about 12 ms (docs/performance.md, "The grafted
 optimizer in one pass").
 
+The new m and acc go into ``m`` and ``acc`` (a donated state) or into new arrays: the loop
+reads the old values and writes the new ones, instead of copying the old arrays first and
+writing into the copies (two more passes).
+
+The same pass can also cut g and the new m into the blocks of a parameter's block plan (``cut``
+of :func:`ema_plus_square_norm`): each row of the parameter is copied into its blocks right
+after the pass has read and written it, while it is still in cache, where cutting g and m
+afterwards (``shampoo_core.blocking.split_groups``) reads both from memory again.
+
 NumPy arrays and torch CPU tensors (zero-copy, through ``Tensor.numpy``) take it, from
 ``backends.numpy_backend`` and ``backends.torch_backend`` where numba is installed (the ``fast``
-extra); numba compiles the loop at its first call for each dtype (under a second, cached on disk).
+extra); numba compiles each loop at its first call for each dtype (under a second, cached on
+disk).
 
 Bits: the new m and acc are NumPy's (``backends.numpy_backend.ema`` and ``plus_square``), each
 operation rounded in the arrays' dtype; torch's ``lerp`` rounds ``m + w(g - m)`` once, with a
 fused multiply-add, so on torch tensors m may differ from it by an ulp. The norm's squares are
-summed in float64, in 16 interleaved partial sums.
+summed in float64, in 16 interleaved partial sums, entry k into sum k mod 16 in every form of
+the loop, so that all forms return the same norm. The blocks are ``split_groups``' bits.
+
+Vectorization: indices are unsigned, because numba wraps a negative index around, and the
+branch that checks for one keeps the compiler from vectorizing a loop whose start it cannot
+prove >= 0 (a loop over the rows of a parameter ran 3.4 times slower). Separate outputs are
+written through pointers the compiler cannot prove apart from the inputs; it checks for overlap
+once per loop at run time and vectorizes. The in-place loops are compiled on their own, with
+one pointer for m and one for acc, as such a check would fail there. The two forms of the
+average are one loop with a flag the compiler hoists out of it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numba
 import numpy as np
 
-__all__ = ["ema_plus_square_norm_in_place"]
+__all__ = ["ema_plus_square_norm", "cuts_in_one_pass", "cut_layout", "cut_stacks"]
 
 _LANES = 16  # independent float64 partial sums: a reduction the compiler vectorizes without reassociating
 
 
-def _compiled(beta_above_half: bool):
-    """The loop for one of NumPy's two forms of the average (a branch inside the loop would keep
-    the compiler from vectorizing it)."""
+# Module-level functions, not closures: numba's disk cache cannot key a closure over other
+# compiled functions, and compiled one again in every process, adding a file to the cache each time.
 
-    @numba.njit(inline="always")
-    def entry(i, g, m, acc, coef, epsilon):  # pragma: no cover (compiled)
-        gi = g[i]
-        mi = m[i]
-        # m + (β-1)(m - g) for β > 1/2, g + β(m - g) otherwise
-        new_m = (mi - gi) * coef + (mi if beta_above_half else gi)
-        new_acc = acc[i] + gi * gi
-        m[i] = new_m
-        acc[i] = new_acc
-        q = np.float64(new_m / (np.sqrt(new_acc) + epsilon))
-        return q * q
-
-    @numba.njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)
-    def kernel(g, m, acc, coef, epsilon):  # pragma: no cover (compiled)
-        n = g.shape[0]
-        parts = np.zeros(_LANES, np.float64)
-        whole = n - n % _LANES
-        for i0 in range(0, whole, _LANES):
-            for j in range(_LANES):
-                parts[j] += entry(i0 + j, g, m, acc, coef, epsilon)
-        for i in range(whole, n):
-            parts[i - whole] += entry(i, g, m, acc, coef, epsilon)
-        return math.sqrt(parts.sum())
-
-    return kernel
+@numba.njit(inline="always")
+def _entry(i, g, m, acc, m_out, acc_out, above, coef, epsilon):  # pragma: no cover (compiled)
+    i = np.uint64(i)
+    gi = g[i]
+    mi = m[i]
+    # m + (β-1)(m - g) for β > 1/2, g + β(m - g) otherwise; ``above`` is the same for the whole
+    # loop, which the compiler splits into one vectorized loop per form
+    new_m = (mi - gi) * coef + (mi if above else gi)
+    new_acc = acc[i] + gi * gi
+    m_out[i] = new_m
+    acc_out[i] = new_acc
+    q = np.float64(new_m / (np.sqrt(new_acc) + epsilon))
+    return q * q
 
 
-_KERNELS = {True: _compiled(True), False: _compiled(False)}
+@numba.njit(inline="always")
+def _run(g, m, acc, m_out, acc_out, above, coef, epsilon, parts, start, stop):  # pragma: no cover (compiled)
+    # ``start`` a multiple of the lanes, so that entry k adds into lane k % _LANES
+    whole = stop - (stop - start) % _LANES
+    for i0 in range(start, whole, _LANES):
+        for j in range(_LANES):
+            parts[j] += _entry(i0 + j, g, m, acc, m_out, acc_out, above, coef, epsilon)
+    for i in range(whole, stop):
+        parts[i - whole] += _entry(i, g, m, acc, m_out, acc_out, above, coef, epsilon)
 
 
-def ema_plus_square_norm_in_place(g, m, acc, beta: float, epsilon: float) -> float:
-    """Write β·m + (1 - β)·g into ``m`` and acc + g² into ``acc``, and return
-    ‖m / (√acc + ε)‖₂ of the new values as a Python float.
+@numba.njit(inline="always")
+def _cut_rows(g, new_m, weight, cols, r0, r1, table, starts, widths, g_cut, m_cut):  # pragma: no cover (compiled)
+    for i in range(r0, r1):
+        for b in range(starts.shape[0]):
+            dst = np.uint64(table[i, b])
+            src = np.uint64(i * cols + starts[b])
+            for c in range(np.uint64(widths[b])):
+                g_cut[dst + c] = g[src + c] * weight
+            for c in range(np.uint64(widths[b])):
+                m_cut[dst + c] = new_m[src + c]
 
-    In place only: with separate outputs the compiler cannot rule out that they overlap the
-    inputs, and leaves the loop unvectorized (twice the time).
+
+_jit = numba.njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)
+
+
+@_jit
+def _flat_in_place(g, m, acc, above, coef, epsilon):  # pragma: no cover (compiled)
+    parts = np.zeros(_LANES, np.float64)
+    _run(g, m, acc, m, acc, above, coef, epsilon, parts, 0, g.shape[0])
+    return math.sqrt(parts.sum())
+
+
+@_jit
+def _flat_into(g, m, acc, m_out, acc_out, above, coef, epsilon):  # pragma: no cover (compiled)
+    parts = np.zeros(_LANES, np.float64)
+    _run(g, m, acc, m_out, acc_out, above, coef, epsilon, parts, 0, g.shape[0])
+    return math.sqrt(parts.sum())
+
+
+@_jit
+def _cut_in_place(g, m, acc, above, coef, epsilon, weight, cols, rows_per_piece, table, starts, widths,
+                  g_cut, m_cut):  # pragma: no cover (compiled)
+    parts = np.zeros(_LANES, np.float64)
+    rows = g.shape[0] // cols
+    for r0 in range(0, rows, rows_per_piece):
+        r1 = min(r0 + rows_per_piece, rows)
+        _run(g, m, acc, m, acc, above, coef, epsilon, parts, r0 * cols, r1 * cols)
+        _cut_rows(g, m, weight, cols, r0, r1, table, starts, widths, g_cut, m_cut)  # still in cache
+    return math.sqrt(parts.sum())
+
+
+@_jit
+def _cut_into(g, m, acc, m_out, acc_out, above, coef, epsilon, weight, cols, rows_per_piece, table, starts, widths,
+              g_cut, m_cut):  # pragma: no cover (compiled)
+    parts = np.zeros(_LANES, np.float64)
+    rows = g.shape[0] // cols
+    for r0 in range(0, rows, rows_per_piece):
+        r1 = min(r0 + rows_per_piece, rows)
+        _run(g, m, acc, m_out, acc_out, above, coef, epsilon, parts, r0 * cols, r1 * cols)
+        _cut_rows(g, m_out, weight, cols, r0, r1, table, starts, widths, g_cut, m_cut)
+    return math.sqrt(parts.sum())
+
+
+# by (cut, in place); the in-place loops are their own, with one pointer for m and one for acc
+_KERNELS = {(False, True): _flat_in_place, (False, False): _flat_into,
+            (True, True): _cut_in_place, (True, False): _cut_into}
+
+
+def ema_plus_square_norm(g, m, acc, beta: float, epsilon: float, out=None, cut=None) -> float:
+    """β·m + (1 - β)·g and acc + g², and ‖m' / (√acc' + ε)‖₂ of the new values as a Python
+    float, in one pass.
 
     Args:
-        g, m, acc: 1-D C-contiguous NumPy arrays of one length and one dtype, float32 or float64,
-            ``m`` and ``acc`` writable; no two share memory.
+        g, m, acc: 1-D C-contiguous NumPy arrays of one length and one dtype, float32 or float64;
+            no two share memory.
         beta: the first moment's β in [0, 1]; epsilon: ε >= 0 (AdaGrad's), Python floats rounded
             to the arrays' dtype, as NumPy rounds a Python scalar beside an array.
+        out: ``None``: the new values are written into ``m`` and ``acc`` (then writable); or
+            ``(m_out, acc_out)``, arrays like ``m`` sharing no memory with the others, which
+            receive them (``m`` and ``acc`` are only read).
+        cut: ``None``, or ``(plan, weight, g_cut, m_cut)``: also write g·``weight`` and the new m
+            cut into the blocks of ``plan`` (a ``shampoo_core.blocking.BlockPlan`` that
+            :func:`cuts_in_one_pass` takes; ``weight`` a Python float or ``None``) into
+            ``g_cut`` and ``m_cut``, arrays like ``m`` sharing no memory with the others, laid
+            out as :func:`cut_layout` says.
     """
     dtype = g.dtype.type
     above = beta > 0.5
     coef = dtype(beta - 1.0) if above else dtype(beta)
-    return float(_KERNELS[above](g, m, acc, coef, dtype(epsilon)))
+    arrays = (g, m, acc) + (() if out is None else tuple(out))
+    kernel = _KERNELS[(cut is not None, out is None)]
+    if cut is None:
+        return float(kernel(*arrays, above, coef, dtype(epsilon)))
+    plan, weight, g_cut, m_cut = cut
+    table, starts, widths, _ = cut_layout(plan)
+    cols = plan.merged_shape[1]
+    rows_per_piece = _LANES // math.gcd(cols, _LANES)  # pieces of whole lanes keep the flat loop's sums
+    scale = dtype(1.0 if weight is None else weight)
+    return float(kernel(*arrays, above, coef, dtype(epsilon), scale, cols, rows_per_piece, table, starts, widths,
+                        g_cut, m_cut))
+
+
+def cuts_in_one_pass(plan, shape, weight) -> bool:
+    """Whether ``cut`` of :func:`ema_plus_square_norm` takes ``plan`` for arrays of ``shape``:
+    ``plan``'s own, non-empty, merged into 2-D with more than one block along the columns (with
+    one, every group's blocks are whole rows, and ``split_groups`` cuts g and m as views, with no
+    copy to save), and a Python float or ``None`` as ``weight``."""
+    return (tuple(shape) == plan.shape and plan.size > 0 and len(plan.merged_shape) == 2
+            and len(plan.bounds[1]) > 1 and (weight is None or isinstance(weight, float)))
+
+
+@functools.lru_cache(maxsize=1024)  # plans are few and fixed; a step asks once per parameter
+def cut_layout(plan):
+    """Where the cut of :func:`ema_plus_square_norm` puts each entry of a parameter of ``plan``
+    (a ``shampoo_core.blocking.BlockPlan`` whose merged shape is ``(rows, cols)``).
+
+    The blocks lie in one buffer group after group, each group's stack of blocks in the order of
+    ``split_groups``, so that ``buffer[offset:offset + size].reshape(shape)`` is that group's
+    stack.
+
+    Returns:
+        ``(table, starts, widths, stacks)``: ``table`` ``(rows, column blocks)`` int64, the buffer
+        index of each row's first entry in each column block; ``starts``, ``widths`` per column
+        block (int64); ``stacks`` per group ``(offset, (num_blocks, *block_shape))``. The arrays
+        are read-only: every step of the plan shares them.
+
+    Raises:
+        ValueError: the merged shape is not 2-D.
+    """
+    if len(plan.merged_shape) != 2:
+        raise ValueError(f"plan: the cut needs a 2-D merged shape; got {plan.merged_shape}")
+    rows, _ = plan.merged_shape
+    starts = np.array([a for a, _ in plan.bounds[1]], dtype=np.int64)
+    widths = np.array([b - a for a, b in plan.bounds[1]], dtype=np.int64)
+    table = np.empty((rows, starts.shape[0]), dtype=np.int64)
+    stacks, offset = [], 0
+    for group in plan.groups:
+        (row_slice, col_slice), (row_count, col_count), (height, width) = group.region, group.counts, group.block_shape
+        block_row, row = np.divmod(np.arange(row_slice.stop - row_slice.start, dtype=np.int64), height)
+        block_col = np.arange(col_count, dtype=np.int64)
+        first = int(np.searchsorted(starts, col_slice.start))
+        table[row_slice, first:first + col_count] = offset + (
+            (block_row[:, None] * col_count + block_col[None, :]) * height + row[:, None]) * width
+        stacks.append((offset, (row_count * col_count, height, width)))
+        offset += row_count * col_count * height * width
+    for x in (table, starts, widths):
+        x.flags.writeable = False
+    return table, starts, widths, tuple(stacks)
+
+
+def cut_stacks(buffer, plan) -> list:
+    """The stacks of blocks of ``plan``'s groups in a 1-D NumPy array or torch tensor laid out as
+    :func:`cut_layout` says: views of ``buffer``, as ``split_groups`` returns them."""
+    return [buffer[offset:offset + math.prod(shape)].reshape(shape) for offset, shape in cut_layout(plan)[3]]

@@ -21,8 +21,9 @@ from shampoo_core import _xp
 
 from . import load_fused_cpu, piecewise_norm_over_root_plus
 
-__all__ = ["ema", "plus_square", "over_root_plus", "norm_over_root_plus", "ema_plus_square_norm", "scaled_copy",
-           "scaled_plus_product", "ema_", "plus_square_", "ema_plus_square_norm_", "scaled_plus_product_"]
+__all__ = ["ema", "plus_square", "over_root_plus", "norm_over_root_plus", "ema_plus_square_norm",
+           "ema_plus_square_norm_split", "scaled_copy", "scaled_plus_product", "ema_", "plus_square_",
+           "ema_plus_square_norm_", "ema_plus_square_norm_split_", "scaled_plus_product_"]
 
 NAMESPACE = "array_api_compat.numpy"
 
@@ -106,20 +107,38 @@ def _fusable(m, acc, g, beta, epsilon) -> bool:
 
 
 def ema_plus_square_norm(m, acc, g, beta: float, epsilon):
-    """The new first moment, the new accumulator and the grafted norm by one compiled pass over
-    copies of ``m`` and ``acc`` (``backends.fused_cpu``), with :func:`ema`'s and
+    """The new first moment, the new accumulator and the grafted norm by one compiled pass that
+    reads ``m`` and ``acc`` and writes new arrays (``backends.fused_cpu``), with :func:`ema`'s and
     :func:`plus_square`'s bits. Declines where numba is not installed, and all but
     :func:`_fusable` arguments."""
     if not _fusable(m, acc, g, beta, epsilon):
         return NotImplemented
-    m_out, acc_out = m.copy(), acc.copy()
-    return m_out, acc_out, _fused_in_place(m_out, acc_out, g, beta, epsilon)
+    return _fused(m, acc, g, beta, epsilon, in_place=False)
 
 
-def _fused_in_place(m, acc, g, beta, epsilon):
-    """The compiled pass into ``m`` and ``acc``; the norm as a 0-d array of their dtype."""
-    flat = [x.reshape(-1) for x in (g, m, acc)]
-    return np.asarray(load_fused_cpu().ema_plus_square_norm_in_place(*flat, beta, epsilon), dtype=m.dtype)
+def ema_plus_square_norm_split(m, acc, g, plan, beta: float, epsilon, weight):
+    """:func:`ema_plus_square_norm`, with g·``weight`` and the new m cut into ``plan``'s blocks in
+    the same compiled pass, with ``split_groups``' bits. Declines where numba is not installed,
+    all but :func:`_fusable` arguments, and plans whose cut is no copy
+    (``backends.fused_cpu.cuts_in_one_pass``)."""
+    if not (_fusable(m, acc, g, beta, epsilon) and load_fused_cpu().cuts_in_one_pass(plan, g.shape, weight)):
+        return NotImplemented
+    return _fused(m, acc, g, beta, epsilon, in_place=False, plan=plan, weight=weight)
+
+
+def _fused(m, acc, g, beta, epsilon, in_place: bool, plan=None, weight=None):
+    """The compiled pass into ``m`` and ``acc`` or new arrays; the norm as a 0-d array of their
+    dtype; with a ``plan``, g's and the new m's blocks (views of one new buffer each) too."""
+    fused = load_fused_cpu()
+    out = None if in_place else (np.empty_like(m), np.empty_like(acc))
+    new_m, new_acc = (m, acc) if in_place else out
+    cut = None
+    if plan is not None:
+        cut = (plan, weight, np.empty(g.size, dtype=g.dtype), np.empty(g.size, dtype=g.dtype))
+    norm = fused.ema_plus_square_norm(g.reshape(-1), m.reshape(-1), acc.reshape(-1), beta, epsilon,
+                                      out=None if out is None else [x.reshape(-1) for x in out], cut=cut)
+    result = (new_m, new_acc, np.asarray(norm, dtype=m.dtype))
+    return result if cut is None else result + (fused.cut_stacks(cut[2], plan), fused.cut_stacks(cut[3], plan))
 
 
 def scaled_copy(x, scale):
@@ -171,7 +190,15 @@ def ema_plus_square_norm_(m, acc, g, beta: float, epsilon):
     """:func:`ema_plus_square_norm` written into ``m`` and ``acc``, with the same bits."""
     if not (_fusable(m, acc, g, beta, epsilon) and _writable(m) and _writable(acc)):
         return NotImplemented
-    return m, acc, _fused_in_place(m, acc, g, beta, epsilon)
+    return _fused(m, acc, g, beta, epsilon, in_place=True)
+
+
+def ema_plus_square_norm_split_(m, acc, g, plan, beta: float, epsilon, weight):
+    """:func:`ema_plus_square_norm_split` with m and acc written in place, with the same bits."""
+    if not (_fusable(m, acc, g, beta, epsilon) and _writable(m) and _writable(acc)
+            and load_fused_cpu().cuts_in_one_pass(plan, g.shape, weight)):
+        return NotImplemented
+    return _fused(m, acc, g, beta, epsilon, in_place=True, plan=plan, weight=weight)
 
 
 def scaled_plus_product_(c, a, b, beta: float, alpha: float = 1.0):

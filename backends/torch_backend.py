@@ -20,8 +20,9 @@ from shampoo_core import _xp
 
 from . import load_fused_cpu, piecewise_norm_over_root_plus
 
-__all__ = ["ema", "plus_square", "over_root_plus", "norm_over_root_plus", "ema_plus_square_norm", "norm",
-           "scaled_copy", "scaled_plus_product", "ema_", "plus_square_", "ema_plus_square_norm_", "scaled_plus_product_"]
+__all__ = ["ema", "plus_square", "over_root_plus", "norm_over_root_plus", "ema_plus_square_norm",
+           "ema_plus_square_norm_split", "norm", "scaled_copy", "scaled_plus_product", "ema_", "plus_square_",
+           "ema_plus_square_norm_", "ema_plus_square_norm_split_", "scaled_plus_product_"]
 
 NAMESPACE = "array_api_compat.torch"
 
@@ -92,22 +93,45 @@ def _disjoint(*tensors) -> bool:
     return all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
 
 
-def _fused_in_place(m, acc, g, beta, epsilon):
-    """The compiled pass into ``m`` and ``acc`` (zero-copy NumPy views); the norm as a 0-d tensor."""
-    flat = [x.reshape(-1).numpy() for x in (g, m, acc)]
-    return torch.tensor(load_fused_cpu().ema_plus_square_norm_in_place(*flat, beta, epsilon), dtype=m.dtype)
+def _fused(m, acc, g, beta, epsilon, in_place: bool, plan=None, weight=None):
+    """The compiled pass (on zero-copy NumPy views) into ``m`` and ``acc`` or new tensors; the
+    norm as a 0-d tensor; with a ``plan``, g's and the new m's blocks (views of one new tensor
+    each) too."""
+    fused = load_fused_cpu()
+    new_m, new_acc = (m, acc) if in_place else (torch.empty_like(m), torch.empty_like(acc))
+    cut = None
+    if plan is not None:
+        cut = (torch.empty(g.numel(), dtype=g.dtype), torch.empty(g.numel(), dtype=g.dtype))
+
+    def flat(x):
+        return x.reshape(-1).numpy()
+
+    norm = fused.ema_plus_square_norm(flat(g), flat(m), flat(acc), beta, epsilon,
+                                      out=None if in_place else (flat(new_m), flat(new_acc)),
+                                      cut=None if cut is None else (plan, weight, flat(cut[0]), flat(cut[1])))
+    result = (new_m, new_acc, torch.tensor(norm, dtype=m.dtype))
+    return result if cut is None else result + (fused.cut_stacks(cut[0], plan), fused.cut_stacks(cut[1], plan))
 
 
 def ema_plus_square_norm(m, acc, g, beta: float, epsilon):
-    """The new first moment, the new accumulator and the grafted norm by one compiled pass over
-    clones of ``m`` and ``acc`` (``backends.fused_cpu``), with NumPy's bits: every operation
-    rounded on its own, where torch's vectorized ``lerp`` and ``addcmul`` fuse a multiply and an
-    add, so that an entry may differ from theirs by an ulp. Declines where numba is not
-    installed, and all but :func:`_fusable` arguments."""
+    """The new first moment, the new accumulator and the grafted norm by one compiled pass that
+    reads ``m`` and ``acc`` and writes new tensors (``backends.fused_cpu``), with NumPy's bits:
+    every operation rounded on its own, where torch's vectorized ``lerp`` and ``addcmul`` fuse a
+    multiply and an add, so that an entry may differ from theirs by an ulp. Declines where numba
+    is not installed, and all but :func:`_fusable` arguments."""
     if not _fusable(m, acc, g, beta, epsilon):
         return NotImplemented
-    m_out, acc_out = m.clone(), acc.clone()
-    return m_out, acc_out, _fused_in_place(m_out, acc_out, g, beta, epsilon)
+    return _fused(m, acc, g, beta, epsilon, in_place=False)
+
+
+def ema_plus_square_norm_split(m, acc, g, plan, beta: float, epsilon, weight):
+    """:func:`ema_plus_square_norm`, with g·``weight`` and the new m cut into ``plan``'s blocks in
+    the same compiled pass, with ``split_groups``' bits. Declines where numba is not installed,
+    all but :func:`_fusable` arguments, and plans whose cut is no copy
+    (``backends.fused_cpu.cuts_in_one_pass``)."""
+    if not (_fusable(m, acc, g, beta, epsilon) and load_fused_cpu().cuts_in_one_pass(plan, g.shape, weight)):
+        return NotImplemented
+    return _fused(m, acc, g, beta, epsilon, in_place=False, plan=plan, weight=weight)
 
 
 def norm(x):
@@ -164,7 +188,15 @@ def ema_plus_square_norm_(m, acc, g, beta: float, epsilon):
     """:func:`ema_plus_square_norm` written into ``m`` and ``acc``, with the same bits."""
     if not (_fusable(m, acc, g, beta, epsilon) and _writable(m) and _writable(acc)):
         return NotImplemented
-    return m, acc, _fused_in_place(m, acc, g, beta, epsilon)
+    return _fused(m, acc, g, beta, epsilon, in_place=True)
+
+
+def ema_plus_square_norm_split_(m, acc, g, plan, beta: float, epsilon, weight):
+    """:func:`ema_plus_square_norm_split` with m and acc written in place, with the same bits."""
+    if not (_fusable(m, acc, g, beta, epsilon) and _writable(m) and _writable(acc)
+            and load_fused_cpu().cuts_in_one_pass(plan, g.shape, weight)):
+        return NotImplemented
+    return _fused(m, acc, g, beta, epsilon, in_place=True, plan=plan, weight=weight)
 
 
 def scaled_plus_product_(c, a, b, beta: float, alpha: float = 1.0):

@@ -343,7 +343,8 @@ def _run(args, threads: dict) -> int:
         print(f"torch.optim.AdamW step: {adamw:.1f} ms ({adamw / pass_ms:.1f} passes)")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    # numba's one pass for the first moment, the accumulator and the grafted norm (NumPy, torch)
+    # numba's one pass for the first moment, the accumulator, the grafted norm and the cuts of g
+    # and m into blocks (NumPy, torch)
     import backends
 
     one_pass = lib.name in ("numpy", "torch") and backends.load_fused_cpu() is not None

@@ -20,9 +20,10 @@ import functools
 import itertools
 import math
 
-from . import _elementwise
+from . import _elementwise, _xp
 
-__all__ = ["BlockPlan", "BlockGroup", "merge_small_dims", "make_plan", "split_groups", "merge_groups"]
+__all__ = ["BlockPlan", "BlockGroup", "merge_small_dims", "make_plan", "split_groups", "merge_groups",
+           "ema_plus_square_norm_split"]
 
 
 def merge_small_dims(shape: tuple[int, ...], max_dim: int) -> tuple[int, ...]:
@@ -190,6 +191,36 @@ def split_groups(xp, x, plan: BlockPlan, scale=None) -> list:
             region = _elementwise.scaled_copy(region, scale)
         out.append(xp.reshape(region, (group.num_blocks,) + group.block_shape))
     return out
+
+
+def ema_plus_square_norm_split(xp, m, acc, g, plan: BlockPlan, beta: float, epsilon: float, weight=None,
+                               donate: bool = False):
+    """:func:`~shampoo_core._elementwise.ema_plus_square_norm` of ``m``, ``acc`` and ``g``, and the
+    two cuts a preconditioned step makes next: g (times ``weight``) for the statistics and the new
+    first moment for the preconditioning, as :func:`split_groups` cuts them.
+
+    Separately the cuts read g and the new m from memory again after the one pass has read and
+    written them; a library's fast path may cut each row while the pass has it in cache
+    (``backends.fused_cpu``, where numba is installed: NumPy arrays and torch CPU tensors whose
+    merged shape is 2-D with more than one block along its columns, where a cut is a copy and
+    not a view). The values are those of the separate calls, bit for bit.
+
+    Args:
+        m, acc, g: arrays of ``plan.shape`` and one real floating dtype, ``acc >= 0``.
+        plan: the parameter's :class:`BlockPlan`.
+        beta: a float in [0, 1] (β₁); epsilon: a float >= 0 (AdaGrad's ε).
+        weight: ``None``, or a float multiplying g's blocks (``split_groups``' ``scale``).
+        donate: ``m`` and ``acc`` may be overwritten (``ema_plus_square_norm``'s ``donate``).
+
+    Returns:
+        ``(m', acc', norm, g_blocks, m_blocks)``: ``ema_plus_square_norm``'s three results, then
+        ``split_groups(g, plan, weight)`` and ``split_groups(m', plan)``.
+    """
+    out = _xp.fast_value("ema_plus_square_norm_split", m, acc, g, plan, beta, epsilon, weight, donate=donate)
+    if out is not NotImplemented:
+        return out
+    new_m, new_acc, norm = _elementwise.ema_plus_square_norm(xp, m, acc, g, beta, epsilon, donate)
+    return new_m, new_acc, norm, split_groups(xp, g, plan, weight), split_groups(xp, new_m, plan)
 
 
 def merge_groups(xp, stacks, plan: BlockPlan, scale=None, block_scales=None):

@@ -624,16 +624,30 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
         g = g + wd * p
 
     plan = config.plan(tuple(g.shape))
+    # √(1-β₂) weights the blocks in the copy that cuts them, or (1-β₂) scales their products
+    # where that is free: no pass of its own (statistics.accumulate_weighted).
+    weight, product_scale = statistics.statistics_weight(config.beta2), 1.0
+    if weight == 1.0 or schedule.statistics is False:
+        weight = None
+    elif len(plan.preconditioned) == 2 and _xp.product_takes_scale(xp):
+        weight, product_scale = None, 1.0 - config.beta2
     # F = f_scale · f and the grafting direction D = d_scale · d: per-step scalars are applied with
     # the learning rate, not in passes of their own.
     new_m, f, f_scale, layer_norm = None, g, 1.0, None
+    g_blocks = f_blocks = None  # cut with the first-order pass (blocking.ema_plus_square_norm_split)
     if (s.momentum is not None and not config.nesterov and schedule.finite is None
             and config.graft_type is GraftType.ADAGRAD and config.graft_granularity is GraftGranularity.LAYER
             and plan.num_preconditioned and schedule.precondition is True):
         # A preconditioned step needs of AdaGrad's direction (for F = m̂) only its layer norm: the
-        # first moment, the accumulator and that norm in one pass where the library has one.
-        new_m, acc, layer_norm = _elementwise.ema_plus_square_norm(
-            xp, s.momentum, s.graft.accumulator, g, config.beta1, config.diagonal_epsilon, config.donate_state)
+        # first moment, the accumulator and that norm in one pass where the library has one, and
+        # with them the cuts of g and m into blocks where the statistics are due.
+        args = (xp, s.momentum, s.graft.accumulator, g)
+        if schedule.statistics is True:
+            new_m, acc, layer_norm, g_blocks, f_blocks = blocking.ema_plus_square_norm_split(
+                *args, plan, config.beta1, config.diagonal_epsilon, weight, config.donate_state)
+        else:
+            new_m, acc, layer_norm = _elementwise.ema_plus_square_norm(
+                *args, config.beta1, config.diagonal_epsilon, config.donate_state)
         new_graft = grafting.GraftState(acc)
         f, f_scale = momentum.filtered_gradient(new_m, g, config.beta1, step, False)
     else:
@@ -661,30 +675,27 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
 
     u = None
     if plan.num_preconditioned:
-        # √(1-β₂) weights the blocks in the copy that cuts them, or (1-β₂) scales their products
-        # where that is free: no pass of its own (statistics.accumulate_weighted).
-        weight, product_scale = statistics.statistics_weight(config.beta2), 1.0
-        if weight == 1.0 or schedule.statistics is False:
-            weight = None
-        elif len(plan.preconditioned) == 2 and _xp.product_takes_scale(xp):
-            weight, product_scale = None, 1.0 - config.beta2
-        g_blocks = (None,) * len(s.blocks)
-        if schedule.statistics is not False:
-            g_blocks = blocking.split_groups(xp, g, plan, weight)
+        if g_blocks is None:
+            g_blocks = (None,) * len(s.blocks)
+            if schedule.statistics is not False:
+                g_blocks = blocking.split_groups(xp, g, plan, weight)
         new_blocks = tuple(
             _update_block(config, xp, b, gb, plan, schedule, (index, j), product_scale, collected)
             for j, (b, gb) in enumerate(zip(s.blocks, g_blocks))
         )
 
         def preconditioned():
-            # Without a first moment F is G, already cut into blocks for the statistics (weighted
-            # by w = √(1-β₂) where the products take no scale): preconditioning is linear, so
-            # P(w·G) with the scale f_scale / w is P(G) with f_scale, and G is cut only once.
-            if f is g and g_blocks[0] is not None:
-                f_blocks, p_scale = g_blocks, f_scale if weight is None else f_scale / weight
+            # The first moment's blocks where the first-order pass cut them. Without a first
+            # moment F is G, already cut into blocks for the statistics (weighted by w = √(1-β₂)
+            # where the products take no scale): preconditioning is linear, so P(w·G) with the
+            # scale f_scale / w is P(G) with f_scale, and G is cut only once.
+            if f_blocks is not None:
+                blocks, p_scale = f_blocks, f_scale
+            elif f is g and g_blocks[0] is not None:
+                blocks, p_scale = g_blocks, f_scale if weight is None else f_scale / weight
             else:
-                f_blocks, p_scale = blocking.split_groups(xp, f, plan), f_scale
-            return _preconditioned_update(config, xp, new_blocks, f_blocks, p_scale, direction, direction_norm,
+                blocks, p_scale = blocking.split_groups(xp, f, plan), f_scale
+            return _preconditioned_update(config, xp, new_blocks, blocks, p_scale, direction, direction_norm,
                                           plan, neg_lr)
 
         u = _select(xp, schedule.precondition, preconditioned, first_order)

@@ -1,6 +1,7 @@
 """The grafted first-order optimizer's three passes (the first moment, AdaGrad's accumulator and
 the norm of the grafting direction) as one: ``_elementwise.ema_plus_square_norm``, and numba's
-one-pass kernel (``backends.fused_cpu``) behind NumPy's and torch's fast paths."""
+one-pass kernel (``backends.fused_cpu``) behind NumPy's and torch's fast paths; with the cuts of
+g and the new first moment into blocks, ``blocking.ema_plus_square_norm_split``."""
 
 import copy
 
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 import backends
 import shampoo_core as sc
 from helpers import eps, to_np, to_xp
-from shampoo_core import _elementwise, _xp
+from shampoo_core import _elementwise, _xp, blocking
 
 SHAPES = [(1,), (7,), (33, 17), (4, 3, 2, 2), (1000,)]
 EPSILON = 1e-6
@@ -52,18 +53,19 @@ def test_one_pass_is_the_three_passes(xp, shape, beta, seed):
 
 
 def _spy(monkeypatch):
-    """Count the calls of the compiled kernel (skips where numba is not installed)."""
+    """Record ``(entries, "cut" or "flat")`` for each call of the compiled kernel (skips where
+    numba is not installed)."""
     pytest.importorskip("numba")
     fused = backends.load_fused_cpu()
     assert fused is not None
     calls = []
-    kernel = fused.ema_plus_square_norm_in_place
+    kernel = fused.ema_plus_square_norm
 
-    def spy(*args):
-        calls.append(args[0].size)
-        return kernel(*args)
+    def spy(g, *args, **kwargs):
+        calls.append((g.size, "flat" if kwargs.get("cut") is None else "cut"))
+        return kernel(g, *args, **kwargs)
 
-    monkeypatch.setattr(fused, "ema_plus_square_norm_in_place", spy)
+    monkeypatch.setattr(fused, "ema_plus_square_norm", spy)
     return calls
 
 
@@ -99,7 +101,7 @@ def test_numba_kernel_has_numpys_bits_and_a_float64_sum(monkeypatch, lib, dtype,
         ref = _quotient_norm(want_m, want_acc, EPSILON, dtype)
         assert to_np(norm).dtype == dtype and to_np(norm).shape == ()
         assert abs(float(to_np(norm)) - ref) <= 2 * eps(dtype) * ref
-    assert calls == [m.size, m.size]
+    assert calls == [(m.size, "flat")] * 2
 
 
 def _f64(x):
@@ -158,9 +160,10 @@ def test_without_numba_the_step_takes_the_three_passes(monkeypatch):
 @pytest.mark.parametrize("lib", ["numpy", "torch"])
 def test_layer_grafted_preconditioned_steps_take_the_one_pass(monkeypatch, lib):
     """Shampoo's default step (β₁ > 0, AdaGrad grafting per layer) takes the compiled pass once
-    per preconditioned parameter on preconditioned steps, donated or not, and its new first
-    moment and accumulator are NumPy's passes over the old ones; steps that need the grafting
-    direction itself, or another average, do not take it."""
+    per preconditioned parameter on preconditioned steps, donated or not (the matrix, split into
+    two column blocks, with its cuts), and its new first moment and accumulator are NumPy's
+    passes over the old ones; steps that need the grafting direction itself, or another
+    average, do not take it."""
     calls = _spy(monkeypatch)
     from backends import numpy_backend
 
@@ -183,7 +186,7 @@ def test_layer_grafted_preconditioned_steps_take_the_one_pass(monkeypatch, lib):
         calls.clear()
         old, state = run(donate)
         # step 1 is AdaGrad's (not preconditioned); steps 2 and 3 precondition both leaves
-        assert sorted(calls) == [12, 12, 240, 240]
+        assert sorted(calls) == [(12, "flat"), (12, "flat"), (240, "cut"), (240, "cut")]
         # the last step's new state from the old (leaves in the tree's order: b, w)
         for (m, acc), s, g in zip(old, state.params, (grads[-1]["b"], grads[-1]["w"])):
             np.testing.assert_array_equal(to_np(s.momentum), numpy_backend.ema(m, g, 0.9))
@@ -192,3 +195,124 @@ def test_layer_grafted_preconditioned_steps_take_the_one_pass(monkeypatch, lib):
         calls.clear()
         run(**options)
         assert calls == [], options
+
+
+# Shapes and block sizes whose plans cut g and m with copies (2-D merged, several column blocks,
+# ragged last blocks, a conv kernel merged to (8, 36)) and some whose cuts are views or 3-D.
+CUT_CASES = [((20, 12), 8), ((33, 17), 4), ((5, 70), 16), ((8, 4, 3, 3), 16), ((40, 9), 3), ((3, 100), 7),
+             ((64, 64), 16), ((12, 10), 64), ((50, 7), 8), ((300,), 16), ((6, 70, 90), 64)]
+
+
+def _separate(xp, m, acc, g, plan, beta, weight):
+    """The pass without its cuts, then ``split_groups`` of g and of the new m."""
+    new_m, new_acc, norm = _elementwise.ema_plus_square_norm(xp, m, acc, g, beta, EPSILON)
+    return new_m, new_acc, norm, blocking.split_groups(xp, g, plan, weight), blocking.split_groups(xp, new_m, plan)
+
+
+def _assert_same(got, want):
+    for a, b in zip(got[:3], want[:3]):
+        np.testing.assert_array_equal(to_np(a), to_np(b))
+    for got_blocks, want_blocks in zip(got[3:], want[3:]):
+        assert len(got_blocks) == len(want_blocks)
+        for a, b in zip(got_blocks, want_blocks):
+            assert tuple(a.shape) == tuple(b.shape)
+            np.testing.assert_array_equal(to_np(a), to_np(b))
+
+
+@pytest.mark.parametrize("case", CUT_CASES)
+@given(beta=st.sampled_from([0.0, 0.3, 0.9]), weight=st.sampled_from([None, 0.0316]), seed=st.integers(0, 2**16))
+def test_cut_pass_is_the_pass_and_split_groups(xp, case, beta, weight, seed):
+    """On every backend the joined form returns the separate calls' values: the new m, acc and
+    norm, and the blocks of g (weighted) and of the new m, as ``split_groups`` cuts them."""
+    shape, block_size = case
+    plan = blocking.make_plan(shape, block_size, skip_preconditioning_dim_size_gt=80)
+    m, acc, g = (to_xp(xp, x) for x in _inputs(shape, seed))
+    _assert_same(blocking.ema_plus_square_norm_split(xp, m, acc, g, plan, beta, EPSILON, weight),
+                 _separate(xp, m, acc, g, plan, beta, weight))
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", CUT_CASES)
+def test_numba_kernel_cuts_rows_while_it_has_them(monkeypatch, lib, dtype, case):
+    """NumPy arrays and torch CPU tensors whose cuts are copies take the kernel with its cuts,
+    donated or not: bit for bit the separate calls, inputs untouched unless donated, the blocks
+    stacks of their own; plans whose cuts are views, or not 2-D, take the pass without them."""
+    calls = _spy(monkeypatch)
+    conv = _lib(lib)
+    shape, block_size = case
+    plan = blocking.make_plan(shape, block_size, skip_preconditioning_dim_size_gt=80)
+    m, acc, g = _inputs(shape, 9, dtype)
+    cuts = len(plan.merged_shape) == 2 and len(plan.bounds[1]) > 1
+    for weight in (None, 0.0316):
+        for donate in (False, True):
+            calls.clear()
+            want = _separate(_xp.namespace(conv(m)), conv(m.copy()), conv(acc.copy()), conv(g.copy()), plan, 0.9,
+                             weight)
+            xm, xa, xg = conv(m.copy()), conv(acc.copy()), conv(g.copy())
+            got = blocking.ema_plus_square_norm_split(_xp.namespace(xm), xm, xa, xg, plan, 0.9, EPSILON, weight,
+                                                      donate)
+            assert calls == [(m.size, "flat"), (m.size, "cut" if cuts else "flat")], (weight, donate)
+            _assert_same(got, want)
+            assert (got[0] is xm and got[1] is xa) == donate
+            np.testing.assert_array_equal(to_np(xg), g)
+            if not donate:
+                np.testing.assert_array_equal(to_np(xm), m)
+                np.testing.assert_array_equal(to_np(xa), acc)
+            assert all(tuple(b.shape) == (n,) + tuple(d) for b, (n, d) in
+                       zip(got[3], [(grp.num_blocks, grp.block_shape) for grp in plan.groups]))
+
+
+def test_cut_layout_takes_only_2d_merged_plans():
+    """The kernel's layout of blocks is for a 2-D merged shape; other plans are refused by name
+    (the fast paths ask ``cuts_in_one_pass`` first and leave them to ``split_groups``)."""
+    pytest.importorskip("numba")
+    fused = backends.load_fused_cpu()
+    for shape in ((300,), (6, 70, 90)):
+        plan = blocking.make_plan(shape, 64)
+        assert not fused.cuts_in_one_pass(plan, shape, None)
+        with pytest.raises(ValueError, match="plan"):
+            fused.cut_layout(plan)
+    plan = blocking.make_plan((20, 12), 8)
+    assert fused.cuts_in_one_pass(plan, (20, 12), None)
+    assert not fused.cuts_in_one_pass(plan, (12, 20), None)  # another parameter's plan
+    assert not fused.cuts_in_one_pass(plan, (20, 12), np.float32(0.5))  # only Python floats
+
+
+def test_without_numba_the_cuts_are_split_groups(monkeypatch):
+    """Without numba the joined form is the three passes and ``split_groups``, bit for bit."""
+    monkeypatch.setattr(backends, "_FUSED_CPU", [None])
+    m, acc, g = _inputs((20, 12), 4)
+    plan = blocking.make_plan((20, 12), 8)
+    got = blocking.ema_plus_square_norm_split(np, m, acc, g, plan, 0.9, EPSILON, 0.0316)
+    want_m, want_acc = _elementwise.ema(m, g, 0.9), _elementwise.plus_square(acc, g)
+    _assert_same(got, (want_m, want_acc, _elementwise.norm_over_root_plus(np, want_m, want_acc, EPSILON),
+                       blocking.split_groups(np, g, plan, 0.0316), blocking.split_groups(np, want_m, plan)))
+
+
+def test_compiled_loops_are_cached_once(tmp_path):
+    """A second process loads the compiled loops from numba's disk cache instead of compiling
+    them again (and adding a file to the cache each time, as loops built as closures did)."""
+    pytest.importorskip("numba")
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import numpy as np\n"
+        "from backends import fused_cpu\n"
+        "from shampoo_core import blocking\n"
+        "plan = blocking.make_plan((8, 8), 4)\n"
+        "def a(): return np.ones(64, np.float32)\n"
+        "for cut in (None, (plan, None, a(), a())):\n"
+        "    for out in (None, (a(), a())):\n"
+        "        fused_cpu.ema_plus_square_norm(a(), a(), a(), 0.9, 1e-8, out=out, cut=cut)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), NUMBA_DEBUG_CACHE="1",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    logs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True,
+                           cwd=root).stdout for _ in range(2)]
+    assert logs[0].count("data saved") == 4
+    assert logs[1].count("data saved") == 0 and logs[1].count("data loaded") == 4
+    assert len(list(tmp_path.rglob("*.nbc"))) == 4
