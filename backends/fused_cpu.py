@@ -32,8 +32,9 @@ branch that checks for one keeps the compiler from vectorizing a loop whose star
 prove >= 0 (a loop over the rows of a parameter ran 3.4 times slower). Separate outputs are
 written through pointers the compiler cannot prove apart from the inputs; it checks for overlap
 once per loop at run time and vectorizes. The in-place loops are compiled on their own, with
-one pointer for m and one for acc, as such a check would fail there. The two forms of the
-average are one loop with a flag the compiler hoists out of it.
+one pointer for m and one for acc: given the same arrays as inputs and outputs, the separate
+loop fails that check and runs unvectorized (22 against 12 ms over 11.6M entries). The two
+forms of the average are one loop with a flag the compiler hoists out of it.
 """
 
 from __future__ import annotations
