@@ -29,7 +29,7 @@ the loop, so that all forms return the same norm. The blocks are ``split_groups`
 
 Vectorization: indices are unsigned, because numba wraps a negative index around, and the
 branch that checks for one keeps the compiler from vectorizing a loop whose start it cannot
-prove >= 0 (a loop over the rows of a parameter ran 3.4 times slower). Separate outputs are
+prove >= 0 (a loop over the rows of a parameter ran 3.3 times slower). Separate outputs are
 written through pointers the compiler cannot prove apart from the inputs; it checks for overlap
 once per loop at run time and vectorizes. The in-place loops are compiled on their own, with
 one pointer for m and one for acc: given the same arrays as inputs and outputs, the separate

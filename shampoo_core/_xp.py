@@ -90,9 +90,10 @@ def namespace(*arrays):
 def register_fast_path(namespace_name: str, operation: str, fn, **traits) -> None:
     """Register ``fn`` as the way arrays of ``namespace_name`` compute ``operation``, one of the
     core's expressions (``_elementwise.ema``, ``plus_square``, ``over_root_plus``, ``scaled_copy``,
-    ``ema_plus_square_norm``; ``blocking.ema_plus_square_norm_split``; :func:`scaled_plus_product`). ``fn`` takes the operation's arguments and returns its value as a
-    new array, leaving its inputs as they were, or ``NotImplemented`` to leave these arguments to
-    the array-API expression. ``traits`` describe it (``alpha_in_product=True``: see
+    ``ema_plus_square_norm``; ``blocking.ema_plus_square_norm_split``; :func:`scaled_plus_product`).
+    ``fn`` takes the operation's arguments and returns its value as a new array, leaving its
+    inputs as they were, or ``NotImplemented`` to leave these arguments to the array-API
+    expression. ``traits`` describe it (``alpha_in_product=True``: see
     :func:`product_takes_scale`).
 
     An operation named with a trailing underscore (``"ema_"``, ``"plus_square_"``,
