@@ -108,28 +108,30 @@ def _flat_into(g, m, acc, m_out, acc_out, above, coef, epsilon):  # pragma: no c
     return math.sqrt(parts.sum())
 
 
-@_jit
-def _cut_in_place(g, m, acc, above, coef, epsilon, weight, cols, rows_per_piece, table, starts, widths,
-                  g_cut, m_cut):  # pragma: no cover (compiled)
-    parts = np.zeros(_LANES, np.float64)
-    rows = g.shape[0] // cols
-    for r0 in range(0, rows, rows_per_piece):
-        r1 = min(r0 + rows_per_piece, rows)
-        _run(g, m, acc, m, acc, above, coef, epsilon, parts, r0 * cols, r1 * cols)
-        _cut_rows(g, m, weight, cols, r0, r1, table, starts, widths, g_cut, m_cut)  # still in cache
-    return math.sqrt(parts.sum())
-
-
-@_jit
-def _cut_into(g, m, acc, m_out, acc_out, above, coef, epsilon, weight, cols, rows_per_piece, table, starts, widths,
-              g_cut, m_cut):  # pragma: no cover (compiled)
+@numba.njit(inline="always")
+def _cut_pieces(g, m, acc, m_out, acc_out, above, coef, epsilon, weight, cols, rows_per_piece, table, starts,
+                widths, g_cut, m_cut):  # pragma: no cover (compiled)
     parts = np.zeros(_LANES, np.float64)
     rows = g.shape[0] // cols
     for r0 in range(0, rows, rows_per_piece):
         r1 = min(r0 + rows_per_piece, rows)
         _run(g, m, acc, m_out, acc_out, above, coef, epsilon, parts, r0 * cols, r1 * cols)
-        _cut_rows(g, m_out, weight, cols, r0, r1, table, starts, widths, g_cut, m_cut)
+        _cut_rows(g, m_out, weight, cols, r0, r1, table, starts, widths, g_cut, m_cut)  # still in cache
     return math.sqrt(parts.sum())
+
+
+@_jit
+def _cut_in_place(g, m, acc, above, coef, epsilon, weight, cols, rows_per_piece, table, starts, widths,
+                  g_cut, m_cut):  # pragma: no cover (compiled)
+    return _cut_pieces(g, m, acc, m, acc, above, coef, epsilon, weight, cols, rows_per_piece, table, starts, widths,
+                       g_cut, m_cut)
+
+
+@_jit
+def _cut_into(g, m, acc, m_out, acc_out, above, coef, epsilon, weight, cols, rows_per_piece, table, starts, widths,
+              g_cut, m_cut):  # pragma: no cover (compiled)
+    return _cut_pieces(g, m, acc, m_out, acc_out, above, coef, epsilon, weight, cols, rows_per_piece, table, starts,
+                       widths, g_cut, m_cut)
 
 
 # by (cut, in place); the in-place loops are their own, with one pointer for m and one for acc

@@ -125,10 +125,9 @@ def ema_plus_square_norm(m, acc, g, beta: float, epsilon):
 
 
 def ema_plus_square_norm_split(m, acc, g, plan, beta: float, epsilon, weight):
-    """:func:`ema_plus_square_norm`, with g·``weight`` and the new m cut into ``plan``'s blocks in
-    the same compiled pass, with ``split_groups``' bits. Declines where numba is not installed,
-    all but :func:`_fusable` arguments, and plans whose cut is no copy
-    (``backends.fused_cpu.cuts_in_one_pass``)."""
+    """``backends.numpy_backend.ema_plus_square_norm_split`` for :func:`_fusable` CPU tensors: the
+    pass of :func:`ema_plus_square_norm` that also cuts g·``weight`` and the new m into ``plan``'s
+    blocks, with ``split_groups``' bits."""
     if not (_fusable(m, acc, g, beta, epsilon) and load_fused_cpu().cuts_in_one_pass(plan, g.shape, weight)):
         return NotImplemented
     return _fused(m, acc, g, beta, epsilon, in_place=False, plan=plan, weight=weight)
