@@ -72,9 +72,9 @@ def norm_over_root_plus(f, acc, epsilon):
             and f.is_contiguous() and acc.is_contiguous() and isinstance(epsilon, (int, float))):
         return NotImplemented
     flat_f, flat_acc = f.reshape(-1), acc.reshape(-1)
-    scratch = torch.empty(min(PIECE_ENTRIES, flat_f.numel()), dtype=f.dtype)
+    scratch = torch.empty(min(PIECE_ENTRIES, flat_f.numel()), dtype=f.dtype, device=f.device)
     return torch.tensor(piecewise_norm_over_root_plus(torch, flat_f, flat_acc, epsilon, scratch, PIECE_ENTRIES),
-                        dtype=f.dtype)
+                        dtype=f.dtype, device=f.device)
 
 
 def _fusable(m, acc, g, beta, epsilon) -> bool:
@@ -101,7 +101,7 @@ def _fused(m, acc, g, beta, epsilon, in_place: bool, plan=None, weight=None):
     new_m, new_acc = (m, acc) if in_place else (torch.empty_like(m), torch.empty_like(acc))
     cut = None
     if plan is not None:
-        cut = (torch.empty(g.numel(), dtype=g.dtype), torch.empty(g.numel(), dtype=g.dtype))
+        cut = tuple(torch.empty(g.numel(), dtype=g.dtype, device=g.device) for _ in range(2))
 
     def flat(x):
         return x.reshape(-1).numpy()
@@ -109,7 +109,7 @@ def _fused(m, acc, g, beta, epsilon, in_place: bool, plan=None, weight=None):
     norm = fused.ema_plus_square_norm(flat(g), flat(m), flat(acc), beta, epsilon,
                                       out=None if in_place else (flat(new_m), flat(new_acc)),
                                       cut=None if cut is None else (plan, weight, flat(cut[0]), flat(cut[1])))
-    result = (new_m, new_acc, torch.tensor(norm, dtype=m.dtype))
+    result = (new_m, new_acc, torch.tensor(norm, dtype=m.dtype, device=m.device))
     return result if cut is None else result + (fused.cut_stacks(cut[0], plan), fused.cut_stacks(cut[1], plan))
 
 

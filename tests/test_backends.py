@@ -1,5 +1,7 @@
 """The same gradient sequence gives the same updates on every backend."""
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -182,3 +184,30 @@ def test_registered_fast_path_is_used_or_declines(monkeypatch):
     assert _elementwise.ema(old, new, 0.25) is old  # the fast path's value, even a wrong one
     np.testing.assert_array_equal(np.asarray(_elementwise.ema(old, new, 0.5)), [2.0, 4.0])
     assert calls == [0.25, 0.5]
+
+
+@pytest.mark.parametrize("options", [{}, {"donate_state": True}, {"graft_type": "rmsprop"}, {"beta1": 0.0},
+                                     {"nesterov": True}, {"graft_granularity": "block"}])
+def test_torch_fast_paths_keep_cpu_tensors_on_the_cpu_under_a_default_device(options):
+    """torch's fast paths allocate their scratch, outputs and norms on their inputs' device, not
+    on the default one a ``with torch.device(...)`` context sets (here "meta", where any tensor
+    left on it could not meet the CPU ones): the steps are those taken outside the context."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    params = {"w": rng.standard_normal((20, 12)), "b": rng.standard_normal(300)}
+    grads = [{k: rng.standard_normal(v.shape) for k, v in params.items()} for _ in range(3)]
+    p = {k: torch.from_numpy(v.astype(np.float32)) for k, v in params.items()}
+
+    def run(context):
+        tx = sc.shampoo(0.1, block_size=8, start_preconditioning_step=2, **options)
+        state, out = tx.init(p), []
+        for g in grads:
+            with context():
+                u, state = tx.update(state, {k: torch.from_numpy(v.astype(np.float32)) for k, v in g.items()}, p)
+            assert all(x.device.type == "cpu" for x in u.values())
+            out.append(to_np(u))
+        return out
+
+    for got, want in zip(run(lambda: torch.device("meta")), run(contextlib.nullcontext)):
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
