@@ -111,8 +111,6 @@ def ema_plus_square_norm(m, acc, g, beta: float, epsilon):
     reads ``m`` and ``acc`` and writes new arrays (``backends.fused_cpu``), with :func:`ema`'s and
     :func:`plus_square`'s bits. Declines where numba is not installed, and all but
     :func:`_fusable` arguments."""
-    if not _fusable(m, acc, g, beta, epsilon):
-        return NotImplemented
     return _fused(m, acc, g, beta, epsilon, in_place=False)
 
 
@@ -121,14 +119,17 @@ def ema_plus_square_norm_split(m, acc, g, plan, beta: float, epsilon, weight):
     the same compiled pass, with ``split_groups``' bits. Declines where numba is not installed,
     all but :func:`_fusable` arguments, and plans whose cut is no copy
     (``backends.fused_cpu.cuts_in_one_pass``)."""
-    if not (_fusable(m, acc, g, beta, epsilon) and load_fused_cpu().cuts_in_one_pass(plan, g.shape, weight)):
-        return NotImplemented
     return _fused(m, acc, g, beta, epsilon, in_place=False, plan=plan, weight=weight)
 
 
 def _fused(m, acc, g, beta, epsilon, in_place: bool, plan=None, weight=None):
     """The compiled pass into ``m`` and ``acc`` or new arrays; the norm as a 0-d array of their
-    dtype; with a ``plan``, g's and the new m's blocks (views of one new buffer each) too."""
+    dtype; with a ``plan``, g's and the new m's blocks (views of one new buffer each) too.
+    ``NotImplemented`` for all but :func:`_fusable` arguments, ``m`` and ``acc`` that cannot be
+    written (``in_place``), and plans whose cut is no copy (``fused_cpu.cuts_in_one_pass``)."""
+    if not (_fusable(m, acc, g, beta, epsilon) and (not in_place or (_writable(m) and _writable(acc)))
+            and (plan is None or load_fused_cpu().cuts_in_one_pass(plan, g.shape, weight))):
+        return NotImplemented
     fused = load_fused_cpu()
     out = None if in_place else (np.empty_like(m), np.empty_like(acc))
     new_m, new_acc = (m, acc) if in_place else out
@@ -188,16 +189,11 @@ def plus_square_(acc, g):
 
 def ema_plus_square_norm_(m, acc, g, beta: float, epsilon):
     """:func:`ema_plus_square_norm` written into ``m`` and ``acc``, with the same bits."""
-    if not (_fusable(m, acc, g, beta, epsilon) and _writable(m) and _writable(acc)):
-        return NotImplemented
     return _fused(m, acc, g, beta, epsilon, in_place=True)
 
 
 def ema_plus_square_norm_split_(m, acc, g, plan, beta: float, epsilon, weight):
     """:func:`ema_plus_square_norm_split` with m and acc written in place, with the same bits."""
-    if not (_fusable(m, acc, g, beta, epsilon) and _writable(m) and _writable(acc)
-            and load_fused_cpu().cuts_in_one_pass(plan, g.shape, weight)):
-        return NotImplemented
     return _fused(m, acc, g, beta, epsilon, in_place=True, plan=plan, weight=weight)
 
 

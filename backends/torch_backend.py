@@ -96,7 +96,12 @@ def _disjoint(*tensors) -> bool:
 def _fused(m, acc, g, beta, epsilon, in_place: bool, plan=None, weight=None):
     """The compiled pass (on zero-copy NumPy views) into ``m`` and ``acc`` or new tensors; the
     norm as a 0-d tensor; with a ``plan``, g's and the new m's blocks (views of one new tensor
-    each) too."""
+    each) too. ``NotImplemented`` for all but :func:`_fusable` arguments, ``m`` and ``acc`` that
+    cannot be written (``in_place``), and plans whose cut is no copy
+    (``fused_cpu.cuts_in_one_pass``)."""
+    if not (_fusable(m, acc, g, beta, epsilon) and (not in_place or (_writable(m) and _writable(acc)))
+            and (plan is None or load_fused_cpu().cuts_in_one_pass(plan, g.shape, weight))):
+        return NotImplemented
     fused = load_fused_cpu()
     new_m, new_acc = (m, acc) if in_place else (torch.empty_like(m), torch.empty_like(acc))
     cut = None
@@ -119,8 +124,6 @@ def ema_plus_square_norm(m, acc, g, beta: float, epsilon):
     every operation rounded on its own, where torch's vectorized ``lerp`` and ``addcmul`` fuse a
     multiply and an add, so that an entry may differ from theirs by an ulp. Declines where numba
     is not installed, and all but :func:`_fusable` arguments."""
-    if not _fusable(m, acc, g, beta, epsilon):
-        return NotImplemented
     return _fused(m, acc, g, beta, epsilon, in_place=False)
 
 
@@ -128,8 +131,6 @@ def ema_plus_square_norm_split(m, acc, g, plan, beta: float, epsilon, weight):
     """``backends.numpy_backend.ema_plus_square_norm_split`` for :func:`_fusable` CPU tensors: the
     pass of :func:`ema_plus_square_norm` that also cuts g·``weight`` and the new m into ``plan``'s
     blocks, with ``split_groups``' bits."""
-    if not (_fusable(m, acc, g, beta, epsilon) and load_fused_cpu().cuts_in_one_pass(plan, g.shape, weight)):
-        return NotImplemented
     return _fused(m, acc, g, beta, epsilon, in_place=False, plan=plan, weight=weight)
 
 
@@ -185,16 +186,11 @@ def plus_square_(acc, g):
 
 def ema_plus_square_norm_(m, acc, g, beta: float, epsilon):
     """:func:`ema_plus_square_norm` written into ``m`` and ``acc``, with the same bits."""
-    if not (_fusable(m, acc, g, beta, epsilon) and _writable(m) and _writable(acc)):
-        return NotImplemented
     return _fused(m, acc, g, beta, epsilon, in_place=True)
 
 
 def ema_plus_square_norm_split_(m, acc, g, plan, beta: float, epsilon, weight):
     """:func:`ema_plus_square_norm_split` with m and acc written in place, with the same bits."""
-    if not (_fusable(m, acc, g, beta, epsilon) and _writable(m) and _writable(acc)
-            and load_fused_cpu().cuts_in_one_pass(plan, g.shape, weight)):
-        return NotImplemented
     return _fused(m, acc, g, beta, epsilon, in_place=True, plan=plan, weight=weight)
 
 
