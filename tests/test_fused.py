@@ -316,3 +316,26 @@ def test_compiled_loops_are_cached_once(tmp_path):
     assert logs[0].count("data saved") == 4
     assert logs[1].count("data saved") == 0 and logs[1].count("data loaded") == 4
     assert len(list(tmp_path.rglob("*.nbc"))) == 4
+
+
+@pytest.mark.parametrize("cut", [False, True])
+def test_donated_read_only_arrays_take_the_new_array_pass(monkeypatch, cut):
+    """A donated m or acc that cannot be written (a read-only NumPy array) is left as it is: the
+    in-place form declines and the pass writes new arrays, with the same values."""
+    calls = _spy(monkeypatch)
+    m, acc, g = _inputs((20, 12), 6)
+    plan = blocking.make_plan((20, 12), 8)
+    want = _separate(np, m, acc, g, plan, 0.9, None)
+    for frozen in ("m", "acc"):
+        xm, xa = m.copy(), acc.copy()
+        (xm if frozen == "m" else xa).flags.writeable = False
+        calls.clear()
+        if cut:
+            got = blocking.ema_plus_square_norm_split(np, xm, xa, g, plan, 0.9, EPSILON, None, donate=True)
+        else:
+            got = _elementwise.ema_plus_square_norm(np, xm, xa, g, 0.9, EPSILON, donate=True)
+        assert calls == [(m.size, "cut" if cut else "flat")], frozen
+        assert got[0] is not xm and got[1] is not xa
+        _assert_same(got, want if cut else want[:3])
+        np.testing.assert_array_equal(xm, m)
+        np.testing.assert_array_equal(xa, acc)
