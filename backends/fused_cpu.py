@@ -5,7 +5,9 @@ first moment m and the accumulator acc three times in eager NumPy or torch (the 
 sum of squares, and the norm of the grafting direction): about 24 ms over 11.6M float32 entries
 on one core. Here one compiled loop reads each entry of g, m and acc once, writes the new m and
 acc, and sums the squares of the direction, in about 12 ms (docs/performance.md, "The grafted
-optimizer in one pass").
+optimizer in one pass"). RMSProp's and Adam's grafting take the same loop with the accumulator
+an average of g² (``beta2``), compiled apart: a ``None`` is a type of its own to numba, so each
+loop is built once with AdaGrad's sum and once with the average, neither branching on it.
 
 The new m and acc go into ``m`` and ``acc`` (a donated state) or into new arrays: the loop
 reads the old values and writes the new ones, instead of copying the old arrays first and
@@ -54,14 +56,20 @@ _LANES = 16  # independent float64 partial sums: a reduction the compiler vector
 # compiled functions, and compiled one again in every process, adding a file to the cache each time.
 
 @numba.njit(inline="always")
-def _entry(i, g, m, acc, m_out, acc_out, above, coef, epsilon):  # pragma: no cover (compiled)
+def _entry(i, g, m, acc, m_out, acc_out, form, squares):  # pragma: no cover (compiled)
+    above, coef, epsilon = form
     i = np.uint64(i)
     gi = g[i]
     mi = m[i]
     # m + (β-1)(m - g) for β > 1/2, g + β(m - g) otherwise; ``above`` is the same for the whole
     # loop, which the compiler splits into one vectorized loop per form
     new_m = (mi - gi) * coef + (mi if above else gi)
-    new_acc = acc[i] + gi * gi
+    square = gi * gi
+    ai = acc[i]
+    if squares is None:  # AdaGrad's sum; a None is a type of its own, compiled without this branch
+        new_acc = ai + square
+    else:  # the average of the squares (RMSProp, Adam) in the same forms
+        new_acc = (ai - square) * squares[1] + (ai if squares[0] else square)
     m_out[i] = new_m
     acc_out[i] = new_acc
     q = np.float64(new_m / (np.sqrt(new_acc) + epsilon))
@@ -69,14 +77,14 @@ def _entry(i, g, m, acc, m_out, acc_out, above, coef, epsilon):  # pragma: no co
 
 
 @numba.njit(inline="always")
-def _run(g, m, acc, m_out, acc_out, above, coef, epsilon, parts, start, stop):  # pragma: no cover (compiled)
+def _run(g, m, acc, m_out, acc_out, form, squares, parts, start, stop):  # pragma: no cover (compiled)
     # ``start`` a multiple of the lanes, so that entry k adds into lane k % _LANES
     whole = stop - (stop - start) % _LANES
     for i0 in range(start, whole, _LANES):
         for j in range(_LANES):
-            parts[j] += _entry(i0 + j, g, m, acc, m_out, acc_out, above, coef, epsilon)
+            parts[j] += _entry(i0 + j, g, m, acc, m_out, acc_out, form, squares)
     for i in range(whole, stop):
-        parts[i - whole] += _entry(i, g, m, acc, m_out, acc_out, above, coef, epsilon)
+        parts[i - whole] += _entry(i, g, m, acc, m_out, acc_out, form, squares)
 
 
 @numba.njit(inline="always")
@@ -95,43 +103,42 @@ _jit = numba.njit(cache=True, nogil=True, error_model="numpy", boundscheck=False
 
 
 @_jit
-def _flat_in_place(g, m, acc, above, coef, epsilon):  # pragma: no cover (compiled)
+def _flat_in_place(g, m, acc, form, squares):  # pragma: no cover (compiled)
     parts = np.zeros(_LANES, np.float64)
-    _run(g, m, acc, m, acc, above, coef, epsilon, parts, 0, g.shape[0])
+    _run(g, m, acc, m, acc, form, squares, parts, 0, g.shape[0])
     return math.sqrt(parts.sum())
 
 
 @_jit
-def _flat_into(g, m, acc, m_out, acc_out, above, coef, epsilon):  # pragma: no cover (compiled)
+def _flat_into(g, m, acc, m_out, acc_out, form, squares):  # pragma: no cover (compiled)
     parts = np.zeros(_LANES, np.float64)
-    _run(g, m, acc, m_out, acc_out, above, coef, epsilon, parts, 0, g.shape[0])
+    _run(g, m, acc, m_out, acc_out, form, squares, parts, 0, g.shape[0])
     return math.sqrt(parts.sum())
 
 
 @numba.njit(inline="always")
-def _cut_pieces(g, m, acc, m_out, acc_out, above, coef, epsilon, weight, cols, rows_per_piece, table, starts,
-                widths, g_cut, m_cut):  # pragma: no cover (compiled)
+def _cut_pieces(g, m, acc, m_out, acc_out, form, squares, weight, cols, rows_per_piece, table, starts, widths, g_cut,
+                m_cut):  # pragma: no cover (compiled)
     parts = np.zeros(_LANES, np.float64)
     rows = g.shape[0] // cols
     for r0 in range(0, rows, rows_per_piece):
         r1 = min(r0 + rows_per_piece, rows)
-        _run(g, m, acc, m_out, acc_out, above, coef, epsilon, parts, r0 * cols, r1 * cols)
+        _run(g, m, acc, m_out, acc_out, form, squares, parts, r0 * cols, r1 * cols)
         _cut_rows(g, m_out, weight, cols, r0, r1, table, starts, widths, g_cut, m_cut)  # still in cache
     return math.sqrt(parts.sum())
 
 
 @_jit
-def _cut_in_place(g, m, acc, above, coef, epsilon, weight, cols, rows_per_piece, table, starts, widths,
-                  g_cut, m_cut):  # pragma: no cover (compiled)
-    return _cut_pieces(g, m, acc, m, acc, above, coef, epsilon, weight, cols, rows_per_piece, table, starts, widths,
-                       g_cut, m_cut)
+def _cut_in_place(g, m, acc, form, squares, weight, cols, rows_per_piece, table, starts, widths, g_cut,
+                  m_cut):  # pragma: no cover (compiled)
+    return _cut_pieces(g, m, acc, m, acc, form, squares, weight, cols, rows_per_piece, table, starts, widths, g_cut, m_cut)
 
 
 @_jit
-def _cut_into(g, m, acc, m_out, acc_out, above, coef, epsilon, weight, cols, rows_per_piece, table, starts, widths,
+def _cut_into(g, m, acc, m_out, acc_out, form, squares, weight, cols, rows_per_piece, table, starts, widths,
               g_cut, m_cut):  # pragma: no cover (compiled)
-    return _cut_pieces(g, m, acc, m_out, acc_out, above, coef, epsilon, weight, cols, rows_per_piece, table, starts,
-                       widths, g_cut, m_cut)
+    return _cut_pieces(g, m, acc, m_out, acc_out, form, squares, weight, cols, rows_per_piece, table, starts, widths,
+                       g_cut, m_cut)
 
 
 # by (cut, in place); the in-place loops are their own, with one pointer for m and one for acc
@@ -139,9 +146,9 @@ _KERNELS = {(False, True): _flat_in_place, (False, False): _flat_into,
             (True, True): _cut_in_place, (True, False): _cut_into}
 
 
-def ema_plus_square_norm(g, m, acc, beta: float, epsilon: float, out=None, cut=None) -> float:
-    """β·m + (1 - β)·g and acc + g², and ‖m' / (√acc' + ε)‖₂ of the new values as a Python
-    float, in one pass.
+def ema_plus_square_norm(g, m, acc, beta: float, epsilon: float, out=None, cut=None, beta2=None) -> float:
+    """β·m + (1 - β)·g and acc + g² (or β₂·acc + (1 - β₂)·g²), and ‖m' / (√acc' + ε)‖₂ of the new
+    values as a Python float, in one pass.
 
     Args:
         g, m, acc: 1-D C-contiguous NumPy arrays of one length and one dtype, float32 or float64;
@@ -156,21 +163,29 @@ def ema_plus_square_norm(g, m, acc, beta: float, epsilon: float, out=None, cut=N
             :func:`cuts_in_one_pass` takes; ``weight`` a Python float or ``None``) into
             ``g_cut`` and ``m_cut``, arrays like ``m`` sharing no memory with the others, laid
             out as :func:`cut_layout` says.
+        beta2: ``None``: AdaGrad's sum acc + g²; or RMSProp's and Adam's β₂ in [0, 1], a Python
+            float: the average of the squares, in the first moment's form (NumPy's ``ema`` of
+            ``acc`` and g², rounded as it rounds).
     """
     dtype = g.dtype.type
-    above = beta > 0.5
-    coef = dtype(beta - 1.0) if above else dtype(beta)
+    form = _average_form(dtype, beta) + (dtype(epsilon),)
+    squares = None if beta2 is None else _average_form(dtype, beta2)
     arrays = (g, m, acc) + (() if out is None else tuple(out))
     kernel = _KERNELS[(cut is not None, out is None)]
     if cut is None:
-        return float(kernel(*arrays, above, coef, dtype(epsilon)))
+        return float(kernel(*arrays, form, squares))
     plan, weight, g_cut, m_cut = cut
     table, starts, widths, _ = cut_layout(plan)
     cols = plan.merged_shape[1]
     rows_per_piece = _LANES // math.gcd(cols, _LANES)  # pieces of whole lanes keep the flat loop's sums
     scale = dtype(1.0 if weight is None else weight)
-    return float(kernel(*arrays, above, coef, dtype(epsilon), scale, cols, rows_per_piece, table, starts, widths,
-                        g_cut, m_cut))
+    return float(kernel(*arrays, form, squares, scale, cols, rows_per_piece, table, starts, widths, g_cut, m_cut))
+
+
+def _average_form(dtype, beta):
+    """``(above, coef)`` of β·old + (1 - β)·new as the loop forms it: old + (β - 1)(old - new) for
+    β > 1/2, new + β(old - new) otherwise, the coefficient rounded to the arrays' dtype."""
+    return (True, dtype(beta - 1.0)) if beta > 0.5 else (False, dtype(beta))
 
 
 def cuts_in_one_pass(plan, shape, weight) -> bool:

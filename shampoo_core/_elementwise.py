@@ -128,10 +128,11 @@ def norm_over_root_plus(xp, f, acc, epsilon):
     return _xp.norm(xp, over_root_plus(xp, f, acc, epsilon))
 
 
-def ema_plus_square_norm(xp, m, acc, g, beta: float, epsilon: float, donate: bool = False):
-    """The first moment, the AdaGrad accumulator and the norm of the grafting direction of a
+def ema_plus_square_norm(xp, m, acc, g, beta: float, epsilon, donate: bool = False, beta2: float | None = None):
+    """The first moment, the grafting accumulator and the norm of the grafting direction of a
     layer-grafted step, together: ``(m', acc', ‖m' / (√acc' + ε)‖₂)`` with m' = :func:`ema` of
-    ``m`` and ``g`` and acc' = :func:`plus_square` of ``acc`` and ``g``.
+    ``m`` and ``g`` and acc' = :func:`plus_square` of ``acc`` and ``g`` (AdaGrad), or, given
+    ``beta2``, :func:`ema` of ``acc`` and g² (RMSProp, Adam).
 
     The three read ``g``, ``m`` and ``acc`` three times as separate passes; a library's fast path
     may compute them in one (``backends.fused_cpu``, where numba is installed: NumPy arrays and
@@ -140,17 +141,21 @@ def ema_plus_square_norm(xp, m, acc, g, beta: float, epsilon: float, donate: boo
 
     Args:
         m, acc, g: arrays of one shape and real floating dtype, ``acc >= 0``.
-        beta: a float in [0, 1] (the first moment's β₁); epsilon: a float >= 0.
+        beta: a float in [0, 1] (the first moment's β₁).
+        epsilon: a float >= 0, or a 0-d array of ``m``'s dtype (Adam's ε√(1 - β₂ᵗ) under jit,
+            which the fast paths decline).
         donate: ``m`` and ``acc`` may be overwritten with m' and acc' (see the module docstring).
+        beta2: ``None`` for AdaGrad's sum, or a float in [0, 1]: the accumulator's β₂.
 
     Returns:
         ``(m', acc', norm)``: m' and acc' of ``m``'s shape and dtype (new arrays, or ``m`` and
         ``acc`` themselves where donated and written in place), ``norm`` a 0-d array of that dtype.
     """
-    out = _xp.fast_value("ema_plus_square_norm", m, acc, g, beta, epsilon, donate=donate)
+    out = _xp.fast_value("ema_plus_square_norm", m, acc, g, beta, epsilon, beta2, donate=donate)
     if out is not NotImplemented:
         return out
-    new_m, new_acc = ema(m, g, beta, donate), plus_square(acc, g, donate)
+    new_m = ema(m, g, beta, donate)
+    new_acc = plus_square(acc, g, donate) if beta2 is None else ema(acc, g * g, beta2, donate)
     return new_m, new_acc, norm_over_root_plus(xp, new_m, new_acc, epsilon)
 
 

@@ -193,8 +193,8 @@ def split_groups(xp, x, plan: BlockPlan, scale=None) -> list:
     return out
 
 
-def ema_plus_square_norm_split(xp, m, acc, g, plan: BlockPlan, beta: float, epsilon: float, weight=None,
-                               donate: bool = False):
+def ema_plus_square_norm_split(xp, m, acc, g, plan: BlockPlan, beta: float, epsilon, weight=None,
+                               donate: bool = False, beta2: float | None = None):
     """:func:`~shampoo_core._elementwise.ema_plus_square_norm` of ``m``, ``acc`` and ``g``, and the
     two cuts a preconditioned step makes next: g (times ``weight``) for the statistics and the new
     first moment for the preconditioning, as :func:`split_groups` cuts them.
@@ -208,18 +208,19 @@ def ema_plus_square_norm_split(xp, m, acc, g, plan: BlockPlan, beta: float, epsi
     Args:
         m, acc, g: arrays of ``plan.shape`` and one real floating dtype, ``acc >= 0``.
         plan: the parameter's :class:`BlockPlan`.
-        beta: a float in [0, 1] (β₁); epsilon: a float >= 0 (AdaGrad's ε).
+        beta: a float in [0, 1] (β₁); epsilon: ``ema_plus_square_norm``'s ε.
         weight: ``None``, or a float multiplying g's blocks (``split_groups``' ``scale``).
         donate: ``m`` and ``acc`` may be overwritten (``ema_plus_square_norm``'s ``donate``).
+        beta2: ``None`` (AdaGrad's sum) or the accumulator's β₂ (``ema_plus_square_norm``'s).
 
     Returns:
         ``(m', acc', norm, g_blocks, m_blocks)``: ``ema_plus_square_norm``'s three results, then
         ``split_groups(g, plan, weight)`` and ``split_groups(m', plan)``.
     """
-    out = _xp.fast_value("ema_plus_square_norm_split", m, acc, g, plan, beta, epsilon, weight, donate=donate)
+    out = _xp.fast_value("ema_plus_square_norm_split", m, acc, g, plan, beta, epsilon, weight, beta2, donate=donate)
     if out is not NotImplemented:
         return out
-    new_m, new_acc, norm = _elementwise.ema_plus_square_norm(xp, m, acc, g, beta, epsilon, donate)
+    new_m, new_acc, norm = _elementwise.ema_plus_square_norm(xp, m, acc, g, beta, epsilon, donate, beta2)
     return new_m, new_acc, norm, split_groups(xp, g, plan, weight), split_groups(xp, new_m, plan)
 
 

@@ -15,7 +15,7 @@ from . import _elementwise, _xp
 from .options import GraftType
 
 __all__ = ["GraftState", "init_graft", "update_graft", "graft_direction", "graft_norm", "graft_block_norms",
-           "direction_norm", "NORM_FLOOR"]
+           "direction_norm", "diagonal_terms", "NORM_FLOOR"]
 
 NORM_FLOOR = 1e-16
 
@@ -71,7 +71,7 @@ def graft_direction(xp, graft_type: GraftType, state: GraftState, f, *, epsilon:
         return f, f_scale
     if graft_type is GraftType.SQRT_N:  # f_scale > 0 cancels
         return f, math.sqrt(math.prod(f.shape)) / _xp.at_least(xp, _xp.norm(xp, f), NORM_FLOOR)
-    eps, scale = _diagonal(graft_type, epsilon, beta2, step)
+    eps, scale = diagonal_terms(graft_type, epsilon, beta2, step)
     return _elementwise.over_root_plus(xp, f, state.accumulator, eps), f_scale * scale
 
 
@@ -91,13 +91,14 @@ def direction_norm(xp, graft_type: GraftType, state: GraftState, f, *, epsilon: 
         return math.sqrt(math.prod(f.shape))
     if graft_type in (GraftType.NONE, GraftType.SGD):
         return f_scale * _xp.norm(xp, f)
-    eps, scale = _diagonal(graft_type, epsilon, beta2, step)
+    eps, scale = diagonal_terms(graft_type, epsilon, beta2, step)
     return (f_scale * scale) * _elementwise.norm_over_root_plus(xp, f, state.accumulator, eps)
 
 
-def _diagonal(graft_type: GraftType, epsilon, beta2: float, step):
-    """``(ε, scale)`` of a diagonal optimizer's direction scale · f / (√acc + ε): Adam's bias
-    correction c = 1 - β₂ᵗ enters as √c · f / (√acc + ε√c); AdaGrad and RMSProp have none."""
+def diagonal_terms(graft_type: GraftType, epsilon, beta2: float, step):
+    """``(ε, scale)`` of a diagonal optimizer's direction scale · f / (√acc + ε) (adagrad,
+    rmsprop, adam): Adam's bias correction c = 1 - β₂ᵗ enters as √c · f / (√acc + ε√c); AdaGrad
+    and RMSProp have none. Python floats for an int ``step``, 0-d arrays for an array one."""
     if graft_type is GraftType.ADAM:
         root_c = (1.0 - beta2**step) ** 0.5
         return epsilon * root_c, root_c

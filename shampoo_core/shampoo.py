@@ -53,6 +53,9 @@ from .options import (
 
 __all__ = ["shampoo", "ShampooConfig", "ShampooState", "ParamState", "BlockState"]
 
+# grafting optimizers whose direction is f / (√acc + ε): one pass with the first moment
+_DIAGONAL = (GraftType.ADAGRAD, GraftType.RMSPROP, GraftType.ADAM)
+
 
 class BlockState(NamedTuple):
     """State of a group of n equal-shaped blocks (:class:`~shampoo_core.blocking.BlockGroup`),
@@ -635,19 +638,22 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
     # the learning rate, not in passes of their own.
     new_m, f, f_scale, layer_norm = None, g, 1.0, None
     g_blocks = f_blocks = None  # cut with the first-order pass (blocking.ema_plus_square_norm_split)
+    d_scale = 1.0  # the diagonal direction's own scale (Adam's bias correction), beside layer_norm
     if (s.momentum is not None and not config.nesterov and schedule.finite is None
-            and config.graft_type is GraftType.ADAGRAD and config.graft_granularity is GraftGranularity.LAYER
+            and config.graft_type in _DIAGONAL and config.graft_granularity is GraftGranularity.LAYER
             and plan.num_preconditioned and schedule.precondition is True):
-        # A preconditioned step needs of AdaGrad's direction (for F = m̂) only its layer norm: the
-        # first moment, the accumulator and that norm in one pass where the library has one, and
-        # with them the cuts of g and m into blocks where the statistics are due.
+        # A preconditioned step needs of the diagonal direction (for F = m̂) only its layer norm:
+        # the first moment, the accumulator and that norm in one pass where the library has one,
+        # and with them the cuts of g and m into blocks where the statistics are due.
+        eps, d_scale = grafting.diagonal_terms(config.graft_type, config.diagonal_epsilon, config.graft_beta2, step)
+        beta2 = None if config.graft_type is GraftType.ADAGRAD else config.graft_beta2
         args = (xp, s.momentum, s.graft.accumulator, g)
         if schedule.statistics is True:
             new_m, acc, layer_norm, g_blocks, f_blocks = blocking.ema_plus_square_norm_split(
-                *args, plan, config.beta1, config.diagonal_epsilon, weight, config.donate_state)
+                *args, plan, config.beta1, eps, weight, config.donate_state, beta2)
         else:
             new_m, acc, layer_norm = _elementwise.ema_plus_square_norm(
-                *args, config.beta1, config.diagonal_epsilon, config.donate_state)
+                *args, config.beta1, eps, config.donate_state, beta2)
         new_graft = grafting.GraftState(acc)
         f, f_scale = momentum.filtered_gradient(new_m, g, config.beta1, step, False)
     else:
@@ -662,8 +668,8 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
         return grafting.graft_direction(xp, config.graft_type, new_graft, f, **diagonal)
 
     def direction_norm():
-        if layer_norm is not None:  # AdaGrad's direction has no scale of its own (grafting._diagonal)
-            return f_scale * layer_norm
+        if layer_norm is not None:  # the scalars in grafting.direction_norm's order
+            return (f_scale * d_scale) * layer_norm
         return grafting.direction_norm(xp, config.graft_type, new_graft, f, **diagonal)
 
     new_blocks = s.blocks

@@ -115,18 +115,22 @@ def test_step_ratios_print_their_side_of_the_target(ratio, text):
     assert ratio_text(ratio, " the floor") == text
 
 
-def test_step_benchmark_times_plain_shampoo_donated(tmp_path, monkeypatch):
+@pytest.mark.parametrize("graft", [[], ["--graft-type", "adam"]])
+def test_step_benchmark_times_plain_shampoo_donated(tmp_path, monkeypatch, graft):
     """The plain row is the donated step of Shampoo without grafting or a first moment, beside
-    the default donated step on the same blocks."""
+    the default donated step on the same blocks; ``--graft-type`` sets the grafting of the step
+    and of the donated step, not of the plain one."""
     import shampoo_core as sc
 
     built = []
     real = sc.shampoo
     monkeypatch.setattr(sc, "shampoo", lambda *a, **k: built.append(k) or real(*a, **k))
-    assert main(["step", "--out", str(tmp_path), "--small", "--block-sizes", "32", "--steps", "2"]) == 0
-    donated = [k for k in built if k.get("donate_state")]
-    assert [(k.get("graft_type"), k.get("beta1")) for k in donated] == [(None, None), ("none", 0.0)]
-    assert all(k["block_size"] == 32 for k in donated)
+    assert main(["step", "--out", str(tmp_path), "--small", "--block-sizes", "32", "--steps", "2", *graft]) == 0
+    graft_type = graft[1] if graft else "adagrad"
+    assert [(k.get("graft_type"), k.get("beta1"), bool(k.get("donate_state"))) for k in built] == [
+        (graft_type, None, False), (graft_type, None, True), ("none", 0.0, True)]
+    assert all(k["block_size"] == 32 for k in built)
+    assert json.loads((tmp_path / "step.json").read_text())["graft_type"] == graft_type
 
 
 @pytest.mark.parametrize("lib", ["torch", "jax"])
