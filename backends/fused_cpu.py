@@ -131,7 +131,8 @@ def _cut_pieces(g, m, acc, m_out, acc_out, form, squares, weight, cols, rows_per
 @_jit
 def _cut_in_place(g, m, acc, form, squares, weight, cols, rows_per_piece, table, starts, widths, g_cut,
                   m_cut):  # pragma: no cover (compiled)
-    return _cut_pieces(g, m, acc, m, acc, form, squares, weight, cols, rows_per_piece, table, starts, widths, g_cut, m_cut)
+    return _cut_pieces(g, m, acc, m, acc, form, squares, weight, cols, rows_per_piece, table, starts, widths, g_cut,
+                       m_cut)
 
 
 @_jit
