@@ -23,9 +23,10 @@ NumPy arrays and torch CPU tensors (zero-copy, through ``Tensor.numpy``) take it
 extra); numba compiles each loop at its first call for each dtype (under a second, cached on
 disk).
 
-Bits: the new m and acc are NumPy's (``backends.numpy_backend.ema`` and ``plus_square``), each
-operation rounded in the arrays' dtype; torch's ``lerp`` rounds ``m + w(g - m)`` once, with a
-fused multiply-add, so on torch tensors m may differ from it by an ulp. The norm's squares are
+Bits: the new m and acc are NumPy's (``backends.numpy_backend.ema``, and ``plus_square`` or
+``ema`` of acc and g²), each operation rounded in the arrays' dtype; torch's ``lerp`` rounds
+``m + w(g - m)`` once, with a fused multiply-add, so on torch tensors m may differ from it by
+an ulp. The norm's squares are
 summed in float64, in 16 interleaved partial sums, entry k into sum k mod 16 in every form of
 the loop, so that all forms return the same norm. The blocks are ``split_groups``' bits.
 

@@ -351,8 +351,9 @@ def _run(args, threads: dict) -> int:
     # numba's one pass for the first moment, the accumulator, the grafted norm and the cuts of g
     # and m into blocks (NumPy, torch)
     import backends
+    from shampoo_core import GraftType, grafting
 
-    one_pass = (lib.name in ("numpy", "torch") and args.graft_type in ("adagrad", "rmsprop", "adam")
+    one_pass = (lib.name in ("numpy", "torch") and GraftType(args.graft_type) in grafting.DIAGONAL
                 and backends.load_fused_cpu() is not None)
     (out / "step.json").write_text(json.dumps(dict(library=args.library, threads=threads, parameters=n_params, shapes=shapes,
                                                    graft_type=args.graft_type, rows=rows, adamw_ms=adamw,

@@ -15,9 +15,12 @@ from . import _elementwise, _xp
 from .options import GraftType
 
 __all__ = ["GraftState", "init_graft", "update_graft", "graft_direction", "graft_norm", "graft_block_norms",
-           "direction_norm", "diagonal_terms", "NORM_FLOOR"]
+           "direction_norm", "diagonal_terms", "DIAGONAL", "NORM_FLOOR"]
 
 NORM_FLOOR = 1e-16
+
+# the diagonal optimizers: an accumulator of g², and the direction f / (√acc + ε)
+DIAGONAL = (GraftType.ADAGRAD, GraftType.RMSPROP, GraftType.ADAM)
 
 
 class GraftState(NamedTuple):
@@ -31,7 +34,7 @@ class GraftState(NamedTuple):
 
 
 def init_graft(xp, graft_type: GraftType, param, initial_accumulator_value: float = 0.0) -> GraftState:
-    if graft_type in (GraftType.ADAGRAD, GraftType.RMSPROP, GraftType.ADAM):
+    if graft_type in DIAGONAL:
         return GraftState(xp.zeros_like(param) + initial_accumulator_value)
     return GraftState(None)
 

@@ -53,8 +53,8 @@ from .options import (
 
 __all__ = ["shampoo", "ShampooConfig", "ShampooState", "ParamState", "BlockState"]
 
-# grafting optimizers whose direction is f / (√acc + ε): one pass with the first moment
-_DIAGONAL = (GraftType.ADAGRAD, GraftType.RMSPROP, GraftType.ADAM)
+# the grafting optimizers whose accumulator and norm go in one pass with the first moment
+_DIAGONAL = grafting.DIAGONAL
 
 
 class BlockState(NamedTuple):
