@@ -8,6 +8,8 @@ acc, and sums the squares of the direction, in about 12 ms (docs/performance.md,
 optimizer in one pass"). RMSProp's and Adam's grafting take the same loop with the accumulator
 an average of g² (``beta2``), compiled apart: a ``None`` is a type of its own to numba, so each
 loop is built once with AdaGrad's sum and once with the average, neither branching on it.
+Nesterov's first moment takes it the same way (``nesterov``): the norm and the cut are of its
+filtered gradient F = c₁·m' + c₂·g, formed in the loop from the m' it has just written.
 
 The new m and acc go into ``m`` and ``acc`` (a donated state) or into new arrays: the loop
 reads the old values and writes the new ones, instead of copying the old arrays first and
@@ -24,11 +26,11 @@ extra); numba compiles each loop at its first call for each dtype (under a secon
 disk).
 
 Bits: the new m and acc are NumPy's (``backends.numpy_backend.ema``, and ``plus_square`` or
-``ema`` of acc and g²), each operation rounded in the arrays' dtype; torch's ``lerp`` rounds
-``m + w(g - m)`` once, with a fused multiply-add, so on torch tensors m may differ from it by
-an ulp. The norm's squares are
-summed in float64, in 16 interleaved partial sums, entry k into sum k mod 16 in every form of
-the loop, so that all forms return the same norm. The blocks are ``split_groups``' bits.
+``ema`` of acc and g²; F is NumPy's ``c1 * m + c2 * g``), each operation rounded in the arrays'
+dtype; torch's ``lerp`` rounds ``m + w(g - m)`` once, with a fused multiply-add, so on torch
+tensors m may differ from it by an ulp. The norm's squares are summed in float64, in 16
+interleaved partial sums, entry k into sum k mod 16 in every form of the loop, so that all
+forms return the same norm. The blocks are ``split_groups``' bits.
 
 Vectorization: indices are unsigned, because numba wraps a negative index around, and the
 branch that checks for one keeps the compiler from vectorizing a loop whose start it cannot
@@ -57,7 +59,15 @@ _LANES = 16  # independent float64 partial sums: a reduction the compiler vector
 # compiled functions, and compiled one again in every process, adding a file to the cache each time.
 
 @numba.njit(inline="always")
-def _entry(i, g, m, acc, m_out, acc_out, form, squares):  # pragma: no cover (compiled)
+def _filtered(new_m, gi, nesterov):  # pragma: no cover (compiled)
+    # the first moment, or Nesterov's c₁·m' + c₂·g, each product rounded, as NumPy rounds it
+    if nesterov is None:
+        return new_m
+    return nesterov[0] * new_m + nesterov[1] * gi
+
+
+@numba.njit(inline="always")
+def _entry(i, g, m, acc, m_out, acc_out, form, squares, nesterov):  # pragma: no cover (compiled)
     above, coef, epsilon = form
     i = np.uint64(i)
     gi = g[i]
@@ -73,23 +83,24 @@ def _entry(i, g, m, acc, m_out, acc_out, form, squares):  # pragma: no cover (co
         new_acc = (ai - square) * squares[1] + (ai if squares[0] else square)
     m_out[i] = new_m
     acc_out[i] = new_acc
-    q = np.float64(new_m / (np.sqrt(new_acc) + epsilon))
+    q = np.float64(_filtered(new_m, gi, nesterov) / (np.sqrt(new_acc) + epsilon))
     return q * q
 
 
 @numba.njit(inline="always")
-def _run(g, m, acc, m_out, acc_out, form, squares, parts, start, stop):  # pragma: no cover (compiled)
+def _run(g, m, acc, m_out, acc_out, form, squares, nesterov, parts, start, stop):  # pragma: no cover (compiled)
     # ``start`` a multiple of the lanes, so that entry k adds into lane k % _LANES
     whole = stop - (stop - start) % _LANES
     for i0 in range(start, whole, _LANES):
         for j in range(_LANES):
-            parts[j] += _entry(i0 + j, g, m, acc, m_out, acc_out, form, squares)
+            parts[j] += _entry(i0 + j, g, m, acc, m_out, acc_out, form, squares, nesterov)
     for i in range(whole, stop):
-        parts[i - whole] += _entry(i, g, m, acc, m_out, acc_out, form, squares)
+        parts[i - whole] += _entry(i, g, m, acc, m_out, acc_out, form, squares, nesterov)
 
 
 @numba.njit(inline="always")
-def _cut_rows(g, new_m, weight, cols, r0, r1, table, starts, widths, g_cut, m_cut):  # pragma: no cover (compiled)
+def _cut_rows(g, new_m, nesterov, weight, cols, r0, r1, table, starts, widths, g_cut,
+              m_cut):  # pragma: no cover (compiled)
     for i in range(r0, r1):
         for b in range(starts.shape[0]):
             dst = np.uint64(table[i, b])
@@ -97,50 +108,51 @@ def _cut_rows(g, new_m, weight, cols, r0, r1, table, starts, widths, g_cut, m_cu
             for c in range(np.uint64(widths[b])):
                 g_cut[dst + c] = g[src + c] * weight
             for c in range(np.uint64(widths[b])):
-                m_cut[dst + c] = new_m[src + c]
+                m_cut[dst + c] = _filtered(new_m[src + c], g[src + c], nesterov)
 
 
 _jit = numba.njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)
 
 
 @_jit
-def _flat_in_place(g, m, acc, form, squares):  # pragma: no cover (compiled)
+def _flat_in_place(g, m, acc, form, squares, nesterov):  # pragma: no cover (compiled)
     parts = np.zeros(_LANES, np.float64)
-    _run(g, m, acc, m, acc, form, squares, parts, 0, g.shape[0])
+    _run(g, m, acc, m, acc, form, squares, nesterov, parts, 0, g.shape[0])
     return math.sqrt(parts.sum())
 
 
 @_jit
-def _flat_into(g, m, acc, m_out, acc_out, form, squares):  # pragma: no cover (compiled)
+def _flat_into(g, m, acc, m_out, acc_out, form, squares, nesterov):  # pragma: no cover (compiled)
     parts = np.zeros(_LANES, np.float64)
-    _run(g, m, acc, m_out, acc_out, form, squares, parts, 0, g.shape[0])
+    _run(g, m, acc, m_out, acc_out, form, squares, nesterov, parts, 0, g.shape[0])
     return math.sqrt(parts.sum())
 
 
 @numba.njit(inline="always")
-def _cut_pieces(g, m, acc, m_out, acc_out, form, squares, weight, cols, rows_per_piece, table, starts, widths, g_cut,
-                m_cut):  # pragma: no cover (compiled)
+def _cut_pieces(g, m, acc, m_out, acc_out, form, squares, nesterov, weight, cols, rows_per_piece, table, starts, widths,
+                g_cut, m_cut):  # pragma: no cover (compiled)
     parts = np.zeros(_LANES, np.float64)
     rows = g.shape[0] // cols
     for r0 in range(0, rows, rows_per_piece):
         r1 = min(r0 + rows_per_piece, rows)
-        _run(g, m, acc, m_out, acc_out, form, squares, parts, r0 * cols, r1 * cols)
-        _cut_rows(g, m_out, weight, cols, r0, r1, table, starts, widths, g_cut, m_cut)  # still in cache
+        _run(g, m, acc, m_out, acc_out, form, squares, nesterov, parts, r0 * cols, r1 * cols)
+        # still in cache
+        _cut_rows(g, m_out, nesterov, weight, cols, r0, r1, table, starts, widths, g_cut, m_cut)
     return math.sqrt(parts.sum())
 
 
 @_jit
-def _cut_in_place(g, m, acc, form, squares, weight, cols, rows_per_piece, table, starts, widths, g_cut,
+def _cut_in_place(g, m, acc, form, squares, nesterov, weight, cols, rows_per_piece, table, starts, widths, g_cut,
                   m_cut):  # pragma: no cover (compiled)
-    return _cut_pieces(g, m, acc, m, acc, form, squares, weight, cols, rows_per_piece, table, starts, widths, g_cut,
-                       m_cut)
+    return _cut_pieces(g, m, acc, m, acc, form, squares, nesterov, weight, cols, rows_per_piece, table, starts, widths,
+                       g_cut, m_cut)
 
 
 @_jit
-def _cut_into(g, m, acc, m_out, acc_out, form, squares, weight, cols, rows_per_piece, table, starts, widths,
+def _cut_into(g, m, acc, m_out, acc_out, form, squares, nesterov, weight, cols, rows_per_piece, table, starts, widths,
               g_cut, m_cut):  # pragma: no cover (compiled)
-    return _cut_pieces(g, m, acc, m_out, acc_out, form, squares, weight, cols, rows_per_piece, table, starts, widths,
-                       g_cut, m_cut)
+    return _cut_pieces(g, m, acc, m_out, acc_out, form, squares, nesterov, weight, cols, rows_per_piece, table, starts,
+                       widths, g_cut, m_cut)
 
 
 # by (cut, in place); the in-place loops are their own, with one pointer for m and one for acc
@@ -148,9 +160,11 @@ _KERNELS = {(False, True): _flat_in_place, (False, False): _flat_into,
             (True, True): _cut_in_place, (True, False): _cut_into}
 
 
-def ema_plus_square_norm(g, m, acc, beta: float, epsilon: float, out=None, cut=None, beta2=None) -> float:
+def ema_plus_square_norm(g, m, acc, beta: float, epsilon: float, out=None, cut=None, beta2=None,
+                         nesterov=None) -> float:
     """β·m + (1 - β)·g and acc + g² (or β₂·acc + (1 - β₂)·g²), and ‖m' / (√acc' + ε)‖₂ of the new
-    values as a Python float, in one pass.
+    values as a Python float, in one pass (with ``nesterov``, ‖F / (√acc' + ε)‖₂ of Nesterov's
+    filtered gradient F = c₁·m' + c₂·g).
 
     Args:
         g, m, acc: 1-D C-contiguous NumPy arrays of one length and one dtype, float32 or float64;
@@ -161,27 +175,33 @@ def ema_plus_square_norm(g, m, acc, beta: float, epsilon: float, out=None, cut=N
             ``(m_out, acc_out)``, arrays like ``m`` sharing no memory with the others, which
             receive them (``m`` and ``acc`` are only read).
         cut: ``None``, or ``(plan, weight, g_cut, m_cut)``: also write g·``weight`` and the new m
-            cut into the blocks of ``plan`` (a ``shampoo_core.blocking.BlockPlan`` that
-            :func:`cuts_in_one_pass` takes; ``weight`` a Python float or ``None``) into
-            ``g_cut`` and ``m_cut``, arrays like ``m`` sharing no memory with the others, laid
-            out as :func:`cut_layout` says.
+            (F with ``nesterov``) cut into the blocks of ``plan`` (a
+            ``shampoo_core.blocking.BlockPlan`` that :func:`cuts_in_one_pass` takes; ``weight`` a
+            Python float or ``None``) into ``g_cut`` and ``m_cut``, arrays like ``m`` sharing no
+            memory with the others, laid out as :func:`cut_layout` says.
         beta2: ``None``: AdaGrad's sum acc + g²; or RMSProp's and Adam's β₂ in [0, 1], a Python
             float: the average of the squares, in the first moment's form (NumPy's ``ema`` of
             ``acc`` and g², rounded as it rounds).
+        nesterov: ``None``: the norm and the cut are of m'; or ``(c₁, c₂)``, Python floats
+            (``shampoo_core.momentum.nesterov_coefficients``): they are of F = c₁·m' + c₂·g,
+            rounded as NumPy rounds ``c1 * m + c2 * g``. m' itself is written either way.
     """
     dtype = g.dtype.type
     form = _average_form(dtype, beta) + (dtype(epsilon),)
     squares = None if beta2 is None else _average_form(dtype, beta2)
+    if nesterov is not None:
+        nesterov = (dtype(nesterov[0]), dtype(nesterov[1]))
     arrays = (g, m, acc) + (() if out is None else tuple(out))
     kernel = _KERNELS[(cut is not None, out is None)]
     if cut is None:
-        return float(kernel(*arrays, form, squares))
+        return float(kernel(*arrays, form, squares, nesterov))
     plan, weight, g_cut, m_cut = cut
     table, starts, widths, _ = cut_layout(plan)
     cols = plan.merged_shape[1]
     rows_per_piece = _LANES // math.gcd(cols, _LANES)  # pieces of whole lanes keep the flat loop's sums
     scale = dtype(1.0 if weight is None else weight)
-    return float(kernel(*arrays, form, squares, scale, cols, rows_per_piece, table, starts, widths, g_cut, m_cut))
+    return float(kernel(*arrays, form, squares, nesterov, scale, cols, rows_per_piece, table, starts, widths, g_cut,
+                        m_cut))
 
 
 def _average_form(dtype, beta):

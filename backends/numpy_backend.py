@@ -95,39 +95,42 @@ def norm_over_root_plus(f, acc, epsilon):
                       dtype=f.dtype)
 
 
-def _fusable(m, acc, g, beta, epsilon, beta2) -> bool:
+def _fusable(m, acc, g, beta, epsilon, beta2, nesterov) -> bool:
     """Whether ``backends.fused_cpu`` takes these: numba installed, C-contiguous float32/float64
-    arrays of one shape and dtype that share no memory, Python β, ε and β₂ (or no β₂)."""
+    arrays of one shape and dtype that share no memory, Python β, ε and β₂ (or no β₂), and
+    Python coefficients of Nesterov's F (or none)."""
     return (_arrays(m, acc, g) and m.dtype in (np.float32, np.float64) and acc.dtype == m.dtype
             and g.dtype == m.dtype and acc.shape == m.shape and g.shape == m.shape
             and all(x.flags.c_contiguous for x in (m, acc, g))
-            and all(isinstance(x, (int, float)) for x in (beta, epsilon, 0.0 if beta2 is None else beta2))
+            and all(isinstance(x, (int, float)) for x in (beta, epsilon, 0.0 if beta2 is None else beta2,
+                                                         *(nesterov or ())))
             and not any(np.may_share_memory(x, y) for x, y in ((m, acc), (m, g), (acc, g)))
             and load_fused_cpu() is not None)
 
 
-def ema_plus_square_norm(m, acc, g, beta: float, epsilon, beta2=None):
+def ema_plus_square_norm(m, acc, g, beta: float, epsilon, beta2=None, nesterov=None):
     """The new first moment, the new accumulator and the grafted norm by one compiled pass that
     reads ``m`` and ``acc`` and writes new arrays (``backends.fused_cpu``), with :func:`ema`'s and
     :func:`plus_square`'s bits (given ``beta2``, the accumulator with :func:`ema`'s of ``acc``
     and g²). Declines where numba is not installed, and all but :func:`_fusable` arguments."""
-    return _fused(m, acc, g, beta, epsilon, beta2, in_place=False)
+    return _fused(m, acc, g, beta, epsilon, beta2, nesterov, in_place=False)
 
 
-def ema_plus_square_norm_split(m, acc, g, plan, beta: float, epsilon, weight, beta2=None):
-    """:func:`ema_plus_square_norm`, with g·``weight`` and the new m cut into ``plan``'s blocks in
-    the same compiled pass, with ``split_groups``' bits. Declines where numba is not installed,
-    all but :func:`_fusable` arguments, and plans whose cut is no copy
-    (``backends.fused_cpu.cuts_in_one_pass``)."""
-    return _fused(m, acc, g, beta, epsilon, beta2, in_place=False, plan=plan, weight=weight)
+def ema_plus_square_norm_split(m, acc, g, plan, beta: float, epsilon, weight, beta2=None, nesterov=None):
+    """:func:`ema_plus_square_norm`, with g·``weight`` and the new m (Nesterov's F, given
+    ``nesterov``) cut into ``plan``'s blocks in the same compiled pass, with ``split_groups``'
+    bits. Declines where numba is not installed, all but :func:`_fusable` arguments, and plans
+    whose cut is no copy (``backends.fused_cpu.cuts_in_one_pass``)."""
+    return _fused(m, acc, g, beta, epsilon, beta2, nesterov, in_place=False, plan=plan, weight=weight)
 
 
-def _fused(m, acc, g, beta, epsilon, beta2, in_place: bool, plan=None, weight=None):
+def _fused(m, acc, g, beta, epsilon, beta2, nesterov, in_place: bool, plan=None, weight=None):
     """The compiled pass into ``m`` and ``acc`` or new arrays; the norm as a 0-d array of their
-    dtype; with a ``plan``, g's and the new m's blocks (views of one new buffer each) too.
+    dtype; with a ``plan``, g's and F's blocks (views of one new buffer each) too.
     ``NotImplemented`` for all but :func:`_fusable` arguments, ``m`` and ``acc`` that cannot be
     written (``in_place``), and plans whose cut is no copy (``fused_cpu.cuts_in_one_pass``)."""
-    if not (_fusable(m, acc, g, beta, epsilon, beta2) and (not in_place or (_writable(m) and _writable(acc)))
+    if not (_fusable(m, acc, g, beta, epsilon, beta2, nesterov)
+            and (not in_place or (_writable(m) and _writable(acc)))
             and (plan is None or load_fused_cpu().cuts_in_one_pass(plan, g.shape, weight))):
         return NotImplemented
     fused = load_fused_cpu()
@@ -137,7 +140,8 @@ def _fused(m, acc, g, beta, epsilon, beta2, in_place: bool, plan=None, weight=No
     if plan is not None:
         cut = (plan, weight, np.empty(g.size, dtype=g.dtype), np.empty(g.size, dtype=g.dtype))
     norm = fused.ema_plus_square_norm(g.reshape(-1), m.reshape(-1), acc.reshape(-1), beta, epsilon,
-                                      beta2=beta2, out=None if out is None else [x.reshape(-1) for x in out], cut=cut)
+                                      beta2=beta2, nesterov=nesterov,
+                                      out=None if out is None else [x.reshape(-1) for x in out], cut=cut)
     result = (new_m, new_acc, np.asarray(norm, dtype=m.dtype))
     return result if cut is None else result + (fused.cut_stacks(cut[2], plan), fused.cut_stacks(cut[3], plan))
 
@@ -187,14 +191,14 @@ def plus_square_(acc, g):
     return acc
 
 
-def ema_plus_square_norm_(m, acc, g, beta: float, epsilon, beta2=None):
+def ema_plus_square_norm_(m, acc, g, beta: float, epsilon, beta2=None, nesterov=None):
     """:func:`ema_plus_square_norm` written into ``m`` and ``acc``, with the same bits."""
-    return _fused(m, acc, g, beta, epsilon, beta2, in_place=True)
+    return _fused(m, acc, g, beta, epsilon, beta2, nesterov, in_place=True)
 
 
-def ema_plus_square_norm_split_(m, acc, g, plan, beta: float, epsilon, weight, beta2=None):
+def ema_plus_square_norm_split_(m, acc, g, plan, beta: float, epsilon, weight, beta2=None, nesterov=None):
     """:func:`ema_plus_square_norm_split` with m and acc written in place, with the same bits."""
-    return _fused(m, acc, g, beta, epsilon, beta2, in_place=True, plan=plan, weight=weight)
+    return _fused(m, acc, g, beta, epsilon, beta2, nesterov, in_place=True, plan=plan, weight=weight)
 
 
 def scaled_plus_product_(c, a, b, beta: float, alpha: float = 1.0):

@@ -77,14 +77,15 @@ def norm_over_root_plus(f, acc, epsilon):
                         dtype=f.dtype, device=f.device)
 
 
-def _fusable(m, acc, g, beta, epsilon, beta2) -> bool:
+def _fusable(m, acc, g, beta, epsilon, beta2, nesterov) -> bool:
     """Whether ``backends.fused_cpu`` takes these: numba installed, contiguous CPU float32/float64
     tensors of one shape and dtype, none recorded by autograd, that share no memory; Python β, ε
-    and β₂ (or no β₂)."""
+    and β₂ (or no β₂), and Python coefficients of Nesterov's F (or none)."""
     return (_tensors(m, acc, g) and m.dtype in _REAL and acc.dtype == m.dtype and g.dtype == m.dtype
             and acc.shape == m.shape and g.shape == m.shape
             and all(x.device.type == "cpu" and x.is_contiguous() and not x.requires_grad for x in (m, acc, g))
-            and all(isinstance(x, (int, float)) for x in (beta, epsilon, 0.0 if beta2 is None else beta2))
+            and all(isinstance(x, (int, float)) for x in (beta, epsilon, 0.0 if beta2 is None else beta2,
+                                                         *(nesterov or ())))
             and _disjoint(m, acc, g) and load_fused_cpu() is not None)
 
 
@@ -94,13 +95,14 @@ def _disjoint(*tensors) -> bool:
     return all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
 
 
-def _fused(m, acc, g, beta, epsilon, beta2, in_place: bool, plan=None, weight=None):
+def _fused(m, acc, g, beta, epsilon, beta2, nesterov, in_place: bool, plan=None, weight=None):
     """The compiled pass (on zero-copy NumPy views) into ``m`` and ``acc`` or new tensors; the
-    norm as a 0-d tensor; with a ``plan``, g's and the new m's blocks (views of one new tensor
-    each) too. ``NotImplemented`` for all but :func:`_fusable` arguments, ``m`` and ``acc`` that
+    norm as a 0-d tensor; with a ``plan``, g's and F's blocks (views of one new tensor each)
+    too. ``NotImplemented`` for all but :func:`_fusable` arguments, ``m`` and ``acc`` that
     cannot be written (``in_place``), and plans whose cut is no copy
     (``fused_cpu.cuts_in_one_pass``)."""
-    if not (_fusable(m, acc, g, beta, epsilon, beta2) and (not in_place or (_writable(m) and _writable(acc)))
+    if not (_fusable(m, acc, g, beta, epsilon, beta2, nesterov)
+            and (not in_place or (_writable(m) and _writable(acc)))
             and (plan is None or load_fused_cpu().cuts_in_one_pass(plan, g.shape, weight))):
         return NotImplemented
     fused = load_fused_cpu()
@@ -113,27 +115,28 @@ def _fused(m, acc, g, beta, epsilon, beta2, in_place: bool, plan=None, weight=No
         return x.reshape(-1).numpy()
 
     norm = fused.ema_plus_square_norm(flat(g), flat(m), flat(acc), beta, epsilon,
-                                      beta2=beta2, out=None if in_place else (flat(new_m), flat(new_acc)),
+                                      beta2=beta2, nesterov=nesterov,
+                                      out=None if in_place else (flat(new_m), flat(new_acc)),
                                       cut=None if cut is None else (plan, weight, flat(cut[0]), flat(cut[1])))
     result = (new_m, new_acc, torch.tensor(norm, dtype=m.dtype, device=m.device))
     return result if cut is None else result + (fused.cut_stacks(cut[0], plan), fused.cut_stacks(cut[1], plan))
 
 
-def ema_plus_square_norm(m, acc, g, beta: float, epsilon, beta2=None):
+def ema_plus_square_norm(m, acc, g, beta: float, epsilon, beta2=None, nesterov=None):
     """The new first moment, the new accumulator and the grafted norm by one compiled pass that
     reads ``m`` and ``acc`` and writes new tensors (``backends.fused_cpu``), with NumPy's bits
     (``backends.numpy_backend.ema_plus_square_norm``, with or without ``beta2``): every operation
     rounded on its own, where torch's vectorized ``lerp`` and ``addcmul`` fuse a multiply and an
     add, so that an entry may differ from theirs by an ulp. Declines where numba is not
     installed, and all but :func:`_fusable` arguments."""
-    return _fused(m, acc, g, beta, epsilon, beta2, in_place=False)
+    return _fused(m, acc, g, beta, epsilon, beta2, nesterov, in_place=False)
 
 
-def ema_plus_square_norm_split(m, acc, g, plan, beta: float, epsilon, weight, beta2=None):
+def ema_plus_square_norm_split(m, acc, g, plan, beta: float, epsilon, weight, beta2=None, nesterov=None):
     """``backends.numpy_backend.ema_plus_square_norm_split`` for :func:`_fusable` CPU tensors: the
-    pass of :func:`ema_plus_square_norm` that also cuts g·``weight`` and the new m into ``plan``'s
-    blocks, with ``split_groups``' bits."""
-    return _fused(m, acc, g, beta, epsilon, beta2, in_place=False, plan=plan, weight=weight)
+    pass of :func:`ema_plus_square_norm` that also cuts g·``weight`` and the new m (or Nesterov's
+    F) into ``plan``'s blocks, with ``split_groups``' bits."""
+    return _fused(m, acc, g, beta, epsilon, beta2, nesterov, in_place=False, plan=plan, weight=weight)
 
 
 def norm(x):
@@ -186,14 +189,14 @@ def plus_square_(acc, g):
     return acc.addcmul_(g, g)
 
 
-def ema_plus_square_norm_(m, acc, g, beta: float, epsilon, beta2=None):
+def ema_plus_square_norm_(m, acc, g, beta: float, epsilon, beta2=None, nesterov=None):
     """:func:`ema_plus_square_norm` written into ``m`` and ``acc``, with the same bits."""
-    return _fused(m, acc, g, beta, epsilon, beta2, in_place=True)
+    return _fused(m, acc, g, beta, epsilon, beta2, nesterov, in_place=True)
 
 
-def ema_plus_square_norm_split_(m, acc, g, plan, beta: float, epsilon, weight, beta2=None):
+def ema_plus_square_norm_split_(m, acc, g, plan, beta: float, epsilon, weight, beta2=None, nesterov=None):
     """:func:`ema_plus_square_norm_split` with m and acc written in place, with the same bits."""
-    return _fused(m, acc, g, beta, epsilon, beta2, in_place=True, plan=plan, weight=weight)
+    return _fused(m, acc, g, beta, epsilon, beta2, nesterov, in_place=True, plan=plan, weight=weight)
 
 
 def scaled_plus_product_(c, a, b, beta: float, alpha: float = 1.0):

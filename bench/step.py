@@ -5,7 +5,8 @@ kernel and biases), float32, one BLAS thread. For each block size:
 
 * non-root step: statistics every step, preconditioning, grafting, momentum (roots only at step 1);
   ``--graft-type`` picks the grafting optimizer of this step and the donated one (default AdaGrad,
-  ``sc.shampoo``'s; ``adam`` is the grafting of Meta's Distributed Shampoo's usual configuration);
+  ``sc.shampoo``'s; ``adam`` is the grafting of Meta's Distributed Shampoo's usual configuration),
+  and ``--nesterov`` gives both Nesterov's first moment (the default of optax's Shampoo);
 * floor: the matmuls such a step must do, timed alone on blocks of the same shapes, each with
   operands of its own: for every preconditioned dim of every block, its Gram matrix (the
   statistic) and its mode product (the preconditioning). Eager libraries also report the floor
@@ -85,6 +86,8 @@ def add_arguments(parser) -> None:
                         help="array library of the step and its floor (jax: under jax.jit)")
     parser.add_argument("--graft-type", choices=("adagrad", "rmsprop", "adam", "sgd", "sqrt_n", "none"),
                         default="adagrad", help="grafting optimizer of the step (plain Shampoo's has none)")
+    parser.add_argument("--nesterov", action="store_true",
+                        help="Nesterov's first moment in the step (plain Shampoo's has none)")
     parser.set_defaults(func=run)
 
 
@@ -292,17 +295,17 @@ def _run(args, threads: dict) -> int:
     grads = {k: lib.asarray(v) for k, v in np_grads.items()}
     n_params = sum(p.size for p in np_params.values())
     jitted = lib.name == "jax"
+    optimizer = dict(graft_type=args.graft_type, nesterov=args.nesterov)  # of the default and the donated step
     rows = []
     for block_size in [int(b) for b in args.block_sizes.split(",") if b]:
-        first, nonroot = step_seconds(lib, block_size, params, grads, args.steps, graft_type=args.graft_type)
+        first, nonroot = step_seconds(lib, block_size, params, grads, args.steps, **optimizer)
         floor = floor_seconds(block_size, np_params, args.steps, lib)
         pass_ms = 1e3 * pass_seconds(np_params, args.steps, lib)
         row = dict(block_size=block_size, blocks=sum(_block_counts(block_size, np_params).values()),
                    nonroot_ms=1e3 * nonroot, floor_ms=1e3 * floor, ratio_to_floor=nonroot / floor, pass_ms=pass_ms)
         row.update(passes(row))
         # the state written in place: donate_state=True eagerly, donate_argnums under jax.jit
-        donated = 1e3 * step_seconds(lib, block_size, params, grads, args.steps, donate=True,
-                                     graft_type=args.graft_type)[1]
+        donated = 1e3 * step_seconds(lib, block_size, params, grads, args.steps, donate=True, **optimizer)[1]
         row.update(donated_nonroot_ms=donated, donated_ratio_to_floor=donated / row["floor_ms"],
                    donated_passes_above_floor=passes(dict(row, nonroot_ms=donated))["passes_above_floor"])
         plain = 1e3 * step_seconds(lib, block_size, params, grads, args.steps, donate=True, **PLAIN)[1]
@@ -356,9 +359,11 @@ def _run(args, threads: dict) -> int:
     one_pass = (lib.name in ("numpy", "torch") and GraftType(args.graft_type) in grafting.DIAGONAL
                 and backends.load_fused_cpu() is not None)
     (out / "step.json").write_text(json.dumps(dict(library=args.library, threads=threads, parameters=n_params, shapes=shapes,
-                                                   graft_type=args.graft_type, rows=rows, adamw_ms=adamw,
+                                                   graft_type=args.graft_type, nesterov=args.nesterov, rows=rows,
+                                                   adamw_ms=adamw,
                                                    pass_ms=pass_ms, first_order_in_one_pass=one_pass), indent=2))
-    print(f"{n_params} parameters; grafting: {args.graft_type}; grafted optimizer in one pass (numba): "
+    print(f"{n_params} parameters; grafting: {args.graft_type}{'; Nesterov' if args.nesterov else ''}; "
+          "grafted optimizer in one pass (numba): "
           f"{'yes' if one_pass else 'no'}; written to {out}/step.json")
     return 0
 

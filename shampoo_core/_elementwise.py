@@ -32,8 +32,8 @@ from __future__ import annotations
 
 from . import _xp
 
-__all__ = ["ema", "plus_square", "over_root_plus", "norm_over_root_plus", "ema_plus_square_norm", "scaled_copy",
-           "gated"]
+__all__ = ["ema", "plus_square", "over_root_plus", "norm_over_root_plus", "ema_plus_square_norm",
+           "ema_plus_square_norm_with_f", "nesterov_f", "scaled_copy", "gated"]
 
 
 def ema(old, new, beta: float, donate: bool = False, gate=None):
@@ -128,11 +128,13 @@ def norm_over_root_plus(xp, f, acc, epsilon):
     return _xp.norm(xp, over_root_plus(xp, f, acc, epsilon))
 
 
-def ema_plus_square_norm(xp, m, acc, g, beta: float, epsilon, donate: bool = False, beta2: float | None = None):
+def ema_plus_square_norm(xp, m, acc, g, beta: float, epsilon, donate: bool = False, beta2: float | None = None,
+                         nesterov=None):
     """The first moment, the grafting accumulator and the norm of the grafting direction of a
-    layer-grafted step, together: ``(m', acc', ‖m' / (√acc' + ε)‖₂)`` with m' = :func:`ema` of
-    ``m`` and ``g`` and acc' = :func:`plus_square` of ``acc`` and ``g`` (AdaGrad), or, given
-    ``beta2``, :func:`ema` of ``acc`` and g² (RMSProp, Adam).
+    layer-grafted step, together: ``(m', acc', ‖F / (√acc' + ε)‖₂)`` with m' = :func:`ema` of
+    ``m`` and ``g``, acc' = :func:`plus_square` of ``acc`` and ``g`` (AdaGrad), or, given
+    ``beta2``, :func:`ema` of ``acc`` and g² (RMSProp, Adam), and F = m', or, given
+    ``nesterov``, Nesterov's filtered gradient c₁·m' + c₂·g.
 
     The three read ``g``, ``m`` and ``acc`` three times as separate passes; a library's fast path
     may compute them in one (``backends.fused_cpu``, where numba is installed: NumPy arrays and
@@ -146,17 +148,35 @@ def ema_plus_square_norm(xp, m, acc, g, beta: float, epsilon, donate: bool = Fal
             which the fast paths decline).
         donate: ``m`` and ``acc`` may be overwritten with m' and acc' (see the module docstring).
         beta2: ``None`` for AdaGrad's sum, or a float in [0, 1]: the accumulator's β₂.
+        nesterov: ``None``, or ``(c₁, c₂)`` (``shampoo_core.momentum.nesterov_coefficients``:
+            floats, or 0-d arrays under jit, which the fast paths decline).
 
     Returns:
         ``(m', acc', norm)``: m' and acc' of ``m``'s shape and dtype (new arrays, or ``m`` and
         ``acc`` themselves where donated and written in place), ``norm`` a 0-d array of that dtype.
     """
-    out = _xp.fast_value("ema_plus_square_norm", m, acc, g, beta, epsilon, beta2, donate=donate)
+    return ema_plus_square_norm_with_f(xp, m, acc, g, beta, epsilon, donate, beta2, nesterov)[:3]
+
+
+def ema_plus_square_norm_with_f(xp, m, acc, g, beta: float, epsilon, donate: bool = False,
+                                beta2: float | None = None, nesterov=None):
+    """:func:`ema_plus_square_norm`'s ``(m', acc', norm)``, and F where the separate passes formed
+    it (m' itself without ``nesterov``), or ``None`` where a fast path ran (F was not written:
+    :func:`nesterov_f` forms it)."""
+    out = _xp.fast_value("ema_plus_square_norm", m, acc, g, beta, epsilon, beta2, nesterov, donate=donate)
     if out is not NotImplemented:
-        return out
+        return out + (None,)
     new_m = ema(m, g, beta, donate)
     new_acc = plus_square(acc, g, donate) if beta2 is None else ema(acc, g * g, beta2, donate)
-    return new_m, new_acc, norm_over_root_plus(xp, new_m, new_acc, epsilon)
+    f = nesterov_f(new_m, g, nesterov)
+    return new_m, new_acc, norm_over_root_plus(xp, f, new_acc, epsilon), f
+
+
+def nesterov_f(m, g, nesterov):
+    """Nesterov's filtered gradient F = c₁·m + c₂·g for ``nesterov = (c₁, c₂)``
+    (``shampoo_core.momentum.nesterov_coefficients``), in ``momentum.filtered_gradient``'s
+    operations; ``m`` itself for ``nesterov=None``."""
+    return m if nesterov is None else nesterov[0] * m + nesterov[1] * g
 
 
 def scaled_copy(x, scale):

@@ -194,13 +194,14 @@ def split_groups(xp, x, plan: BlockPlan, scale=None) -> list:
 
 
 def ema_plus_square_norm_split(xp, m, acc, g, plan: BlockPlan, beta: float, epsilon, weight=None,
-                               donate: bool = False, beta2: float | None = None):
+                               donate: bool = False, beta2: float | None = None, nesterov=None):
     """:func:`~shampoo_core._elementwise.ema_plus_square_norm` of ``m``, ``acc`` and ``g``, and the
-    two cuts a preconditioned step makes next: g (times ``weight``) for the statistics and the new
-    first moment for the preconditioning, as :func:`split_groups` cuts them.
+    two cuts a preconditioned step makes next: g (times ``weight``) for the statistics and the
+    filtered gradient F (the new first moment, or Nesterov's) for the preconditioning, as
+    :func:`split_groups` cuts them.
 
-    Separately the cuts read g and the new m from memory again after the one pass has read and
-    written them; a library's fast path may cut each row while the pass has it in cache
+    Separately the cuts read g and F from memory again after the one pass has read and written
+    them; a library's fast path may cut each row while the pass has it in cache
     (``backends.fused_cpu``, where numba is installed: NumPy arrays and torch CPU tensors whose
     merged shape is 2-D with more than one block along its columns, where a cut is a copy and
     not a view). The values are those of the separate calls, bit for bit.
@@ -212,16 +213,21 @@ def ema_plus_square_norm_split(xp, m, acc, g, plan: BlockPlan, beta: float, epsi
         weight: ``None``, or a float multiplying g's blocks (``split_groups``' ``scale``).
         donate: ``m`` and ``acc`` may be overwritten (``ema_plus_square_norm``'s ``donate``).
         beta2: ``None`` (AdaGrad's sum) or the accumulator's β₂ (``ema_plus_square_norm``'s).
+        nesterov: ``None`` (F = m'), or Nesterov's ``(c₁, c₂)`` (``ema_plus_square_norm``'s).
 
     Returns:
-        ``(m', acc', norm, g_blocks, m_blocks)``: ``ema_plus_square_norm``'s three results, then
-        ``split_groups(g, plan, weight)`` and ``split_groups(m', plan)``.
+        ``(m', acc', norm, g_blocks, f_blocks)``: ``ema_plus_square_norm``'s three results, then
+        ``split_groups(g, plan, weight)`` and ``split_groups(F, plan)``.
     """
-    out = _xp.fast_value("ema_plus_square_norm_split", m, acc, g, plan, beta, epsilon, weight, beta2, donate=donate)
+    out = _xp.fast_value("ema_plus_square_norm_split", m, acc, g, plan, beta, epsilon, weight, beta2, nesterov,
+                         donate=donate)
     if out is not NotImplemented:
         return out
-    new_m, new_acc, norm = _elementwise.ema_plus_square_norm(xp, m, acc, g, beta, epsilon, donate, beta2)
-    return new_m, new_acc, norm, split_groups(xp, g, plan, weight), split_groups(xp, new_m, plan)
+    new_m, new_acc, norm, f = _elementwise.ema_plus_square_norm_with_f(xp, m, acc, g, beta, epsilon, donate, beta2,
+                                                                         nesterov)
+    if f is None:
+        f = _elementwise.nesterov_f(new_m, g, nesterov)
+    return new_m, new_acc, norm, split_groups(xp, g, plan, weight), split_groups(xp, f, plan)
 
 
 def merge_groups(xp, stacks, plan: BlockPlan, scale=None, block_scales=None):

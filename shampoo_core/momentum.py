@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from . import _elementwise
 
-__all__ = ["ema", "filtered_gradient"]
+__all__ = ["ema", "filtered_gradient", "nesterov_coefficients"]
 
 
 def ema(m, g, beta1: float, donate: bool = False, gate=None):
@@ -32,5 +32,18 @@ def filtered_gradient(m, g, beta1: float, step, nesterov: bool):
     if beta1 == 0.0:
         return g, 1.0
     if nesterov:
-        return (beta1 / (1.0 - beta1 ** (step + 1))) * m + ((1.0 - beta1) / (1.0 - beta1**step)) * g, 1.0
+        # in the operations of the one pass (_elementwise.nesterov_f; backends.fused_cpu), to its bits
+        return _elementwise.nesterov_f(m, g, nesterov_coefficients(beta1, step)), 1.0
     return m, 1.0 / (1.0 - beta1**step)
+
+
+def nesterov_coefficients(beta1: float, step):
+    """``(c₁, c₂)`` of Nesterov's filtered gradient F = c₁·m_t + c₂·g_t at ``step`` (1-based):
+    c₁ = beta1 / (1 - beta1^(t+1)), c₂ = (1 - beta1) / (1 - beta1^t) (:func:`filtered_gradient`;
+    NAdam, Dozat 2016, in optax's ``nesterov=True`` form).
+
+    Args:
+        beta1: a float in (0, 1).
+        step: a positive int (then Python floats are returned), or an array of the step.
+    """
+    return beta1 / (1.0 - beta1 ** (step + 1)), (1.0 - beta1) / (1.0 - beta1**step)

@@ -639,23 +639,28 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
     new_m, f, f_scale, layer_norm = None, g, 1.0, None
     g_blocks = f_blocks = None  # cut with the first-order pass (blocking.ema_plus_square_norm_split)
     d_scale = 1.0  # the diagonal direction's own scale (Adam's bias correction), beside layer_norm
-    if (s.momentum is not None and not config.nesterov and schedule.finite is None
+    if (s.momentum is not None and schedule.finite is None
             and config.graft_type in _DIAGONAL and config.graft_granularity is GraftGranularity.LAYER
             and plan.num_preconditioned and schedule.precondition is True):
         # A preconditioned step needs of the diagonal direction (for F = m̂) only its layer norm:
         # the first moment, the accumulator and that norm in one pass where the library has one,
-        # and with them the cuts of g and m into blocks where the statistics are due.
+        # and with them the cuts of g and F into blocks where the statistics are due.
         eps, d_scale = grafting.diagonal_terms(config.graft_type, config.diagonal_epsilon, config.graft_beta2, step)
         beta2 = None if config.graft_type is GraftType.ADAGRAD else config.graft_beta2
+        nesterov = momentum.nesterov_coefficients(config.beta1, step) if config.nesterov else None
         args = (xp, s.momentum, s.graft.accumulator, g)
         if schedule.statistics is True:
             new_m, acc, layer_norm, g_blocks, f_blocks = blocking.ema_plus_square_norm_split(
-                *args, plan, config.beta1, eps, weight, config.donate_state, beta2)
+                *args, plan, config.beta1, eps, weight, config.donate_state, beta2, nesterov)
+            f = None  # F in its blocks only: a layer-grafted preconditioned step reads nothing more
         else:
-            new_m, acc, layer_norm = _elementwise.ema_plus_square_norm(
-                *args, config.beta1, eps, config.donate_state, beta2)
+            new_m, acc, layer_norm, f = _elementwise.ema_plus_square_norm_with_f(
+                *args, config.beta1, eps, config.donate_state, beta2, nesterov)
         new_graft = grafting.GraftState(acc)
-        f, f_scale = momentum.filtered_gradient(new_m, g, config.beta1, step, False)
+        if nesterov is None:  # F = m̂ = m' with its bias correction as a scalar: no pass
+            f, f_scale = momentum.filtered_gradient(new_m, g, config.beta1, step, False)
+        elif f is None and f_blocks is None:  # Nesterov's F, where the fast path did not write it
+            f = _elementwise.nesterov_f(new_m, g, nesterov)
     else:
         if s.momentum is not None:
             new_m = momentum.ema(s.momentum, g, config.beta1, config.donate_state, schedule.finite)
