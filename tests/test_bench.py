@@ -115,11 +115,11 @@ def test_step_ratios_print_their_side_of_the_target(ratio, text):
     assert ratio_text(ratio, " the floor") == text
 
 
-@pytest.mark.parametrize("graft", [[], ["--graft-type", "adam"]])
+@pytest.mark.parametrize("graft", [[], ["--graft-type", "adam"], ["--graft-type", "adam", "--nesterov"]])
 def test_step_benchmark_times_plain_shampoo_donated(tmp_path, monkeypatch, graft):
     """The plain row is the donated step of Shampoo without grafting or a first moment, beside
-    the default donated step on the same blocks; ``--graft-type`` sets the grafting of the step
-    and of the donated step, not of the plain one."""
+    the default donated step on the same blocks; ``--graft-type`` and ``--nesterov`` set the
+    grafting and the first moment of the step and of the donated step, not of the plain one."""
     import shampoo_core as sc
 
     built = []
@@ -127,10 +127,13 @@ def test_step_benchmark_times_plain_shampoo_donated(tmp_path, monkeypatch, graft
     monkeypatch.setattr(sc, "shampoo", lambda *a, **k: built.append(k) or real(*a, **k))
     assert main(["step", "--out", str(tmp_path), "--small", "--block-sizes", "32", "--steps", "2", *graft]) == 0
     graft_type = graft[1] if graft else "adagrad"
-    assert [(k.get("graft_type"), k.get("beta1"), bool(k.get("donate_state"))) for k in built] == [
-        (graft_type, None, False), (graft_type, None, True), ("none", 0.0, True)]
+    nesterov = "--nesterov" in graft
+    assert [(k.get("graft_type"), k.get("beta1"), bool(k.get("nesterov")), bool(k.get("donate_state")))
+            for k in built] == [(graft_type, None, nesterov, False), (graft_type, None, nesterov, True),
+                                ("none", 0.0, False, True)]
     assert all(k["block_size"] == 32 for k in built)
-    assert json.loads((tmp_path / "step.json").read_text())["graft_type"] == graft_type
+    report = json.loads((tmp_path / "step.json").read_text())
+    assert (report["graft_type"], report["nesterov"]) == (graft_type, nesterov)
 
 
 @pytest.mark.parametrize("lib", ["torch", "jax"])
