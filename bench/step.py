@@ -6,7 +6,8 @@ kernel and biases), float32, one BLAS thread. For each block size:
 * non-root step: statistics every step, preconditioning, grafting, momentum (roots only at step 1);
   ``--graft-type`` picks the grafting optimizer of this step and the donated one (default AdaGrad,
   ``sc.shampoo``'s; ``adam`` is the grafting of Meta's Distributed Shampoo's usual configuration),
-  and ``--nesterov`` gives both Nesterov's first moment (the default of optax's Shampoo);
+  and ``--nesterov`` gives both Nesterov's first moment (the default of the paper's optax
+  implementation);
 * floor: the matmuls such a step must do, timed alone on blocks of the same shapes, each with
   operands of its own: for every preconditioned dim of every block, its Gram matrix (the
   statistic) and its mode product (the preconditioning). Eager libraries also report the floor
@@ -360,8 +361,8 @@ def _run(args, threads: dict) -> int:
                 and backends.load_fused_cpu() is not None)
     (out / "step.json").write_text(json.dumps(dict(library=args.library, threads=threads, parameters=n_params, shapes=shapes,
                                                    graft_type=args.graft_type, nesterov=args.nesterov, rows=rows,
-                                                   adamw_ms=adamw,
-                                                   pass_ms=pass_ms, first_order_in_one_pass=one_pass), indent=2))
+                                                   adamw_ms=adamw, pass_ms=pass_ms, first_order_in_one_pass=one_pass),
+                                              indent=2))
     print(f"{n_params} parameters; grafting: {args.graft_type}{'; Nesterov' if args.nesterov else ''}; "
           "grafted optimizer in one pass (numba): "
           f"{'yes' if one_pass else 'no'}; written to {out}/step.json")
