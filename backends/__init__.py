@@ -32,6 +32,13 @@ def piecewise_norm_over_root_plus(lib, flat_f, flat_acc, epsilon: float, scratch
     return math.sqrt(total)
 
 
+def python_scalars(beta, epsilon, beta2, nesterov) -> bool:
+    """Whether the scalars of ``fused_cpu.ema_plus_square_norm`` are Python numbers, as its loop
+    takes them (``beta2`` and ``nesterov`` may be ``None``; a jitted step's arrays are not)."""
+    scalars = (beta, epsilon) + (() if beta2 is None else (beta2,)) + tuple(nesterov or ())
+    return all(isinstance(x, (int, float)) for x in scalars)
+
+
 _FUSED_CPU = []  # [module or None] once looked up
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from shampoo_core import _xp
 
-from . import load_fused_cpu, piecewise_norm_over_root_plus
+from . import load_fused_cpu, piecewise_norm_over_root_plus, python_scalars
 
 __all__ = ["ema", "plus_square", "over_root_plus", "norm_over_root_plus", "ema_plus_square_norm",
            "ema_plus_square_norm_split", "scaled_copy", "scaled_plus_product", "ema_", "plus_square_",
@@ -102,8 +102,7 @@ def _fusable(m, acc, g, beta, epsilon, beta2, nesterov) -> bool:
     return (_arrays(m, acc, g) and m.dtype in (np.float32, np.float64) and acc.dtype == m.dtype
             and g.dtype == m.dtype and acc.shape == m.shape and g.shape == m.shape
             and all(x.flags.c_contiguous for x in (m, acc, g))
-            and all(isinstance(x, (int, float)) for x in (beta, epsilon, 0.0 if beta2 is None else beta2,
-                                                         *(nesterov or ())))
+            and python_scalars(beta, epsilon, beta2, nesterov)
             and not any(np.may_share_memory(x, y) for x, y in ((m, acc), (m, g), (acc, g)))
             and load_fused_cpu() is not None)
 

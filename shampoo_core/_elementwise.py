@@ -160,12 +160,12 @@ def ema_plus_square_norm(xp, m, acc, g, beta: float, epsilon, donate: bool = Fal
 
 def ema_plus_square_norm_with_f(xp, m, acc, g, beta: float, epsilon, donate: bool = False,
                                 beta2: float | None = None, nesterov=None):
-    """:func:`ema_plus_square_norm`'s ``(m', acc', norm)``, and F where the separate passes formed
-    it (m' itself without ``nesterov``), or ``None`` where a fast path ran (F was not written:
-    :func:`nesterov_f` forms it)."""
+    """:func:`ema_plus_square_norm`'s ``(m', acc', norm)``, and F (:func:`nesterov_f`; m' itself
+    without ``nesterov``): formed once, by the separate passes for the norm, or after a fast path,
+    which does not write it."""
     out = _xp.fast_value("ema_plus_square_norm", m, acc, g, beta, epsilon, beta2, nesterov, donate=donate)
     if out is not NotImplemented:
-        return out + (None,)
+        return out + (nesterov_f(out[0], g, nesterov),)
     new_m = ema(m, g, beta, donate)
     new_acc = plus_square(acc, g, donate) if beta2 is None else ema(acc, g * g, beta2, donate)
     f = nesterov_f(new_m, g, nesterov)

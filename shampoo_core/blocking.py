@@ -225,8 +225,6 @@ def ema_plus_square_norm_split(xp, m, acc, g, plan: BlockPlan, beta: float, epsi
         return out
     new_m, new_acc, norm, f = _elementwise.ema_plus_square_norm_with_f(xp, m, acc, g, beta, epsilon, donate, beta2,
                                                                          nesterov)
-    if f is None:
-        f = _elementwise.nesterov_f(new_m, g, nesterov)
     return new_m, new_acc, norm, split_groups(xp, g, plan, weight), split_groups(xp, f, plan)
 
 

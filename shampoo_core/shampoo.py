@@ -659,8 +659,6 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
         new_graft = grafting.GraftState(acc)
         if nesterov is None:  # F = m̂ = m' with its bias correction as a scalar: no pass
             f, f_scale = momentum.filtered_gradient(new_m, g, config.beta1, step, False)
-        elif f is None and f_blocks is None:  # Nesterov's F, where the fast path did not write it
-            f = _elementwise.nesterov_f(new_m, g, nesterov)
     else:
         if s.momentum is not None:
             new_m = momentum.ema(s.momentum, g, config.beta1, config.donate_state, schedule.finite)
