@@ -153,16 +153,18 @@ def scaled_copy(x, scale):
 
 
 def scaled_plus_product(c, a, b, beta: float, alpha: float = 1.0):
-    """β·C + α·A·B for stacks: the products of a few blocks at a time are added into the new
-    β·C while they are in cache. The same bits as the expression (1506 statistics of 128×128:
-    87-89 against 108-110 ms; 114 of 512×512: 180-185 against 216-218 ms). 2-D operands decline:
-    NumPy's ``a @ a.T`` is a symmetric rank-k update, which BLAS's general product with β (SciPy's
-    ``sgemm``) loses to, 150 against 129 ms.
+    """β·C + α·A·B for stacks (one or more batch axes: a group's blocks as a stack, or as a grid
+    of strided views, ``shampoo_core.blocking.block_grids``): a few blocks at a time, each piece
+    of C scaled into the new array and the products added while the piece is in cache. The same
+    bits as the expression (1506 statistics of 128×128: 87-89 against 108-110 ms; 114 of
+    512×512: 180-185 against 216-218 ms). 2-D operands decline: NumPy's ``a @ a.T`` is a
+    symmetric rank-k update, which BLAS's general product with β (SciPy's ``sgemm``) loses to,
+    150 against 129 ms.
     """
-    if c.ndim != 3 or not _arrays(c, a, b):
+    if c.ndim < 3 or not _arrays(c, a, b):
         return NotImplemented
-    out = c * beta
-    _add_products(out, a, b, alpha)
+    out = np.empty(c.shape, dtype=np.result_type(c, beta))
+    _average_products(out, c, a, b, beta, alpha)
     return out
 
 
@@ -203,23 +205,32 @@ def ema_plus_square_norm_split_(m, acc, g, plan, beta: float, epsilon, weight, b
 def scaled_plus_product_(c, a, b, beta: float, alpha: float = 1.0):
     """β·C + α·A·B for stacks written into ``C``, a few blocks at a time as
     :func:`scaled_plus_product`."""
-    if c.ndim != 3 or not (_arrays(a, b) and _writable(c)):
+    if c.ndim < 3 or not (_arrays(a, b) and _writable(c)):
         return NotImplemented
-    if beta != 1.0:
-        c *= beta
-    _add_products(c, a, b, alpha)
+    _average_products(c, c, a, b, beta, alpha)
     return c
 
 
-def _add_products(out, a, b, alpha: float) -> None:
-    """``out += alpha * (a @ b)`` for stacks, the products of a few blocks at a time."""
-    step = max(1, PIECE_ENTRIES // max(1, out.shape[1] * out.shape[2]))
-    for i in range(0, out.shape[0], step):
-        product = a[i:i + step] @ b[i:i + step]
-        if alpha != 1.0:
-            product *= alpha
-        out[i:i + step] += product
+def _average_products(out, c, a, b, beta: float, alpha: float) -> None:
+    """``out = beta * c + alpha * (a @ b)`` for stacks of one batch shape (``out`` may be ``c``),
+    a few blocks of the last batch axis at a time: each piece of ``c`` is scaled into ``out`` and
+    its products added while it is in cache, not in a pass over all of ``c`` first."""
+    step = max(1, PIECE_ENTRIES // max(1, out.shape[-2] * out.shape[-1]))
+    for lead in np.ndindex(out.shape[:-3]):
+        for i in range(0, out.shape[-3], step):
+            at = lead + (slice(i, i + step),)
+            piece = out[at]
+            if out is not c:
+                np.multiply(c[at], beta, out=piece)
+            elif beta != 1.0:
+                piece *= beta
+            product = a[at] @ b[at]
+            if alpha != 1.0:
+                product *= alpha
+            piece += product
 
 
 for _name in __all__:
-    _xp.register_fast_path(NAMESPACE, _name, globals()[_name])
+    # NumPy's matmul gives BLAS each block of a strided batch with its row stride, no copy
+    _xp.register_fast_path(NAMESPACE, _name, globals()[_name],
+                           **({"block_views": True} if _name == "scaled_plus_product" else {}))

@@ -44,7 +44,7 @@ import statistics
 import time
 from typing import Callable, NamedTuple
 
-from .timing import call_times, pinned, start_jax
+from .timing import blas_libraries, call_times, pinned, start_jax
 
 SHAPES = {
     "attn_q": (1024, 1024), "attn_k": (1024, 1024), "attn_v": (1024, 1024),
@@ -359,10 +359,14 @@ def _run(args, threads: dict) -> int:
 
     one_pass = (lib.name in ("numpy", "torch") and GraftType(args.graft_type) in grafting.DIAGONAL
                 and backends.load_fused_cpu() is not None)
+    blas = blas_libraries()
     (out / "step.json").write_text(json.dumps(dict(library=args.library, threads=threads, parameters=n_params, shapes=shapes,
                                                    graft_type=args.graft_type, nesterov=args.nesterov, rows=rows,
-                                                   adamw_ms=adamw, pass_ms=pass_ms, first_order_in_one_pass=one_pass),
+                                                   adamw_ms=adamw, pass_ms=pass_ms, first_order_in_one_pass=one_pass,
+                                                   blas=blas),
                                               indent=2))
+    if blas:
+        print("BLAS: " + ", ".join(f"{b['internal_api']} {b['version']} ({b['architecture']} kernels)" for b in blas))
     print(f"{n_params} parameters; grafting: {args.graft_type}{'; Nesterov' if args.nesterov else ''}; "
           "grafted optimizer in one pass (numba): "
           f"{'yes' if one_pass else 'no'}; written to {out}/step.json")

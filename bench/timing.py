@@ -54,6 +54,20 @@ def limit_threads(n: int) -> dict:
     return info
 
 
+def blas_libraries() -> list:
+    """The BLAS libraries loaded in this process, as threadpoolctl reports them: per library its
+    ``internal_api`` (openblas, mkl, ...), ``version``, ``architecture`` (the kernels it runs:
+    OpenBLAS picks them per processor, or as ``OPENBLAS_CORETYPE`` says) and ``num_threads``.
+    A floor is only as fast as these kernels, so a report names them. ``[]`` without
+    threadpoolctl."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return []
+    keys = ("internal_api", "version", "architecture", "num_threads")
+    return [{k: info.get(k) for k in keys} for info in threadpool_info() if info.get("user_api") == "blas"]
+
+
 def xla_flags(threads: int) -> str:
     """The ``XLA_FLAGS`` the bench commands start JAX's CPU client with, unless ``XLA_FLAGS`` is
     set (then it is used as it is): with ``threads == 1``, XLA's Eigen kernels (its dot and

@@ -94,7 +94,7 @@ def register_fast_path(namespace_name: str, operation: str, fn, **traits) -> Non
     ``fn`` takes the operation's arguments and returns its value as a new array, leaving its
     inputs as they were, or ``NotImplemented`` to leave these arguments to the array-API
     expression. ``traits`` describe it (``alpha_in_product=True``: see
-    :func:`product_takes_scale`).
+    :func:`product_takes_scale`; ``block_views=True``: :func:`takes_block_views`).
 
     An operation named with a trailing underscore (``"ema_"``, ``"plus_square_"``,
     ``"scaled_plus_product_"``) is the in-place form of the one without: ``fn`` writes the value
@@ -265,7 +265,8 @@ def block_norms(xp, x):
 
 def scaled_plus_product(xp, c, a, b, beta: float, alpha: float = 1.0, donate: bool = False):
     """``beta * c + alpha * (a @ b)`` for ``a`` (m, k), ``b`` (k, n) and ``c`` (m, n) of one
-    dtype, or stacks of them (a leading batch axis on all three): a Shampoo statistic's running
+    dtype, or stacks of them (the same leading batch axes on all three, one or more: a group's
+    blocks as a stack, or as a grid, ``blocking.block_grids``): a Shampoo statistic's running
     average. A new array, the inputs left as they were; with ``donate``, the caller gives ``c``
     up and a library's in-place fast path may write the value into it.
 
@@ -287,6 +288,17 @@ def product_takes_scale(xp) -> bool:
     trait ``alpha_in_product`` of the namespace's registered fast path."""
     traits = _FAST_PATH_TRAITS.get((getattr(xp, "__name__", ""), "scaled_plus_product"), {})
     return bool(traits.get("alpha_in_product", False))
+
+
+def takes_block_views(xp) -> bool:
+    """Whether the namespace's matrix products read a parameter's blocks where they lie: batches
+    of strided blocks (``blocking.block_grids``, rows a parameter's row length apart) taken as
+    they are, without a contiguous copy, by :func:`scaled_plus_product` and ``@``. The trait
+    ``block_views`` of the namespace's registered ``scaled_plus_product``: NumPy's ``matmul``
+    hands each block to BLAS with its row stride. (torch's batched products copy such batches,
+    and JAX has no views.)"""
+    traits = _FAST_PATH_TRAITS.get((getattr(xp, "__name__", ""), "scaled_plus_product"), {})
+    return bool(traits.get("block_views", False))
 
 
 def joint_norm(xp, arrays):

@@ -22,8 +22,8 @@ import math
 
 from . import _elementwise, _xp
 
-__all__ = ["BlockPlan", "BlockGroup", "merge_small_dims", "make_plan", "split_groups", "merge_groups",
-           "ema_plus_square_norm_split"]
+__all__ = ["BlockPlan", "BlockGroup", "merge_small_dims", "make_plan", "split_groups", "block_grids",
+           "merge_groups", "ema_plus_square_norm_split"]
 
 
 def merge_small_dims(shape: tuple[int, ...], max_dim: int) -> tuple[int, ...]:
@@ -178,19 +178,48 @@ def split_groups(xp, x, plan: BlockPlan, scale=None) -> list:
     that copy (``_elementwise.scaled_copy``, which also makes a one-block group of a ragged grid
     contiguous) instead of in a pass of its own.
     """
-    merged = xp.reshape(x, plan.merged_shape)
-    whole = len(plan.groups) == 1
     out = []
-    for group in plan.groups:
-        region = merged if whole else merged[group.region]
+    for group, region in zip(plan.groups, _regions(xp, x, plan)):
         if group.num_blocks > 1:
-            k = len(group.counts)
-            region = xp.reshape(region, tuple(v for c, d in zip(group.counts, group.block_shape) for v in (c, d)))
-            region = xp.permute_dims(region, _interleaved(k))
+            region = _grid(xp, region, group)
         if scale is not None:
             region = _elementwise.scaled_copy(region, scale)
         out.append(xp.reshape(region, (group.num_blocks,) + group.block_shape))
     return out
+
+
+def block_grids(xp, x, plan: BlockPlan) -> list:
+    """``x`` (of ``plan.shape``, whose merged shape is 2-D) as one ``(c_0, c_1, s_0, s_1)`` array
+    per group of ``plan.groups``: ``[i, j]`` is the group's block in block row i and block column
+    j, so that row-major over ``(i, j)`` the blocks are those of :func:`split_groups`.
+
+    No copy where the library has views (NumPy: a view of ``x`` whose blocks' rows lie ``x``'s
+    row length apart). For libraries whose matrix products take such batches of strided blocks
+    as they are (:func:`~shampoo_core._xp.takes_block_views`): the statistics and the
+    preconditioning then read the parameter's blocks where they lie, and the step does not cut
+    them out first (docs/performance.md, "Blocks read where they lie").
+
+    Raises:
+        ValueError: ``plan``'s merged shape is not 2-D.
+    """
+    if len(plan.merged_shape) != 2:
+        raise ValueError(f"plan: block grids need a 2-D merged shape; got {plan.merged_shape}")
+    return [_grid(xp, region, group) for group, region in zip(plan.groups, _regions(xp, x, plan))]
+
+
+def _regions(xp, x, plan: BlockPlan) -> list:
+    """The part of ``x``, reshaped to ``plan.merged_shape``, that each group covers."""
+    merged = xp.reshape(x, plan.merged_shape)
+    if len(plan.groups) == 1:
+        return [merged]
+    return [merged[group.region] for group in plan.groups]
+
+
+def _grid(xp, region, group: BlockGroup):
+    """A group's region as ``(c_0, ..., c_{k-1}, s_0, ..., s_{k-1})``: block indices, then the
+    block's own axes (a view where the library has views)."""
+    region = xp.reshape(region, tuple(v for c, d in zip(group.counts, group.block_shape) for v in (c, d)))
+    return xp.permute_dims(region, _interleaved(len(group.counts)))
 
 
 def ema_plus_square_norm_split(xp, m, acc, g, plan: BlockPlan, beta: float, epsilon, weight=None,

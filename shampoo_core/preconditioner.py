@@ -6,7 +6,7 @@ along each preconditioned dimension (mode-i products), which is (⊗ᵢ Hᵢ^(-1
 
 from __future__ import annotations
 
-__all__ = ["precondition_block"]
+__all__ = ["precondition_block", "precondition_grid"]
 
 
 def precondition_block(xp, g, preconditioners, preconditioned: tuple[bool, ...]):
@@ -23,12 +23,7 @@ def precondition_block(xp, g, preconditioners, preconditioned: tuple[bool, ...])
     if g.ndim == 2:
         return (g[:, None, :] @ preconditioners[0])[:, 0, :] if preconditioned[0] else g
     if g.ndim == 3:
-        factors = iter(preconditioners)
-        if preconditioned[0]:
-            g = next(factors) @ g  # X_L is symmetric, so this is the mode-0 product
-        if preconditioned[1]:
-            g = g @ next(factors)
-        return g
+        return _matrix_products(g, preconditioners, preconditioned)
     factors = iter(preconditioners)
     n, k = g.shape[0], g.ndim - 1
     # Moving block axis 0 to the end and multiplying it there each time leaves the block axes in
@@ -39,3 +34,33 @@ def precondition_block(xp, g, preconditioners, preconditioned: tuple[bool, ...])
             x = next(factors)
             g = g @ xp.reshape(x, (n,) + (1,) * (k - 2) + tuple(x.shape[1:]))
     return g
+
+
+def _matrix_products(g, factors, preconditioned: tuple[bool, ...]):
+    # 2-D blocks behind any batch axes, each factor with the same batch axes
+    factors = iter(factors)
+    if preconditioned[0]:
+        g = next(factors) @ g  # X_L is symmetric, so this is the mode-0 product
+    if preconditioned[1]:
+        g = g @ next(factors)
+    return g
+
+
+def precondition_grid(xp, grid, preconditioners, preconditioned: tuple[bool, ...]):
+    """:func:`precondition_block` for a group of 2-D blocks given as a grid
+    (:func:`~shampoo_core.blocking.block_grids`), read where they lie in the parameter.
+
+    Args:
+        grid: ``(c_0, c_1, s_0, s_1)``, block ``[i, j]`` of the group's grid.
+        preconditioners: ``(n, d_i, d_i)`` arrays (n = c_0·c_1, blocks row-major over the grid),
+            one per preconditioned dim, in order; at least one.
+        preconditioned: which of the two block dims have a preconditioner.
+
+    Returns:
+        The preconditioned blocks as a stack, ``(n, s_0, s_1)`` in the dtype of ``grid``: a new
+        array, as :func:`precondition_block` returns for a stack of blocks.
+    """
+    lead = tuple(grid.shape[:2])
+    factors = [xp.reshape(x, lead + tuple(x.shape[1:])) for x in preconditioners]
+    out = _matrix_products(grid, factors, preconditioned)
+    return xp.reshape(out, (lead[0] * lead[1],) + tuple(out.shape[2:]))

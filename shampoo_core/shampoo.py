@@ -573,15 +573,17 @@ def _collect_roots(config: ShampooConfig, state: ShampooState, schedule: _Schedu
 
 
 def _update_block(config, xp, block: BlockState, g, plan, schedule: _Schedule, key,
-                  product_scale: float = 1.0, collected: dict | None = None) -> BlockState:
+                  product_scale: float = 1.0, collected: dict | None = None, grid: bool = False) -> BlockState:
     """``g``: the group's stack of blocks of the gradient weighted by
     ``statistics.statistics_weight(beta2)``, or unweighted with ``product_scale`` = 1 - β₂
-    (``statistics.accumulate_weighted``); ``None`` on a step that leaves the statistics as they
-    are (a Python ``False`` flag). ``collected``: :func:`_collect_roots`' results."""
+    (``statistics.accumulate_weighted``), or with ``grid`` its unweighted blocks where they lie
+    (``blocking.block_grids``); ``None`` on a step that leaves the statistics as they are (a
+    Python ``False`` flag). ``collected``: :func:`_collect_roots`' results."""
+    accumulate_ = statistics.accumulate_grid if grid else statistics.accumulate_weighted
 
     def accumulate():
-        return statistics.accumulate_weighted(xp, block.statistics, g, plan.preconditioned, config.beta2,
-                                              product_scale, config.donate_state)
+        return accumulate_(xp, block.statistics, g, plan.preconditioned, config.beta2, product_scale,
+                           config.donate_state)
 
     block = block._replace(statistics=_select(xp, schedule.statistics, accumulate, block.statistics))
     if schedule.roots is False and config.async_preconditioners is None:
@@ -627,12 +629,14 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
         g = g + wd * p
 
     plan = config.plan(tuple(g.shape))
-    # √(1-β₂) weights the blocks in the copy that cuts them, or (1-β₂) scales their products
-    # where that is free: no pass of its own (statistics.accumulate_weighted).
+    # A matrix's blocks read where they lie, not cut out, where the products take strided blocks
+    # (blocking.block_grids); then (1-β₂) scales their products, as where a product scales for
+    # free. Else √(1-β₂) weights the blocks in the copy that cuts them: no pass of its own.
+    grid = bool(plan.num_preconditioned) and len(plan.merged_shape) == 2 and _xp.takes_block_views(xp)
     weight, product_scale = statistics.statistics_weight(config.beta2), 1.0
     if weight == 1.0 or schedule.statistics is False:
         weight = None
-    elif len(plan.preconditioned) == 2 and _xp.product_takes_scale(xp):
+    elif len(plan.preconditioned) == 2 and (grid or _xp.product_takes_scale(xp)):
         weight, product_scale = None, 1.0 - config.beta2
     # F = f_scale · f and the grafting direction D = d_scale · d: per-step scalars are applied with
     # the learning rate, not in passes of their own.
@@ -649,7 +653,7 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
         beta2 = None if config.graft_type is GraftType.ADAGRAD else config.graft_beta2
         nesterov = momentum.nesterov_coefficients(config.beta1, step) if config.nesterov else None
         args = (xp, s.momentum, s.graft.accumulator, g)
-        if schedule.statistics is True:
+        if schedule.statistics is True and not grid:
             new_m, acc, layer_norm, g_blocks, f_blocks = blocking.ema_plus_square_norm_split(
                 *args, plan, config.beta1, eps, weight, config.donate_state, beta2, nesterov)
             f = None  # F in its blocks only: a layer-grafted preconditioned step reads nothing more
@@ -687,9 +691,9 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
         if g_blocks is None:
             g_blocks = (None,) * len(s.blocks)
             if schedule.statistics is not False:
-                g_blocks = blocking.split_groups(xp, g, plan, weight)
+                g_blocks = blocking.block_grids(xp, g, plan) if grid else blocking.split_groups(xp, g, plan, weight)
         new_blocks = tuple(
-            _update_block(config, xp, b, gb, plan, schedule, (index, j), product_scale, collected)
+            _update_block(config, xp, b, gb, plan, schedule, (index, j), product_scale, collected, grid)
             for j, (b, gb) in enumerate(zip(s.blocks, g_blocks))
         )
 
@@ -703,9 +707,9 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
             elif f is g and g_blocks[0] is not None:
                 blocks, p_scale = g_blocks, f_scale if weight is None else f_scale / weight
             else:
-                blocks, p_scale = blocking.split_groups(xp, f, plan), f_scale
+                blocks, p_scale = (blocking.block_grids if grid else blocking.split_groups)(xp, f, plan), f_scale
             return _preconditioned_update(config, xp, new_blocks, blocks, p_scale, direction, direction_norm,
-                                          plan, neg_lr)
+                                          plan, neg_lr, grid)
 
         u = _select(xp, schedule.precondition, preconditioned, first_order)
     else:
@@ -718,19 +722,19 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
     return u, ParamState(new_m, new_graft, new_blocks)
 
 
-def _preconditioned_update(config, xp, blocks, f_blocks, f_scale, direction, direction_norm, plan, factor):
+def _preconditioned_update(config, xp, blocks, f_blocks, f_scale, direction, direction_norm, plan, factor,
+                           grid: bool = False):
     """Shampoo's direction for the filtered gradient F = ``f_scale`` · f, given as ``f_blocks``
-    (:func:`~shampoo_core.blocking.split_groups` of f), grafted to the norm of the grafting
+    (:func:`~shampoo_core.blocking.split_groups` of f, or with ``grid`` its
+    :func:`~shampoo_core.blocking.block_grids`), grafted to the norm of the grafting
     direction (``direction()`` as ``(d, scale)``, cut into blocks for per-block norms; for a
     layer ``direction_norm()``, its norm alone), times ``factor``.
 
     Preconditioning is linear, so it runs on f and the scalars meet in one multiply: with
     P = precondition(f), the grafted update is P · f_scale‖D‖ / max(f_scale‖P‖, 1e-16).
     """
-    pre = [
-        preconditioner.precondition_block(xp, fb, b.preconditioners, plan.preconditioned)
-        for fb, b in zip(f_blocks, blocks)
-    ]
+    precondition = preconditioner.precondition_grid if grid else preconditioner.precondition_block
+    pre = [precondition(xp, fb, b.preconditioners, plan.preconditioned) for fb, b in zip(f_blocks, blocks)]
     graft_type = config.graft_type
     if graft_type is GraftType.NONE:
         return blocking.merge_groups(xp, pre, plan, factor * f_scale)

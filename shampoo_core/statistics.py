@@ -10,7 +10,7 @@ import math
 
 from . import _xp
 
-__all__ = ["kronecker_factors", "statistics_weight", "accumulate_weighted", "update_statistics"]
+__all__ = ["kronecker_factors", "statistics_weight", "accumulate_weighted", "accumulate_grid", "update_statistics"]
 
 
 def kronecker_factors(xp, g, preconditioned: tuple[bool, ...]) -> list:
@@ -34,8 +34,7 @@ def _gram_operands(xp, g, preconditioned: tuple[bool, ...]) -> list:
     if g.ndim == 2:  # full-matrix AdaGrad on vectors: outer products, (n, d, 1) @ (n, 1, d)
         return [(g[:, :, None], g[:, None, :])] if preconditioned[0] else []
     if g.ndim == 3:
-        pre0, pre1 = preconditioned
-        return ([(g, g.mT)] if pre0 else []) + ([(g.mT, g)] if pre1 else [])
+        return _matrix_gram_operands(g, preconditioned)
     out = []
     for i, pre in enumerate(preconditioned):
         if pre:
@@ -43,6 +42,12 @@ def _gram_operands(xp, g, preconditioned: tuple[bool, ...]) -> list:
             unfolded = xp.reshape(xp.moveaxis(g, i + 1, 1), (g.shape[0], g.shape[i + 1], -1))
             out.append((unfolded, unfolded.mT))
     return out
+
+
+def _matrix_gram_operands(g, preconditioned: tuple[bool, ...]) -> list:
+    # 2-D blocks behind any batch axes: G Gᵀ and Gᵀ G
+    pre0, pre1 = preconditioned
+    return ([(g, g.mT)] if pre0 else []) + ([(g.mT, g)] if pre1 else [])
 
 
 def statistics_weight(beta2: float) -> float:
@@ -66,6 +71,32 @@ def accumulate_weighted(xp, stats, weighted, preconditioned: tuple[bool, ...], b
     """
     return tuple(_xp.scaled_plus_product(xp, h, a, b, beta2, product_scale, donate)
                  for h, (a, b) in zip(stats, _gram_operands(xp, weighted, preconditioned)))
+
+
+def accumulate_grid(xp, stats, grid, preconditioned: tuple[bool, ...], beta2: float, product_scale: float = 1.0,
+                    donate: bool = False) -> tuple:
+    """:func:`accumulate_weighted` for a group of 2-D blocks given as a grid
+    (:func:`~shampoo_core.blocking.block_grids`): β₂·H + s·Gram(G) per statistic, each product
+    made on the blocks where they lie in the parameter, not on a cut copy.
+
+    Args:
+        stats: the group's ``(n, d_i, d_i)`` statistics, n = c_0·c_1, blocks row-major over the
+            grid.
+        grid: ``(c_0, c_1, s_0, s_1)``, the dtype of ``stats``; unweighted (a view cannot carry
+            the weight √(1 - β₂)), so ``product_scale`` is 1 - β₂ (1 for β₂ = 1).
+        preconditioned: which of the two block dims get a statistic.
+
+    Returns:
+        The updated statistics, ``(n, d_i, d_i)`` each, in the order of ``stats``.
+    """
+    lead = tuple(grid.shape[:2])
+    out = []
+    for h, (a, b) in zip(stats, _matrix_gram_operands(grid, preconditioned)):
+        on_grid = xp.reshape(h, lead + tuple(h.shape[1:]))
+        new = _xp.scaled_plus_product(xp, on_grid, a, b, beta2, product_scale, donate)
+        # written in place: the state keeps its own array, not a view of it
+        out.append(h if new is on_grid else xp.reshape(new, tuple(h.shape)))
+    return tuple(out)
 
 
 def update_statistics(xp, stats, g, preconditioned: tuple[bool, ...], beta2: float) -> tuple:

@@ -151,6 +151,7 @@ def test_a_step_without_a_first_moment_cuts_the_gradient_into_blocks_once(xp, be
     """With β₁ = 0 the filtered gradient is the gradient, already cut into blocks for the
     statistics: preconditioning reuses those blocks (rescaled where they were weighted), where a
     first moment needs a cut of its own; a step that leaves the statistics alone cuts only F.
+    (On NumPy a matrix's blocks are read where they lie, ``blocking.block_grids``, counted alike.)
     (That the updates stay right is test_reference's property, which draws β₁ = 0 and β₂ < 1.)"""
     import backends
     from shampoo_core import blocking
@@ -160,9 +161,9 @@ def test_a_step_without_a_first_moment_cuts_the_gradient_into_blocks_once(xp, be
     rng = np.random.default_rng(5)
     params = to_xp(xp, {"w": rng.standard_normal((12, 10)), "b": rng.standard_normal(10)})
     grads = to_xp(xp, {"w": rng.standard_normal((12, 10)), "b": rng.standard_normal(10)})
-    real = blocking.split_groups
-    cuts = []
-    monkeypatch.setattr(blocking, "split_groups", lambda *a, **k: cuts.append(1) or real(*a, **k))
+    cuts = []  # cuts, or grids of blocks where they lie (NumPy's matrices: blocking.block_grids)
+    for name in ("split_groups", "block_grids"):
+        monkeypatch.setattr(blocking, name, lambda *a, real=getattr(blocking, name), **k: cuts.append(1) or real(*a, **k))
     # (β₁, statistics every k steps, cuts per leaf at step 2, which skips the statistics for k = 2)
     for beta1, k, per_leaf in ((0.0, 1, 1), (0.9, 1, 2), (0.0, 2, 1), (0.9, 2, 1)):
         tx = sc.shampoo(0.1, block_size=4, beta1=beta1, beta2=beta2, start_preconditioning_step=1,

@@ -1,0 +1,119 @@
+"""A matrix's blocks read where they lie (``blocking.block_grids``): the same blocks, statistics,
+preconditioned blocks and steps as the cut stacks, and on NumPy no copy of the blocks at all."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import shampoo_core as sc
+from shampoo_core import _xp, blocking, preconditioner, statistics
+from helpers import eps, examples_for, to_np, to_xp
+
+# (shape, block_size): one group, ragged grids of 2 and 4 groups, one column block, one row block
+MATRICES = [((12, 8), 4), ((13, 10), 4), ((9, 20), 8), ((6, 30), 8), ((40, 7), 16), ((5, 5), 8)]
+
+
+@settings(max_examples=30)
+@given(rows=st.integers(1, 30), cols=st.integers(1, 30), block_size=st.integers(2, 9))
+def test_grids_hold_the_blocks_of_the_cut(xp, rows, cols, block_size):
+    """Row-major over each group's grid, the blocks are those of ``split_groups``, and on NumPy
+    the grid is a view of the parameter: nothing is copied."""
+    x_np = np.random.default_rng(rows * 31 + cols).standard_normal((rows, cols))
+    x = to_xp(xp, x_np)
+    plan = blocking.make_plan((rows, cols), block_size)
+    if len(plan.merged_shape) != 2:  # a matrix with a dim of 1 merges to a vector
+        with pytest.raises(ValueError, match="2-D merged shape"):
+            blocking.block_grids(xp, x, plan)
+        return
+    grids = blocking.block_grids(xp, x, plan)
+    for grid, stack, group in zip(grids, blocking.split_groups(xp, x, plan), plan.groups):
+        assert tuple(grid.shape) == group.counts + group.block_shape
+        np.testing.assert_array_equal(to_np(grid).reshape(to_np(stack).shape), to_np(stack))
+        if isinstance(x, np.ndarray):
+            assert np.shares_memory(grid, x)
+
+
+def test_grids_need_a_matrix():
+    """A kernel that merges to a matrix has grids; one that stays of order 3 has none."""
+    merged = blocking.make_plan((4, 3, 3, 5), 16)
+    assert merged.merged_shape == (12, 15)
+    assert len(blocking.block_grids(np, np.zeros((4, 3, 3, 5)), merged)) == len(merged.groups)
+    with pytest.raises(ValueError, match=r"plan: block grids need a 2-D merged shape; got \(4, 6, 70\)"):
+        blocking.block_grids(np, np.zeros((4, 6, 70)), blocking.make_plan((4, 6, 70), 16))
+
+
+def test_only_numpys_products_take_block_views(xp):
+    x = to_xp(xp, np.zeros(2, dtype=np.float32))
+    assert _xp.takes_block_views(_xp.namespace(x)) == isinstance(x, np.ndarray)
+
+
+@pytest.mark.parametrize("shape, block_size", MATRICES)
+@pytest.mark.parametrize("preconditioned", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("donate", [False, True])
+def test_statistics_and_preconditioning_on_grids_are_those_of_the_cut(xp, shape, block_size, preconditioned, donate):
+    """β₂·H + (1-β₂)·Gram(G) of each block, and X_L G X_R, from the grid as from the stack of cut
+    blocks; in float64, within a few roundings of the same sums. A donated NumPy statistic is
+    written in place and stays the state's own array."""
+    rng = np.random.default_rng(sum(shape) * block_size)
+    g_np = rng.standard_normal(shape)
+    g = to_xp(xp, g_np)
+    plan = blocking.make_plan(shape, block_size)
+    beta2 = 0.99
+    for grid, stack, group in zip(blocking.block_grids(xp, g, plan), blocking.split_groups(xp, g, plan),
+                                  plan.groups):
+        dims = [d for d, pre in zip(group.block_shape, preconditioned) if pre]
+        stats_np = [rng.standard_normal((group.num_blocks, d, d)) for d in dims]
+        factors_np = [rng.standard_normal((group.num_blocks, d, d)) for d in dims]
+        given_stats = [to_xp(xp, h) for h in stats_np]
+        want = statistics.accumulate_weighted(xp, [to_xp(xp, h) for h in stats_np], stack, preconditioned, beta2,
+                                              1.0 - beta2)
+        got = statistics.accumulate_grid(xp, given_stats, grid, preconditioned, beta2, 1.0 - beta2, donate)
+        for h, w, given, h_np in zip(got, want, given_stats, stats_np):
+            assert tuple(h.shape) == tuple(w.shape)
+            scale = np.abs(h_np) + np.abs(to_np(w))
+            assert np.all(np.abs(to_np(h) - to_np(w)) <= (max(group.block_shape) + 4) * eps("float64") * (scale + 1.0))
+            if donate and isinstance(given, np.ndarray):
+                assert h is given  # written into the state's own array
+        factors = [to_xp(xp, x) for x in factors_np]
+        got = to_np(preconditioner.precondition_grid(xp, grid, factors, preconditioned))
+        want = to_np(preconditioner.precondition_block(xp, stack, factors, preconditioned))
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("donate", [False, True])
+@pytest.mark.parametrize("beta1, graft_type", [(0.9, "adagrad"), (0.0, "adagrad"), (0.9, "none"), (0.9, "adam")])
+def test_numpy_steps_read_a_matrixs_blocks_where_they_lie(monkeypatch, donate, beta1, graft_type):
+    """NumPy's steps take their matrices' blocks as grids (statistics and preconditioning, root
+    steps among them) and update as the steps that cut the blocks: the same updates and state,
+    up to the rounding of (1-β₂)·G Gᵀ against (√(1-β₂)·G)(√(1-β₂)·G)ᵀ, in float64."""
+    rng = np.random.default_rng(11)
+    params = {"w": rng.standard_normal((13, 10)), "t": rng.standard_normal((6, 40)), "b": rng.standard_normal(10),
+              "k": rng.standard_normal((2, 2, 12))}
+    grads = [{k: rng.standard_normal(v.shape) for k, v in params.items()} for _ in range(5)]
+    grids = []
+    real = blocking.block_grids
+    monkeypatch.setattr(blocking, "block_grids", lambda *a, **k: grids.append(tuple(a[1].shape)) or real(*a, **k))
+
+    def run():
+        tx = sc.shampoo(0.1, block_size=4, beta1=beta1, graft_type=graft_type, start_preconditioning_step=2,
+                        preconditioning_compute_steps=2, donate_state=donate)
+        state, out = tx.init(params), []
+        for g in grads:
+            u, state = tx.update(state, {k: v.copy() for k, v in g.items()}, params)
+            out.append(u)
+        return out, state
+
+    on_grids, grid_state = run()
+    assert set(grids) == {(13, 10), (6, 40), (2, 2, 12)}  # the last merges to (4, 12); the vector is cut
+    grids.clear()
+    monkeypatch.setattr(_xp, "takes_block_views", lambda xp: False)
+    cut, cut_state = run()
+    assert grids == []
+    for got, want in zip(on_grids, cut):
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-9, atol=1e-12, err_msg=k)
+    for s_grid, s_cut in zip(grid_state.params, cut_state.params):
+        for b_grid, b_cut in zip(s_grid.blocks, s_cut.blocks):
+            for h_grid, h_cut in zip(b_grid.statistics, b_cut.statistics):
+                np.testing.assert_allclose(h_grid, h_cut, rtol=1e-12, atol=1e-14)
