@@ -153,7 +153,7 @@ def norm(x):
     if x.device.type != "cpu" or x.requires_grad:
         return torch.sqrt(torch.dot(flat, flat))
     total = sum(float(torch.dot(piece, piece)) for piece in flat.split(PIECE_ENTRIES))
-    return torch.tensor(math.sqrt(total), dtype=x.dtype)
+    return torch.tensor(math.sqrt(total), dtype=x.dtype, device=x.device)
 
 
 def scaled_copy(x, scale):

@@ -6,7 +6,9 @@ along each preconditioned dimension (mode-i products), which is (⊗ᵢ Hᵢ^(-1
 
 from __future__ import annotations
 
-__all__ = ["precondition_block", "precondition_grid"]
+from . import _xp, blocking
+
+__all__ = ["precondition_block", "precondition_grid", "precondition_merged"]
 
 
 def precondition_block(xp, g, preconditioners, preconditioned: tuple[bool, ...]):
@@ -64,3 +66,37 @@ def precondition_grid(xp, grid, preconditioners, preconditioned: tuple[bool, ...
     factors = [xp.reshape(x, lead + tuple(x.shape[1:])) for x in preconditioners]
     out = _matrix_products(grid, factors, preconditioned)
     return xp.reshape(out, (lead[0] * lead[1],) + tuple(out.shape[2:]))
+
+
+def precondition_merged(xp, grids, preconditioners, plan, scale):
+    """A 2-D-merged parameter's preconditioned blocks back in place, times a scale that may
+    depend on their norm: the layer-grafted update (or plain Shampoo's) of
+    :func:`precondition_grid` and ``blocking.merge_groups`` together.
+
+    A library's fast path (``_xp.register_fast_path``, ``"precondition_merged"``) may run it a
+    block row at a time, taking each row's norm while its products are in cache and writing
+    them straight into the merged result, which it then scales in place: NumPy's
+    (``backends.numpy_backend``), where the separate steps write and read the products and
+    the first products in between from memory (docs/performance.md, "Blocks read where they
+    lie").
+
+    Args:
+        grids: per group of ``plan.groups``, the ``(c_0, c_1, s_0, s_1)`` grid of the filtered
+            gradient's blocks (``blocking.block_grids``).
+        preconditioners: per group, its ``(n, d_i, d_i)`` preconditioners, one per
+            preconditioned dim.
+        plan: the parameter's ``blocking.BlockPlan`` (2-D merged shape).
+        scale: the factor of the result: a float or 0-d array, or a function of ‖P‖ (the 2-norm
+            of all the preconditioned blocks, a 0-d array of the grids' dtype) that returns it.
+
+    Returns:
+        An array of ``plan.shape``: scale · P, in the dtype of ``P * scale``.
+    """
+    fast = _xp.fast_path(xp, "precondition_merged")
+    if fast is not None:
+        out = fast(grids, preconditioners, plan, scale)
+        if out is not NotImplemented:
+            return out
+    pre = [precondition_grid(xp, g, factors, plan.preconditioned) for g, factors in zip(grids, preconditioners)]
+    factor = scale(_xp.joint_norm(xp, pre)) if callable(scale) else scale
+    return blocking.merge_groups(xp, pre, plan, factor)  # scaled in the merge copy

@@ -648,7 +648,8 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
             and plan.num_preconditioned and schedule.precondition is True):
         # A preconditioned step needs of the diagonal direction (for F = m̂) only its layer norm:
         # the first moment, the accumulator and that norm in one pass where the library has one,
-        # and with them the cuts of g and F into blocks where the statistics are due.
+        # and with them the cuts of g and F into blocks where the statistics are due (none where
+        # the products read the blocks where they lie).
         eps, d_scale = grafting.diagonal_terms(config.graft_type, config.diagonal_epsilon, config.graft_beta2, step)
         beta2 = None if config.graft_type is GraftType.ADAGRAD else config.graft_beta2
         nesterov = momentum.nesterov_coefficients(config.beta1, step) if config.nesterov else None
@@ -733,17 +734,21 @@ def _preconditioned_update(config, xp, blocks, f_blocks, f_scale, direction, dir
     Preconditioning is linear, so it runs on f and the scalars meet in one multiply: with
     P = precondition(f), the grafted update is P · f_scale‖D‖ / max(f_scale‖P‖, 1e-16).
     """
-    precondition = preconditioner.precondition_grid if grid else preconditioner.precondition_block
-    pre = [precondition(xp, fb, b.preconditioners, plan.preconditioned) for fb, b in zip(f_blocks, blocks)]
     graft_type = config.graft_type
-    if graft_type is GraftType.NONE:
-        return blocking.merge_groups(xp, pre, plan, factor * f_scale)
     floor = grafting.NORM_FLOOR
 
     def grafted(target, p_norm):
         return factor * f_scale * target / _xp.at_least(xp, f_scale * p_norm, floor)
 
-    if config.graft_granularity is GraftGranularity.BLOCK:
+    per_block = graft_type is not GraftType.NONE and config.graft_granularity is GraftGranularity.BLOCK
+    if grid and not per_block:  # the layer's scale (or none) on the merged blocks, a row at a time
+        scale = factor * f_scale if graft_type is GraftType.NONE else (lambda p_norm: grafted(direction_norm(), p_norm))
+        return preconditioner.precondition_merged(xp, f_blocks, [b.preconditioners for b in blocks], plan, scale)
+    precondition = preconditioner.precondition_grid if grid else preconditioner.precondition_block
+    pre = [precondition(xp, fb, b.preconditioners, plan.preconditioned) for fb, b in zip(f_blocks, blocks)]
+    if graft_type is GraftType.NONE:
+        return blocking.merge_groups(xp, pre, plan, factor * f_scale)
+    if per_block:
         d, d_scale = direction()
         d_blocks = blocking.split_groups(xp, d, plan)
         scales = [grafted(grafting.graft_block_norms(xp, graft_type, db, d_scale), _xp.block_norms(xp, pb))

@@ -117,3 +117,54 @@ def test_numpy_steps_read_a_matrixs_blocks_where_they_lie(monkeypatch, donate, b
         for b_grid, b_cut in zip(s_grid.blocks, s_cut.blocks):
             for h_grid, h_cut in zip(b_grid.statistics, b_cut.statistics):
                 np.testing.assert_allclose(h_grid, h_cut, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("shape, block_size, skip", [(s, b, None) for s, b in MATRICES]
+                         + [((6, 30), 4, 20), ((30, 6), 4, 20)])  # one-sided: a dim > skip has no statistic
+@pytest.mark.parametrize("scale_kind", ["of the norm", "float"])
+def test_preconditioned_blocks_merged_and_scaled(xp, shape, block_size, skip, scale_kind):
+    """scale(‖P‖)·P in place of the parameter: the preconditioned blocks merged as
+    ``merge_groups`` merges the cut stacks, the norm that of all of them (NumPy's fast path takes
+    it a block row at a time), in float32 within a few roundings."""
+    rng = np.random.default_rng(sum(shape) + block_size)
+    f = to_xp(xp, rng.standard_normal(shape).astype(np.float32))
+    plan = blocking.make_plan(shape, block_size, skip_preconditioning_dim_size_gt=skip)
+    preconditioned = plan.preconditioned
+    factors = [[to_xp(xp, rng.standard_normal((group.num_blocks, d, d)).astype(np.float32))
+                for d, pre in zip(group.block_shape, preconditioned) if pre] for group in plan.groups]
+    pre = [preconditioner.precondition_block(xp, stack, fs, preconditioned)
+           for stack, fs in zip(blocking.split_groups(xp, f, plan), factors)]
+    p_norm = float(np.sqrt(sum(np.sum(to_np(p).astype(np.float64) ** 2) for p in pre)))
+    seen = []
+
+    def scale(norm):
+        seen.append(float(norm))
+        return 0.5 / norm
+
+    got = to_np(preconditioner.precondition_merged(xp, blocking.block_grids(xp, f, plan), factors, plan,
+                                                   scale if scale_kind == "of the norm" else 0.25))
+    merged = to_np(blocking.merge_groups(xp, pre, plan)).astype(np.float64)
+    want = merged * (0.5 / p_norm if scale_kind == "of the norm" else 0.25)
+    assert got.shape == shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=0, atol=64 * eps("float32") * np.abs(want).max())
+    if scale_kind == "of the norm":
+        assert seen == [pytest.approx(p_norm, rel=64 * eps("float32"))]
+
+
+def test_numpys_merged_preconditioning_is_the_separate_steps(monkeypatch):
+    """NumPy's row-at-a-time fast path against the core's separate steps (its own fallback): the
+    same products, the same merge, a norm summed in another order; a float64 scale promotes the
+    float32 result, as the merge copy does."""
+    rng = np.random.default_rng(2)
+    shape, plan = (13, 10), blocking.make_plan((13, 10), 4)
+    f = rng.standard_normal(shape).astype(np.float32)
+    factors = [[rng.standard_normal((g.num_blocks, d, d)).astype(np.float32) for d in g.block_shape]
+               for g in plan.groups]
+    ns = _xp.namespace(f)
+    run = lambda scale: preconditioner.precondition_merged(ns, blocking.block_grids(ns, f, plan), factors, plan, scale)
+    fast = [run(lambda n: 0.5 / n), run(np.asarray(1.0 + 2.0**-40))]
+    monkeypatch.delitem(_xp._FAST_PATHS, (ns.__name__, "precondition_merged"))
+    separate = [run(lambda n: 0.5 / n), run(np.asarray(1.0 + 2.0**-40))]
+    np.testing.assert_allclose(fast[0], separate[0], rtol=8 * eps("float32"), atol=0)
+    assert fast[1].dtype == separate[1].dtype == np.float64
+    np.testing.assert_array_equal(fast[1], separate[1])
