@@ -90,7 +90,8 @@ def namespace(*arrays):
 def register_fast_path(namespace_name: str, operation: str, fn, **traits) -> None:
     """Register ``fn`` as the way arrays of ``namespace_name`` compute ``operation``, one of the
     core's expressions (``_elementwise.ema``, ``plus_square``, ``over_root_plus``, ``scaled_copy``,
-    ``ema_plus_square_norm``; ``blocking.ema_plus_square_norm_split``; :func:`scaled_plus_product`).
+    ``ema_plus_square_norm``; ``blocking.ema_plus_square_norm_split``; :func:`scaled_plus_product`;
+    ``preconditioner.precondition_merged``).
     ``fn`` takes the operation's arguments and returns its value as a new array, leaving its
     inputs as they were, or ``NotImplemented`` to leave these arguments to the array-API
     expression. ``traits`` describe it (``alpha_in_product=True``: see

@@ -77,8 +77,8 @@ def precondition_merged(xp, grids, preconditioners, plan, scale):
     block row at a time, taking each row's norm while its products are in cache and writing
     them straight into the merged result, which it then scales in place: NumPy's
     (``backends.numpy_backend``), where the separate steps write and read the products and
-    the first products in between from memory (docs/performance.md, "Blocks read where they
-    lie").
+    the first products in between from memory (docs/performance.md, "Preconditioned, normed and
+    merged a block row at a time").
 
     Args:
         grids: per group of ``plan.groups``, the ``(c_0, c_1, s_0, s_1)`` grid of the filtered
