@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import math
 
+import array_api_compat.torch as torch_compat
 import torch
 
 from shampoo_core import _xp
+from shampoo_core.blocking import block_grids
 
 from . import load_fused_cpu, piecewise_norm_over_root_plus, python_scalars
 
 __all__ = ["ema", "plus_square", "over_root_plus", "norm_over_root_plus", "ema_plus_square_norm",
-           "ema_plus_square_norm_split", "norm", "scaled_copy", "scaled_plus_product", "ema_", "plus_square_",
+           "ema_plus_square_norm_split", "norm", "scaled_copy", "scaled_plus_product", "precondition_merged", "ema_", "plus_square_",
            "ema_plus_square_norm_", "ema_plus_square_norm_split_", "scaled_plus_product_"]
 
 NAMESPACE = "array_api_compat.torch"
@@ -168,10 +170,63 @@ def scaled_plus_product(c, a, b, beta: float, alpha: float = 1.0):
     """β·C + α·A·B in one ``addmm`` (``baddbmm`` for stacks): 1506 statistics of 128×128 took
     88.6 ms against 102.8 ms as ``beta * c + a @ b``, with the same bits (larger products round
     differently: BLAS adds β·C to partial sums, and applies α to a sum it has partly formed).
-    More than one batch axis declines: ``baddbmm`` takes one."""
+    More than one batch axis declines: ``baddbmm`` takes one.
+
+    On the CPU a stack goes a few blocks at a time: each piece of C is copied into the new tensor
+    and ``baddbmm_`` adds its products there while it is in cache, where ``baddbmm`` copies all of
+    C first and reads the copy back from memory (the same bits; docs/performance.md, "torch's new
+    statistics a few blocks at a time")."""
     if not _tensors(c, a, b) or c.ndim > 3:
         return NotImplemented
-    return (torch.baddbmm if c.ndim == 3 else torch.addmm)(c, a, b, beta=beta, alpha=alpha)
+    if c.ndim < 3 or c.device.type != "cpu" or any(x.requires_grad for x in (c, a, b)):
+        return (torch.baddbmm if c.ndim == 3 else torch.addmm)(c, a, b, beta=beta, alpha=alpha)
+    out = torch.empty(c.shape, dtype=torch.result_type(c, a), device=c.device)
+    step = max(1, PIECE_ENTRIES // max(1, c.shape[-2] * c.shape[-1]))
+    for i in range(0, c.shape[0], step):
+        piece = out[i:i + step]
+        piece.copy_(c[i:i + step])
+        piece.baddbmm_(a[i:i + step], b[i:i + step], beta=beta, alpha=alpha)
+    return out
+
+
+def _row_norm_squared(x) -> float:
+    # float64 sum of the dots of PIECE_ENTRIES-entry pieces, as norm() sums them
+    flat = x.reshape(-1)
+    return sum(float(torch.dot(piece, piece)) for piece in flat.split(PIECE_ENTRIES))
+
+
+def precondition_merged(grids, preconditioners, plan, scale):
+    """``shampoo_core.preconditioner.precondition_merged`` a block row at a time on the CPU, as
+    NumPy's fast path runs it: each row's products go into scratch tensors by ``bmm(out=)``, their
+    squares are summed (dots of pieces, in float64, as :func:`norm`) while they are in cache, and
+    they are copied into their place in the new merged tensor, which is then scaled in place.
+    The separate steps write every product, read them again for the norm and a third time to
+    merge them; P has the same bits. Declines all but CPU grids and preconditioners of one real
+    floating dtype that autograd does not record."""
+    tensors = list(grids) + [f for factors in preconditioners for f in factors]
+    if not (_tensors(*tensors) and tensors[0].dtype in _REAL
+            and all(x.dtype == tensors[0].dtype and x.device.type == "cpu" and not x.requires_grad
+                    for x in tensors)):
+        return NotImplemented
+    dtype, device = tensors[0].dtype, tensors[0].device  # not the default device a context may set
+    out = torch.empty(plan.merged_shape, dtype=dtype, device=device)
+    total = 0.0
+    for grid, factors, target in zip(grids, preconditioners, block_grids(torch_compat, out, plan)):
+        rows, cols = grid.shape[:2]
+        factors = [f.reshape((rows, cols) + tuple(f.shape[1:])) for f in factors]
+        scratch = [torch.empty((cols,) + tuple(grid.shape[2:]), dtype=dtype, device=device) for _ in factors]
+        for i in range(rows):
+            piece = grid[i]
+            for k, (f, buffer) in enumerate(zip(factors, scratch)):
+                left = k == 0 and plan.preconditioned[0]  # X_L symmetric: the mode-0 product
+                piece = torch.bmm(f[i], piece, out=buffer) if left else torch.bmm(piece, f[i], out=buffer)
+            total += _row_norm_squared(piece)
+            target[i].copy_(piece)
+    factor = scale(torch.tensor(math.sqrt(total), dtype=dtype, device=device)) if callable(scale) else scale
+    if torch.result_type(out, factor) != dtype:  # a wider scale promotes, as the merge copy would
+        return (out * factor).reshape(plan.shape)
+    out.mul_(factor)
+    return out.reshape(plan.shape)
 
 
 def _writable(target, *operands, same_shape: bool = True) -> bool:

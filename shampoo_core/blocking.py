@@ -23,7 +23,7 @@ import math
 from . import _elementwise, _xp
 
 __all__ = ["BlockPlan", "BlockGroup", "merge_small_dims", "make_plan", "split_groups", "block_grids",
-           "merge_groups", "ema_plus_square_norm_split"]
+           "stacks_as_grids", "merge_groups", "ema_plus_square_norm_split"]
 
 
 def merge_small_dims(shape: tuple[int, ...], max_dim: int) -> tuple[int, ...]:
@@ -205,6 +205,22 @@ def block_grids(xp, x, plan: BlockPlan) -> list:
     if len(plan.merged_shape) != 2:
         raise ValueError(f"plan: block grids need a 2-D merged shape; got {plan.merged_shape}")
     return [_grid(xp, region, group) for group, region in zip(plan.groups, _regions(xp, x, plan))]
+
+
+def stacks_as_grids(xp, stacks, plan: BlockPlan) -> list:
+    """:func:`split_groups`' stacks of a plan whose merged shape is 2-D as :func:`block_grids`'
+    ``(c_0, c_1, s_0, s_1)`` grids: reshapes (views where the library has views), since a
+    stack holds its group's blocks row-major over the grid.
+
+    Raises:
+        ValueError: ``plan``'s merged shape is not 2-D, or ``stacks`` does not hold one stack per
+            group of ``plan.groups``.
+    """
+    if len(plan.merged_shape) != 2:
+        raise ValueError(f"plan: block grids need a 2-D merged shape; got {plan.merged_shape}")
+    if len(stacks) != len(plan.groups):
+        raise ValueError(f"stacks: one per group of the plan ({len(plan.groups)}); got {len(stacks)}")
+    return [xp.reshape(stack, group.counts + group.block_shape) for group, stack in zip(plan.groups, stacks)]
 
 
 def _regions(xp, x, plan: BlockPlan) -> list:

@@ -75,10 +75,11 @@ def precondition_merged(xp, grids, preconditioners, plan, scale):
 
     A library's fast path (``_xp.register_fast_path``, ``"precondition_merged"``) may run it a
     block row at a time, taking each row's norm while its products are in cache and writing
-    them straight into the merged result, which it then scales in place: NumPy's
-    (``backends.numpy_backend``), where the separate steps write and read the products and
-    the first products in between from memory (docs/performance.md, "Preconditioned, normed and
-    merged a block row at a time").
+    them straight into the merged result, which it then scales in place: NumPy's and torch's on
+    the CPU (``backends.numpy_backend``, ``backends.torch_backend``), where the separate steps
+    write and read the products and the first products in between from memory
+    (docs/performance.md, "Preconditioned, normed and merged a block row at a time"). Cut
+    stacks take it as grids too (``blocking.stacks_as_grids``).
 
     Args:
         grids: per group of ``plan.groups``, the ``(c_0, c_1, s_0, s_1)`` grid of the filtered

@@ -633,6 +633,10 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
     # (blocking.block_grids); then (1-β₂) scales their products, as where a product scales for
     # free. Else √(1-β₂) weights the blocks in the copy that cuts them: no pass of its own.
     grid = bool(plan.num_preconditioned) and len(plan.merged_shape) == 2 and _xp.takes_block_views(xp)
+
+    def blocks_of(x, scale=None):  # scale: only where blocks are cut (a copy to weight them in)
+        return blocking.block_grids(xp, x, plan) if grid else blocking.split_groups(xp, x, plan, scale)
+
     weight, product_scale = statistics.statistics_weight(config.beta2), 1.0
     if weight == 1.0 or schedule.statistics is False:
         weight = None
@@ -692,7 +696,7 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
         if g_blocks is None:
             g_blocks = (None,) * len(s.blocks)
             if schedule.statistics is not False:
-                g_blocks = blocking.block_grids(xp, g, plan) if grid else blocking.split_groups(xp, g, plan, weight)
+                g_blocks = blocks_of(g, weight)
         new_blocks = tuple(
             _update_block(config, xp, b, gb, plan, schedule, (index, j), product_scale, collected, grid)
             for j, (b, gb) in enumerate(zip(s.blocks, g_blocks))
@@ -708,7 +712,7 @@ def _update_param(config: ShampooConfig, s: ParamState, g, p, schedule: _Schedul
             elif f is g and g_blocks[0] is not None:
                 blocks, p_scale = g_blocks, f_scale if weight is None else f_scale / weight
             else:
-                blocks, p_scale = (blocking.block_grids if grid else blocking.split_groups)(xp, f, plan), f_scale
+                blocks, p_scale = blocks_of(f), f_scale
             return _preconditioned_update(config, xp, new_blocks, blocks, p_scale, direction, direction_norm,
                                           plan, neg_lr, grid)
 
@@ -741,9 +745,13 @@ def _preconditioned_update(config, xp, blocks, f_blocks, f_scale, direction, dir
         return factor * f_scale * target / _xp.at_least(xp, f_scale * p_norm, floor)
 
     per_block = graft_type is not GraftType.NONE and config.graft_granularity is GraftGranularity.BLOCK
-    if grid and not per_block:  # the layer's scale (or none) on the merged blocks, a row at a time
+    # The layer's scale (or none) on the merged blocks, a row at a time: for grids, and for cut
+    # stacks (as grids) where the library runs it so (preconditioner.precondition_merged).
+    merged = grid or (len(plan.merged_shape) == 2 and _xp.fast_path(xp, "precondition_merged") is not None)
+    if merged and not per_block:
         scale = factor * f_scale if graft_type is GraftType.NONE else (lambda p_norm: grafted(direction_norm(), p_norm))
-        return preconditioner.precondition_merged(xp, f_blocks, [b.preconditioners for b in blocks], plan, scale)
+        grids = f_blocks if grid else blocking.stacks_as_grids(xp, f_blocks, plan)
+        return preconditioner.precondition_merged(xp, grids, [b.preconditioners for b in blocks], plan, scale)
     precondition = preconditioner.precondition_grid if grid else preconditioner.precondition_block
     pre = [precondition(xp, fb, b.preconditioners, plan.preconditioned) for fb, b in zip(f_blocks, blocks)]
     if graft_type is GraftType.NONE:

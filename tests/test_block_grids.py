@@ -168,3 +168,102 @@ def test_numpys_merged_preconditioning_is_the_separate_steps(monkeypatch):
     np.testing.assert_allclose(fast[0], separate[0], rtol=8 * eps("float32"), atol=0)
     assert fast[1].dtype == separate[1].dtype == np.float64
     np.testing.assert_array_equal(fast[1], separate[1])
+
+
+def test_stacks_are_grids_by_a_reshape(xp):
+    """The cut stacks of a ragged 2-D plan, reshaped, are the grids of the same blocks; plans of
+    another order and stacks of another count are refused by name."""
+    x_np = np.random.default_rng(4).standard_normal((13, 10))
+    x = to_xp(xp, x_np)
+    plan = blocking.make_plan((13, 10), 4)
+    stacks = blocking.split_groups(xp, x, plan)
+    for got, want in zip(blocking.stacks_as_grids(xp, stacks, plan), blocking.block_grids(xp, x, plan)):
+        np.testing.assert_array_equal(to_np(got), to_np(want))
+    with pytest.raises(ValueError, match=r"stacks: one per group of the plan \(4\); got 3"):
+        blocking.stacks_as_grids(xp, stacks[:3], plan)
+    cube = blocking.make_plan((4, 6, 70), 16)
+    with pytest.raises(ValueError, match="plan: block grids need a 2-D merged shape"):
+        blocking.stacks_as_grids(xp, blocking.split_groups(xp, to_xp(xp, np.zeros((4, 6, 70))), cube), cube)
+
+
+@pytest.mark.parametrize("shape, block_size, skip", [((13, 10), 4, None), ((6, 30), 4, 20), ((30, 6), 4, 20)])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_torchs_merged_preconditioning_is_the_separate_steps(monkeypatch, shape, block_size, skip, dtype):
+    """torch's row-at-a-time fast path against the core's separate steps (its own fallback), on
+    cut stacks taken as grids and on strided grids of the parameter, one- and two-sided: the
+    same products and merge, bit for bit under a fixed scale; a norm summed in another order."""
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(sum(shape))
+    dt = getattr(torch, dtype)
+    f = torch.randn(shape, generator=gen, dtype=dt)
+    plan = blocking.make_plan(shape, block_size, skip_preconditioning_dim_size_gt=skip)
+    factors = [[torch.randn((g.num_blocks, d, d), generator=gen, dtype=dt)
+                for d, pre in zip(g.block_shape, plan.preconditioned) if pre] for g in plan.groups]
+    ns = _xp.namespace(f)
+    cut = blocking.stacks_as_grids(ns, blocking.split_groups(ns, f, plan), plan)
+
+    def run(grids):
+        return [preconditioner.precondition_merged(ns, grids, factors, plan, scale)
+                for scale in (lambda n: 0.5 / n, 0.25)]
+
+    fast = [run(cut), run(blocking.block_grids(ns, f, plan))]
+    monkeypatch.delitem(_xp._FAST_PATHS, (ns.__name__, "precondition_merged"))
+    separate = run(cut)
+    for got in fast:
+        assert got[0].dtype == dt and tuple(got[0].shape) == shape
+        torch.testing.assert_close(got[0], separate[0], rtol=8 * eps(dtype), atol=0)
+        torch.testing.assert_close(got[1], separate[1], rtol=0, atol=0)
+
+
+def test_torchs_merged_preconditioning_declines_what_it_cannot_take():
+    """Tensors autograd records, and factors of another dtype, go to the separate steps."""
+    torch = pytest.importorskip("torch")
+    import backends.torch_backend as tb
+
+    plan = blocking.make_plan((8, 8), 4)
+    f = torch.ones((8, 8))
+    grids = blocking.block_grids(_xp.namespace(f), f, plan)
+    factors = [[torch.eye(4).expand(4, 4, 4).contiguous()] * 2]
+    assert tb.precondition_merged(grids, factors, plan, 1.0) is not NotImplemented
+    assert tb.precondition_merged(grids, [[factors[0][0].double()] * 2], plan, 1.0) is NotImplemented
+    recorded = [[factors[0][0].clone().requires_grad_()] * 2]
+    assert tb.precondition_merged(grids, recorded, plan, 1.0) is NotImplemented
+
+
+@pytest.mark.parametrize("donate", [False, True])
+@pytest.mark.parametrize("beta1, graft_type", [(0.9, "adagrad"), (0.9, "none"), (0.0, "adam")])
+def test_torch_steps_precondition_a_block_row_at_a_time(monkeypatch, donate, beta1, graft_type):
+    """torch's layer-grafted (and plain) steps take the cut blocks of their 2-D-merged leaves as
+    grids into the row-at-a-time preconditioning, and update as the separate steps do, in
+    float64 up to the norm's order of summation."""
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(3)
+    params = {"w": torch.randn((13, 10), generator=gen, dtype=torch.float64),
+              "k": torch.randn((2, 2, 12), generator=gen, dtype=torch.float64),
+              "b": torch.randn(10, generator=gen, dtype=torch.float64)}
+    grads = [{k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in params.items()}
+             for _ in range(4)]
+    calls = []
+    real = preconditioner.precondition_merged
+    monkeypatch.setattr(preconditioner, "precondition_merged",
+                        lambda *a, **k: calls.append(tuple(a[3].shape)) or real(*a, **k))
+
+    def run():
+        tx = sc.shampoo(0.1, block_size=4, beta1=beta1, graft_type=graft_type, start_preconditioning_step=2,
+                        preconditioning_compute_steps=2, donate_state=donate)
+        state, out = tx.init(params), []
+        for g in grads:
+            u, state = tx.update(state, {k: v.clone() for k, v in g.items()}, params)
+            out.append(u)
+        return out
+
+    merged = run()
+    assert set(calls) == {(13, 10), (2, 2, 12)}
+    ns = _xp.namespace(params["w"])
+    monkeypatch.delitem(_xp._FAST_PATHS, (ns.__name__, "precondition_merged"))
+    calls.clear()
+    separate = run()
+    assert calls == []
+    for got, want in zip(merged, separate):
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=1e-15, msg=k)

@@ -238,3 +238,30 @@ def test_numpy_average_of_products_on_a_grid_of_strided_blocks(beta, alpha, dona
     assert (out is given) == donate
     if not donate:
         np.testing.assert_array_equal(given, c)
+
+
+@pytest.mark.parametrize("n, d", [(9, 128), (3, 300), (5, 8)])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_torch_new_average_of_products_a_few_blocks_at_a_time(n, d, dtype):
+    """torch's new β·C + α·A·B of a CPU stack, a few blocks at a time (nine 128×128 blocks, four
+    at a time): ``baddbmm``'s bits and those of the in-place form, in a new tensor, C untouched."""
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(n * d)
+    a = torch.randn((n, d, d), generator=gen, dtype=getattr(torch, dtype))
+    c = torch.randn((n, d, d), generator=gen, dtype=getattr(torch, dtype))
+    before = c.clone()
+    ns = _xp.namespace(c)
+    out = _xp.scaled_plus_product(ns, c, a, a.mT, 0.999, 1e-3)
+    assert out.data_ptr() != c.data_ptr() and out.is_contiguous()
+    torch.testing.assert_close(out, torch.baddbmm(c, a, a.mT, beta=0.999, alpha=1e-3), rtol=0, atol=0)
+    torch.testing.assert_close(c, before, rtol=0, atol=0)
+    in_place = _xp.scaled_plus_product(ns, c.clone(), a, a.mT, 0.999, 1e-3, donate=True)
+    torch.testing.assert_close(out, in_place, rtol=0, atol=0)
+
+
+def test_torch_average_of_products_that_autograd_records_is_differentiable():
+    torch = pytest.importorskip("torch")
+    a = torch.ones((2, 3, 3), requires_grad=True)
+    out = _xp.scaled_plus_product(_xp.namespace(a), torch.zeros((2, 3, 3)), a, a.mT.detach(), 0.5, 2.0)
+    out.sum().backward()
+    torch.testing.assert_close(a.grad, torch.full((2, 3, 3), 6.0))
