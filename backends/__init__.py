@@ -32,6 +32,42 @@ def piecewise_norm_over_root_plus(lib, flat_f, flat_acc, epsilon: float, scratch
     return math.sqrt(total)
 
 
+def precondition_rows(grids, preconditioners, preconditioned, targets, matmul, empty, squares) -> float:
+    """The rows of ``shampoo_core.preconditioner.precondition_merged`` that NumPy's and torch's CPU
+    fast paths share: each block row of each grid multiplied by its preconditioners into scratch
+    buffers (X_L F, then that times X_R: ``preconditioner._matrix_products``' order), its squares
+    summed while it is in cache, and copied into its place in the merged result.
+
+    Args:
+        grids: per group, its ``(c_0, c_1, s_0, s_1)`` grid of blocks.
+        preconditioners: per group, its ``(c_0·c_1, d, d)`` preconditioners, one per
+            preconditioned dim (at least one).
+        preconditioned: the plan's two flags.
+        targets: per group, the grid of the merged result the rows go into.
+        matmul: ``matmul(a, b, out=)`` of the library (a stack of products into ``out``).
+        empty: ``empty(shape)``, a scratch array of the grids' dtype and device.
+        squares: the sum of squares of a contiguous row, a Python float.
+
+    Returns:
+        The sum of squares of every preconditioned block, a Python float.
+    """
+    total = 0.0
+    for grid, factors, target in zip(grids, preconditioners, targets):
+        rows, cols = grid.shape[:2]
+        factors = [f.reshape((rows, cols) + tuple(f.shape[1:])) for f in factors]
+        scratch = [empty((cols,) + tuple(grid.shape[2:])) for _ in factors]
+        for i in range(rows):
+            piece = grid[i]
+            for k, (f, buffer) in enumerate(zip(factors, scratch)):
+                if k == 0 and preconditioned[0]:  # X_L is symmetric: the mode-0 product
+                    piece = matmul(f[i], piece, out=buffer)
+                else:
+                    piece = matmul(piece, f[i], out=buffer)
+            total += squares(piece)
+            target[i] = piece
+    return total
+
+
 def python_scalars(beta, epsilon, beta2, nesterov) -> bool:
     """Whether the scalars of ``fused_cpu.ema_plus_square_norm`` are Python numbers, as its loop
     takes them (``beta2`` and ``nesterov`` may be ``None``; a jitted step's arrays are not)."""

@@ -23,7 +23,7 @@ import numpy as np
 from shampoo_core import _xp
 from shampoo_core.blocking import block_grids
 
-from . import load_fused_cpu, piecewise_norm_over_root_plus, python_scalars
+from . import load_fused_cpu, piecewise_norm_over_root_plus, precondition_rows, python_scalars
 
 __all__ = ["ema", "plus_square", "over_root_plus", "norm_over_root_plus", "ema_plus_square_norm",
            "ema_plus_square_norm_split", "scaled_copy", "scaled_plus_product", "precondition_merged", "ema_",
@@ -175,9 +175,9 @@ def scaled_plus_product(c, a, b, beta: float, alpha: float = 1.0):
 def precondition_merged(grids, preconditioners, plan, scale):
     """``shampoo_core.preconditioner.precondition_merged`` a block row at a time: each row's
     products (one batched call per preconditioned dim over the row's blocks, read where they lie)
-    go into one scratch buffer, their squares are summed (in float64) while they are in cache,
+    go into scratch buffers, their squares are summed (in float64) while they are in cache,
     and they are copied into their place in the new merged array, which is then scaled in
-    place. The separate steps write every product, read them again for the norm, and read them
+    place (the row loop is ``backends.precondition_rows``, torch's too). The separate steps write every product, read them again for the norm, and read them
     a third time to merge them (the 4-D products alike, so P has the same bits). ``bench step``'s
     donated step at block 128: 119.5 against 125.1 ms (89.5 against 91.4 ms with OpenBLAS's
     SkylakeX kernels; docs/performance.md). Declines all but NumPy grids of one real floating
@@ -186,22 +186,9 @@ def precondition_merged(grids, preconditioners, plan, scale):
             and grids[0].dtype in (np.float32, np.float64)):
         return NotImplemented
     out = np.empty(plan.merged_shape, dtype=grids[0].dtype)
-    total = 0.0
-    scratch = None
-    for grid, factors, target in zip(grids, preconditioners, block_grids(np_compat, out, plan)):
-        rows, cols = grid.shape[:2]
-        factors = [f.reshape((rows, cols) + f.shape[1:]) for f in factors]
-        for i in range(rows):
-            left = iter(f[i] for f in factors)
-            piece = grid[i]
-            if plan.preconditioned[0]:
-                piece = next(left) @ piece
-            if plan.preconditioned[1]:
-                if scratch is None or scratch.size < piece.size:
-                    scratch = np.empty(piece.size, dtype=out.dtype)
-                piece = np.matmul(piece, next(left), out=scratch[:piece.size].reshape(piece.shape))
-            total += float(np.vdot(piece, piece))
-            target[i] = piece
+    total = precondition_rows(grids, preconditioners, plan.preconditioned, block_grids(np_compat, out, plan),
+                              np.matmul, lambda shape: np.empty(shape, dtype=out.dtype),
+                              lambda row: float(np.vdot(row, row)))
     factor = scale(np.asarray(math.sqrt(total), dtype=out.dtype)) if callable(scale) else scale
     if np.result_type(out, factor) != out.dtype:  # a wider scale promotes, as the merge copy would
         return (out * factor).reshape(plan.shape)

@@ -22,7 +22,7 @@ import torch
 from shampoo_core import _xp
 from shampoo_core.blocking import block_grids
 
-from . import load_fused_cpu, piecewise_norm_over_root_plus, python_scalars
+from . import load_fused_cpu, piecewise_norm_over_root_plus, precondition_rows, python_scalars
 
 __all__ = ["ema", "plus_square", "over_root_plus", "norm_over_root_plus", "ema_plus_square_norm",
            "ema_plus_square_norm_split", "norm", "scaled_copy", "scaled_plus_product", "precondition_merged", "ema_", "plus_square_",
@@ -197,7 +197,8 @@ def _row_norm_squared(x) -> float:
 
 def precondition_merged(grids, preconditioners, plan, scale):
     """``shampoo_core.preconditioner.precondition_merged`` a block row at a time on the CPU, as
-    NumPy's fast path runs it: each row's products go into scratch tensors by ``bmm(out=)``, their
+    NumPy's fast path runs it (``backends.precondition_rows``): each row's products go into
+    scratch tensors by ``matmul(out=)`` (batched, ``bmm``), their
     squares are summed (dots of pieces, in float64, as :func:`norm`) while they are in cache, and
     they are copied into their place in the new merged tensor, which is then scaled in place.
     The separate steps write every product, read them again for the norm and a third time to
@@ -210,18 +211,9 @@ def precondition_merged(grids, preconditioners, plan, scale):
         return NotImplemented
     dtype, device = tensors[0].dtype, tensors[0].device  # not the default device a context may set
     out = torch.empty(plan.merged_shape, dtype=dtype, device=device)
-    total = 0.0
-    for grid, factors, target in zip(grids, preconditioners, block_grids(torch_compat, out, plan)):
-        rows, cols = grid.shape[:2]
-        factors = [f.reshape((rows, cols) + tuple(f.shape[1:])) for f in factors]
-        scratch = [torch.empty((cols,) + tuple(grid.shape[2:]), dtype=dtype, device=device) for _ in factors]
-        for i in range(rows):
-            piece = grid[i]
-            for k, (f, buffer) in enumerate(zip(factors, scratch)):
-                left = k == 0 and plan.preconditioned[0]  # X_L symmetric: the mode-0 product
-                piece = torch.bmm(f[i], piece, out=buffer) if left else torch.bmm(piece, f[i], out=buffer)
-            total += _row_norm_squared(piece)
-            target[i].copy_(piece)
+    total = precondition_rows(grids, preconditioners, plan.preconditioned, block_grids(torch_compat, out, plan),
+                              torch.matmul, lambda shape: torch.empty(shape, dtype=dtype, device=device),
+                              _row_norm_squared)
     factor = scale(torch.tensor(math.sqrt(total), dtype=dtype, device=device)) if callable(scale) else scale
     if torch.result_type(out, factor) != dtype:  # a wider scale promotes, as the merge copy would
         return (out * factor).reshape(plan.shape)
