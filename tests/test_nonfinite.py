@@ -24,6 +24,23 @@ def test_finite_inputs_whose_sum_overflows_pass(xp, mode):
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_finite_inputs_whose_squares_overflow_pass(xp, dtype):
+    """NumPy's fast test is a sum of squares (one BLAS dot): entries far below the dtype's
+    largest value whose squares overflow must take the exact test and pass, and a NaN beside
+    them must still be found."""
+    big = np.full(5, np.sqrt(np.finfo(dtype).max) * 2, dtype=dtype)
+    assert np.isinf(np.dot(big, big)) and np.isfinite(big.sum())
+    inputs = named(xp, w=big)
+    assert guard(namespace(inputs[0][1]), inputs, "raise") == (False, None)
+    bad = big.copy()
+    bad[3] = np.nan
+    inputs = named(xp, w=big, b=bad)
+    with pytest.raises(ValueError, match=r"grads\['b'\] has non-finite values"):
+        guard(namespace(inputs[0][1]), inputs, "raise")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_the_first_bad_input_is_named_even_beside_an_overflow(xp, bad):
     w = np.full((4, 3), 3e38, dtype=np.float32)
