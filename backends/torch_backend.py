@@ -178,9 +178,10 @@ def scaled_plus_product(c, a, b, beta: float, alpha: float = 1.0):
     statistics a few blocks at a time")."""
     if not _tensors(c, a, b) or c.ndim > 3:
         return NotImplemented
-    if c.ndim < 3 or c.device.type != "cpu" or any(x.requires_grad for x in (c, a, b)):
+    if (c.ndim < 3 or c.device.type != "cpu" or any(x.requires_grad for x in (c, a, b))
+            or not (c.dtype == a.dtype == b.dtype and c.shape[0] == a.shape[0] == b.shape[0])):
         return (torch.baddbmm if c.ndim == 3 else torch.addmm)(c, a, b, beta=beta, alpha=alpha)
-    out = torch.empty(c.shape, dtype=torch.result_type(c, a), device=c.device)
+    out = torch.empty(c.shape, dtype=c.dtype, device=c.device)
     step = max(1, PIECE_ENTRIES // max(1, c.shape[-2] * c.shape[-1]))
     for i in range(0, c.shape[0], step):
         piece = out[i:i + step]

@@ -265,3 +265,16 @@ def test_torch_average_of_products_that_autograd_records_is_differentiable():
     out = _xp.scaled_plus_product(_xp.namespace(a), torch.zeros((2, 3, 3)), a, a.mT.detach(), 0.5, 2.0)
     out.sum().backward()
     torch.testing.assert_close(a.grad, torch.full((2, 3, 3), 6.0))
+
+
+def test_torch_average_of_products_leaves_broadcasts_and_mixed_dtypes_to_baddbmm():
+    """A C that ``baddbmm`` broadcasts over the batch gets its result; operands of another dtype
+    its error, not a partly written tensor."""
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn((6, 5, 5), generator=gen)
+    c = torch.randn((1, 5, 5), generator=gen)
+    out = _xp.scaled_plus_product(_xp.namespace(a), c, a, a.mT, 0.5, 2.0)
+    torch.testing.assert_close(out, torch.baddbmm(c, a, a.mT, beta=0.5, alpha=2.0), rtol=0, atol=0)
+    with pytest.raises(RuntimeError):
+        _xp.scaled_plus_product(_xp.namespace(a), c.double().expand(6, 5, 5).contiguous(), a, a.mT, 0.5, 2.0)
