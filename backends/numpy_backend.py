@@ -177,8 +177,9 @@ def precondition_merged(grids, preconditioners, plan, scale):
     products (one batched call per preconditioned dim over the row's blocks, read where they lie)
     go into scratch buffers, their squares are summed (in float64) while they are in cache,
     and they are copied into their place in the new merged array, which is then scaled in
-    place (the row loop is ``backends.precondition_rows``, torch's too). The separate steps write every product, read them again for the norm, and read them
-    a third time to merge them (the 4-D products alike, so P has the same bits). ``bench step``'s
+    place (the row loop is ``backends.precondition_rows``, torch's too). The separate steps
+    write every product, read them again for the norm, and read them a third time to merge
+    them (the 4-D products alike, so P has the same bits). ``bench step``'s
     donated step at block 128: 119.5 against 125.1 ms (89.5 against 91.4 ms with OpenBLAS's
     SkylakeX kernels; docs/performance.md). Declines all but NumPy grids of one real floating
     dtype."""

@@ -25,8 +25,8 @@ from shampoo_core.blocking import block_grids
 from . import load_fused_cpu, piecewise_norm_over_root_plus, precondition_rows, python_scalars
 
 __all__ = ["ema", "plus_square", "over_root_plus", "norm_over_root_plus", "ema_plus_square_norm",
-           "ema_plus_square_norm_split", "norm", "scaled_copy", "scaled_plus_product", "precondition_merged", "ema_", "plus_square_",
-           "ema_plus_square_norm_", "ema_plus_square_norm_split_", "scaled_plus_product_"]
+           "ema_plus_square_norm_split", "norm", "scaled_copy", "scaled_plus_product", "precondition_merged",
+           "ema_", "plus_square_", "ema_plus_square_norm_", "ema_plus_square_norm_split_", "scaled_plus_product_"]
 
 NAMESPACE = "array_api_compat.torch"
 
@@ -199,9 +199,9 @@ def _row_norm_squared(x) -> float:
 def precondition_merged(grids, preconditioners, plan, scale):
     """``shampoo_core.preconditioner.precondition_merged`` a block row at a time on the CPU, as
     NumPy's fast path runs it (``backends.precondition_rows``): each row's products go into
-    scratch tensors by ``matmul(out=)`` (batched, ``bmm``), their
-    squares are summed (dots of pieces, in float64, as :func:`norm`) while they are in cache, and
-    they are copied into their place in the new merged tensor, which is then scaled in place.
+    scratch tensors by ``matmul(out=)`` (batched, ``bmm``), their squares are summed (dots of
+    pieces, in float64, as :func:`norm`) while they are in cache, and they are copied into their
+    place in the new merged tensor, which is then scaled in place.
     The separate steps write every product, read them again for the norm and a third time to
     merge them; P has the same bits. Declines all but CPU grids and preconditioners of one real
     floating dtype that autograd does not record."""
