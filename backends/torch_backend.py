@@ -142,6 +142,11 @@ def ema_plus_square_norm_split(m, acc, g, plan, beta: float, epsilon, weight, be
     return _fused(m, acc, g, beta, epsilon, beta2, nesterov, in_place=False, plan=plan, weight=weight)
 
 
+def _squares(x) -> float:
+    # the sum of squares of a contiguous CPU tensor: dots of PIECE_ENTRIES-entry pieces in float64
+    return sum(float(torch.dot(piece, piece)) for piece in x.reshape(-1).split(PIECE_ENTRIES))
+
+
 def norm(x):
     """‖x‖₂ of a contiguous float32/float64 tensor from BLAS dots, which
     ``torch.linalg.vector_norm`` matches in time but not in accuracy (on 4M float32 Gaussian
@@ -154,8 +159,7 @@ def norm(x):
     flat = x.reshape(-1)
     if x.device.type != "cpu" or x.requires_grad:
         return torch.sqrt(torch.dot(flat, flat))
-    total = sum(float(torch.dot(piece, piece)) for piece in flat.split(PIECE_ENTRIES))
-    return torch.tensor(math.sqrt(total), dtype=x.dtype, device=x.device)
+    return torch.tensor(math.sqrt(_squares(flat)), dtype=x.dtype, device=x.device)
 
 
 def scaled_copy(x, scale):
@@ -190,12 +194,6 @@ def scaled_plus_product(c, a, b, beta: float, alpha: float = 1.0):
     return out
 
 
-def _row_norm_squared(x) -> float:
-    # float64 sum of the dots of PIECE_ENTRIES-entry pieces, as norm() sums them
-    flat = x.reshape(-1)
-    return sum(float(torch.dot(piece, piece)) for piece in flat.split(PIECE_ENTRIES))
-
-
 def precondition_merged(grids, preconditioners, plan, scale):
     """``shampoo_core.preconditioner.precondition_merged`` a block row at a time on the CPU, as
     NumPy's fast path runs it (``backends.precondition_rows``): each row's products go into
@@ -214,7 +212,7 @@ def precondition_merged(grids, preconditioners, plan, scale):
     out = torch.empty(plan.merged_shape, dtype=dtype, device=device)
     total = precondition_rows(grids, preconditioners, plan.preconditioned, block_grids(torch_compat, out, plan),
                               torch.matmul, lambda shape: torch.empty(shape, dtype=dtype, device=device),
-                              _row_norm_squared)
+                              _squares)
     factor = scale(torch.tensor(math.sqrt(total), dtype=dtype, device=device)) if callable(scale) else scale
     if torch.result_type(out, factor) != dtype:  # a wider scale promotes, as the merge copy would
         return (out * factor).reshape(plan.shape)

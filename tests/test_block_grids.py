@@ -47,6 +47,18 @@ def test_only_numpys_products_take_block_views(xp):
     assert _xp.takes_block_views(_xp.namespace(x)) == isinstance(x, np.ndarray)
 
 
+def _steps(params, grads, copy, **options):
+    """``(updates per step, final state)`` of Shampoo at block 4 with roots every 2 steps from
+    step 2, each step given copies (``copy``) of its gradients, since a donated step may write
+    into them."""
+    tx = sc.shampoo(0.1, block_size=4, start_preconditioning_step=2, preconditioning_compute_steps=2, **options)
+    state, out = tx.init(params), []
+    for g in grads:
+        u, state = tx.update(state, {k: copy(v) for k, v in g.items()}, params)
+        out.append(u)
+    return out, state
+
+
 @pytest.mark.parametrize("shape, block_size", MATRICES)
 @pytest.mark.parametrize("preconditioned", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("donate", [False, True])
@@ -96,13 +108,7 @@ def test_numpy_steps_read_a_matrixs_blocks_where_they_lie(monkeypatch, donate, b
     monkeypatch.setattr(blocking, "block_grids", lambda *a, **k: grids.append(tuple(a[1].shape)) or real(*a, **k))
 
     def run():
-        tx = sc.shampoo(0.1, block_size=4, beta1=beta1, graft_type=graft_type, start_preconditioning_step=2,
-                        preconditioning_compute_steps=2, donate_state=donate)
-        state, out = tx.init(params), []
-        for g in grads:
-            u, state = tx.update(state, {k: v.copy() for k, v in g.items()}, params)
-            out.append(u)
-        return out, state
+        return _steps(params, grads, np.copy, beta1=beta1, graft_type=graft_type, donate_state=donate)
 
     on_grids, grid_state = run()
     assert set(grids) == {(13, 10), (6, 40), (2, 2, 12)}  # the last merges to (4, 12); the vector is cut
@@ -249,13 +255,7 @@ def test_torch_steps_precondition_a_block_row_at_a_time(monkeypatch, donate, bet
                         lambda *a, **k: calls.append(tuple(a[3].shape)) or real(*a, **k))
 
     def run():
-        tx = sc.shampoo(0.1, block_size=4, beta1=beta1, graft_type=graft_type, start_preconditioning_step=2,
-                        preconditioning_compute_steps=2, donate_state=donate)
-        state, out = tx.init(params), []
-        for g in grads:
-            u, state = tx.update(state, {k: v.clone() for k, v in g.items()}, params)
-            out.append(u)
-        return out
+        return _steps(params, grads, torch.clone, beta1=beta1, graft_type=graft_type, donate_state=donate)[0]
 
     merged = run()
     assert set(calls) == {(13, 10), (2, 2, 12)}
