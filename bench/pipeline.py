@@ -40,13 +40,36 @@ def mean_step(tx, params, grads, steps, warmup, sync=None):
 
     ``sync`` waits for a device's queued work, inside each timed step.
     """
+    return step_costs(tx, params, grads, steps, warmup, sync)[:2]
+
+
+def step_costs(tx, params, grads, steps, warmup, sync=None):
+    """:func:`mean_step`'s (mean, median) ms and the minor page faults per timed step of the whole
+    process, its worker threads included (``None`` where :mod:`resource` is missing)."""
     state = [tx.init(params)]
 
     def step():
         _, state[0] = tx.update(state[0], grads, params)
 
-    times, _ = call_times(step, steps, warmup=warmup, sync=sync)
-    return 1e3 * statistics.fmean(times), 1e3 * statistics.median(times)
+    call_times(step, 0, warmup=warmup, sync=sync)
+    before = minor_faults()
+    times, _ = call_times(step, steps, warmup=0, sync=sync)
+    after = minor_faults()
+    faults = None if before is None else (after - before) / len(times)
+    return 1e3 * statistics.fmean(times), 1e3 * statistics.median(times), faults
+
+
+def minor_faults() -> int | None:
+    """Minor page faults of this process so far, all threads (``getrusage``), or ``None``.
+
+    A worker thread whose allocator gives pages back to the kernel and takes them again faults
+    on every page it touches anew, and the kernel's unmapping interrupts the other threads' cores
+    too (docs/performance.md, asynchronous preconditioners)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _digits(steps: int, executor, seed=0):
@@ -90,27 +113,30 @@ def run(args) -> int:
     modes = ("none", "sync", "async")
     rounds = []
     for _ in range(args.rounds):
-        result = {"none": mean_step(sc.shampoo(1e-3, preconditioning_compute_steps=10**9, **common),
-                                     params, grads, args.steps, warmup),
-                  "sync": mean_step(sc.shampoo(1e-3, preconditioning_compute_steps=args.every, **common),
-                                     params, grads, args.steps, warmup)}
+        result = {"none": step_costs(sc.shampoo(1e-3, preconditioning_compute_steps=10**9, **common),
+                                      params, grads, args.steps, warmup),
+                  "sync": step_costs(sc.shampoo(1e-3, preconditioning_compute_steps=args.every, **common),
+                                      params, grads, args.steps, warmup)}
         with sc.AsyncPreconditioners(max_workers=1, max_staleness=args.every) as ex:
-            result["async"] = mean_step(
+            result["async"] = step_costs(
                 sc.shampoo(1e-3, preconditioning_compute_steps=args.every, async_preconditioners=ex, **common),
                 params, grads, args.steps, warmup)
         rounds.append(result)
     step_ms = {k: dict(mean=statistics.median(r[k][0] for r in rounds),
                        median=statistics.median(r[k][1] for r in rounds)) for k in modes}
+    faults = {k: (None if rounds[0][k][2] is None else statistics.median(r[k][2] for r in rounds)) for k in modes}
     over_none = {k: statistics.median(r[k][0] / r["none"][0] for r in rounds) for k in modes}
     print(f"{sum(p.size for p in params.values())} parameters, block_size {args.block_size}, roots every {args.every}, "
           f"{args.rounds} rounds (medians)")
     for k in modes:
         spread = [r[k][0] / r["none"][0] for r in rounds]
         print(f"  {k:<6} mean {step_ms[k]['mean']:8.2f} ms/step  median {step_ms[k]['median']:8.2f}  "
-              f"({over_none[k]:.2f}x no-root; rounds {min(spread):.2f}-{max(spread):.2f})")
+              f"({over_none[k]:.2f}x no-root; rounds {min(spread):.2f}-{max(spread):.2f})"
+              + ("" if faults[k] is None else f"  {faults[k]:7.1f} page faults/step"))
     report = dict(threads=threads, shapes=shapes, block_size=args.block_size, every=args.every,
-                  steps=args.steps, rounds=[{k: dict(mean=m, median=md) for k, (m, md) in r.items()} for r in rounds],
-                  step_ms=step_ms, async_over_none=over_none["async"], sync_over_none=over_none["sync"])
+                  steps=args.steps, rounds=[{k: dict(mean=m, median=md, minor_faults_per_step=f) for k, (m, md, f) in r.items()}
+                          for r in rounds],
+                  step_ms=step_ms, minor_faults_per_step=faults, async_over_none=over_none["async"], sync_over_none=over_none["sync"])
     if args.train_steps:
         sync_curve = _digits(args.train_steps, None)
         with sc.AsyncPreconditioners(max_staleness=args.staleness, deterministic=True) as ex:

@@ -218,6 +218,22 @@ def test_pipeline_benchmark(tmp_path):
     assert set(report["step_ms"]) == {"none", "sync", "async"}
     assert len(report["rounds"]) == 2 and report["async_over_none"] > 0
     assert report["digits"]["sync"][-1][0] == 20
+    faults = report["minor_faults_per_step"]
+    assert set(faults) == {"none", "sync", "async"}
+    assert all(f is None or f >= 0 for f in faults.values())
+    assert all(set(r["async"]) == {"mean", "median", "minor_faults_per_step"} for r in report["rounds"])
+
+
+def test_minor_faults_count_fresh_pages():
+    from bench.pipeline import minor_faults
+
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("resource")
+    before = minor_faults()
+    # 64 MiB, above any mmap threshold of glibc: fresh pages, faulted in as they are written (by
+    # 2 MiB where the kernel backs them with huge pages)
+    pages = np.ones(64 << 20, dtype=np.uint8)
+    assert minor_faults() - before >= 16 and int(pages[::4096].sum()) == (64 << 20) // 4096
 
 
 def test_memory_benchmark(tmp_path):
