@@ -124,7 +124,7 @@ def run(args) -> int:
         rounds.append(result)
     step_ms = {k: dict(mean=statistics.median(r[k][0] for r in rounds),
                        median=statistics.median(r[k][1] for r in rounds)) for k in modes}
-    faults = {k: (None if rounds[0][k][2] is None else statistics.median(r[k][2] for r in rounds)) for k in modes}
+    faults = {k: None if rounds[0][k][2] is None else statistics.median(r[k][2] for r in rounds) for k in modes}
     over_none = {k: statistics.median(r[k][0] / r["none"][0] for r in rounds) for k in modes}
     print(f"{sum(p.size for p in params.values())} parameters, block_size {args.block_size}, roots every {args.every}, "
           f"{args.rounds} rounds (medians)")
@@ -134,9 +134,11 @@ def run(args) -> int:
               f"({over_none[k]:.2f}x no-root; rounds {min(spread):.2f}-{max(spread):.2f})"
               + ("" if faults[k] is None else f"  {faults[k]:7.1f} page faults/step"))
     report = dict(threads=threads, shapes=shapes, block_size=args.block_size, every=args.every,
-                  steps=args.steps, rounds=[{k: dict(mean=m, median=md, minor_faults_per_step=f) for k, (m, md, f) in r.items()}
+                  steps=args.steps,
+                  rounds=[{k: dict(mean=m, median=md, minor_faults_per_step=f) for k, (m, md, f) in r.items()}
                           for r in rounds],
-                  step_ms=step_ms, minor_faults_per_step=faults, async_over_none=over_none["async"], sync_over_none=over_none["sync"])
+                  step_ms=step_ms, minor_faults_per_step=faults,
+                  async_over_none=over_none["async"], sync_over_none=over_none["sync"])
     if args.train_steps:
         sync_curve = _digits(args.train_steps, None)
         with sc.AsyncPreconditioners(max_staleness=args.staleness, deterministic=True) as ex:
