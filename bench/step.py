@@ -20,6 +20,9 @@ kernel and biases), float32, one BLAS thread. For each block size:
   array (the unit of the work beside the matmuls). The step's time above its floor, and what the
   1.25x target leaves beside the matmuls (a quarter of the floor), are reported in these passes,
   so that the arithmetic's own count of passes (docs/performance.md) can be set against them;
+  the same pass is also timed once per run from memory (the caches emptied before each timed
+  pass: ``cold_pass_seconds``), and the counts given in those passes too, since a step's state
+  does not stay in cache where the parameters alone may;
 * the block matmuls of the largest gradient as a loop over blocks against one batched matmul over
   the block grid (what the step does: blocks of equal shape are stacked);
 * the non-root step again with its state donated, to be written in place
@@ -149,6 +152,38 @@ def pass_seconds(params, repeats: int, lib: Library | None = None) -> float:
     return _median(lambda: run_all(arrays), repeats)
 
 
+EVICT_BYTES = 1 << 30  # above the last-level cache of any machine here (300 MiB the largest seen)
+
+
+def cold_pass_seconds(params, repeats: int, lib: Library | None = None, evict_bytes: int = EVICT_BYTES) -> float:
+    """:func:`pass_seconds` with the caches emptied before each timed pass (a read of an
+    ``evict_bytes`` buffer, untimed): the pass as it meets a step's arrays that other work has
+    pushed out of cache, at the machine's memory bandwidth. 11.6M float32 parameters (46 MB) fit
+    in a large last-level cache, and the step's state (its statistics alone 99 MB at block 128)
+    does not; on a machine with a large cache and a slow memory a pass takes 3x longer here than
+    in :func:`pass_seconds` (docs/performance.md, "A second machine"). ``evict_bytes``: the
+    buffer read between passes, larger than the last-level cache."""
+    import numpy as np
+
+    lib = lib or library("numpy", 1)
+    arrays = [lib.asarray(p) for p in params.values()]
+    run_all = lib.compile(one_pass)
+    run_all(arrays)
+    buffer = np.ones(max(evict_bytes // 8, 1))
+    times = []
+    for _ in range(repeats):
+        read_all(buffer)
+        t0 = time.perf_counter()
+        run_all(arrays)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def read_all(buffer) -> float:
+    """Every line of ``buffer`` read (its sum): what was cached before is evicted."""
+    return float(buffer.sum())
+
+
 def one_pass(arrays) -> list:
     """The unit pass: each array read once and its product by a scalar written to a new array."""
     return [x * 0.5 for x in arrays]
@@ -170,10 +205,14 @@ def ratio_text(ratio: float, of: str = "", target: float = TARGET) -> str:
 
 def passes(row: dict) -> dict:
     """``row``'s time above the floor, and the part of the floor that the ``TARGET`` (1.25x) leaves
-    beside the matmuls, in elementwise passes over the parameters (``pass_ms``)."""
-    unit = row["pass_ms"]
-    return dict(passes_above_floor=(row["nonroot_ms"] - row["floor_ms"]) / unit,
-                passes_left_by_target=(TARGET - 1.0) * row["floor_ms"] / unit)
+    beside the matmuls, in elementwise passes over the parameters (``pass_ms``), and with
+    ``cold_pass_ms`` also in passes from memory (keys prefixed ``cold_``)."""
+    out = {}
+    for prefix, unit in (("", row["pass_ms"]), ("cold_", row.get("cold_pass_ms"))):
+        if unit:
+            out.update({f"{prefix}passes_above_floor": (row["nonroot_ms"] - row["floor_ms"]) / unit,
+                        f"{prefix}passes_left_by_target": (TARGET - 1.0) * row["floor_ms"] / unit})
+    return out
 
 
 def _block_counts(block_size: int, params) -> dict:
@@ -298,12 +337,15 @@ def _run(args, threads: dict) -> int:
     jitted = lib.name == "jax"
     optimizer = dict(graft_type=args.graft_type, nesterov=args.nesterov)  # of the default and the donated step
     rows = []
+    # the unit pass from memory, once per run (it does not depend on the blocks)
+    cold_pass_ms = 1e3 * cold_pass_seconds(np_params, args.steps, lib, (16 << 20) if args.small else EVICT_BYTES)
     for block_size in [int(b) for b in args.block_sizes.split(",") if b]:
         first, nonroot = step_seconds(lib, block_size, params, grads, args.steps, **optimizer)
         floor = floor_seconds(block_size, np_params, args.steps, lib)
         pass_ms = 1e3 * pass_seconds(np_params, args.steps, lib)
         row = dict(block_size=block_size, blocks=sum(_block_counts(block_size, np_params).values()),
-                   nonroot_ms=1e3 * nonroot, floor_ms=1e3 * floor, ratio_to_floor=nonroot / floor, pass_ms=pass_ms)
+                   nonroot_ms=1e3 * nonroot, floor_ms=1e3 * floor, ratio_to_floor=nonroot / floor, pass_ms=pass_ms,
+                   cold_pass_ms=cold_pass_ms)
         row.update(passes(row))
         # the state written in place: donate_state=True eagerly, donate_argnums under jax.jit
         donated = 1e3 * step_seconds(lib, block_size, params, grads, args.steps, donate=True, **optimizer)[1]
@@ -332,9 +374,10 @@ def _run(args, threads: dict) -> int:
               f"floor {row['floor_ms']:8.1f} ms ({ratio_text(row['ratio_to_floor'])})"
               + (f", from cache {row['hot_floor_ms']:.1f} ms ({row['ratio_to_hot_floor']:.2f}x)" if not jitted else "")
               + f"; {roots_text}", flush=True)
-        print(f"    one elementwise pass over the parameters {pass_ms:.2f} ms; above the floor "
-              f"{row['passes_above_floor']:.1f} passes; the {TARGET:g}x target leaves {row['passes_left_by_target']:.1f}",
-              flush=True)
+        print(f"    one elementwise pass over the parameters {pass_ms:.2f} ms ({cold_pass_ms:.2f} ms from memory, "
+              f"caches emptied first); above the floor {row['passes_above_floor']:.1f} passes "
+              f"({row['cold_passes_above_floor']:.1f} from memory); the {TARGET:g}x target leaves "
+              f"{row['passes_left_by_target']:.1f} ({row['cold_passes_left_by_target']:.1f})", flush=True)
         how = "donate_argnums" if jitted else "donate_state=True"
         print(f"    {how} (the state written in place): non-root step {row['donated_nonroot_ms']:.1f} ms "
               f"({ratio_text(row['donated_ratio_to_floor'], ' the floor')}; {row['donated_passes_above_floor']:.1f} "
@@ -362,7 +405,8 @@ def _run(args, threads: dict) -> int:
     blas = blas_libraries()
     (out / "step.json").write_text(json.dumps(dict(library=args.library, threads=threads, parameters=n_params, shapes=shapes,
                                                    graft_type=args.graft_type, nesterov=args.nesterov, rows=rows,
-                                                   adamw_ms=adamw, pass_ms=pass_ms, first_order_in_one_pass=one_pass,
+                                                   adamw_ms=adamw, pass_ms=pass_ms, cold_pass_ms=cold_pass_ms,
+                                                   first_order_in_one_pass=one_pass,
                                                    blas=blas),
                                               indent=2))
     if blas:

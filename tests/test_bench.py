@@ -92,6 +92,8 @@ def test_step_benchmark(tmp_path):
         assert r["amortized_ms"]["1"] >= r["amortized_ms"]["100"]
         assert r["block_matmuls_loop_ms"] > 0 and r["block_matmuls_batched_ms"] > 0  # 64x256 splits evenly
         assert r["pass_ms"] > 0 and report["pass_ms"] > 0
+        assert r["cold_pass_ms"] == report["cold_pass_ms"] > 0
+        assert r["cold_passes_above_floor"] == pytest.approx((r["nonroot_ms"] - r["floor_ms"]) / r["cold_pass_ms"])
         assert r["passes_above_floor"] == pytest.approx((r["nonroot_ms"] - r["floor_ms"]) / r["pass_ms"])
         assert r["passes_left_by_target"] == pytest.approx(0.25 * r["floor_ms"] / r["pass_ms"])
         assert r["donated_ratio_to_floor"] == pytest.approx(r["donated_nonroot_ms"] / r["floor_ms"])
@@ -322,6 +324,25 @@ def test_pass_is_one_new_array_per_parameter(monkeypatch):
     assert all(not np.shares_memory(o, p) for o, p in zip(out, params.values()))
     assert step.passes(dict(pass_ms=2.0, nonroot_ms=15.0, floor_ms=10.0)) == dict(
         passes_above_floor=2.5, passes_left_by_target=1.25)
+
+
+def test_cold_pass_empties_the_caches_before_each_timed_pass(monkeypatch):
+    # The pass from memory: a read of a buffer larger than the caches before every timed pass,
+    # outside the timing, and the pass itself the unit pass.
+    import numpy as np
+
+    from bench import step
+
+    events = []
+    monkeypatch.setattr(step, "read_all", lambda buffer: events.append(("read", buffer.nbytes)))
+    real_pass = step.one_pass
+    monkeypatch.setattr(step, "one_pass", lambda arrays: events.append(("pass",)) or real_pass(arrays))
+    params = {"a": np.ones((3, 4), np.float32), "b": np.ones(5, np.float32)}
+    assert step.cold_pass_seconds(params, 3, evict_bytes=1 << 20) > 0
+    assert events == [("pass",)] + [("read", 1 << 20), ("pass",)] * 3
+    rows = step.passes(dict(pass_ms=2.0, cold_pass_ms=5.0, nonroot_ms=15.0, floor_ms=10.0))
+    assert rows == dict(passes_above_floor=2.5, passes_left_by_target=1.25,
+                        cold_passes_above_floor=1.0, cold_passes_left_by_target=0.5)
 
 
 @pytest.mark.parametrize("block_size", [8, 16, 32])
