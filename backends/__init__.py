@@ -76,6 +76,7 @@ def python_scalars(beta, epsilon, beta2, nesterov) -> bool:
 
 
 _FUSED_CPU = []  # [module or None] once looked up
+_SYRK_CPU = []
 
 
 def load_fused_cpu():
@@ -92,3 +93,18 @@ def load_fused_cpu():
                 module = None  # to cache the compiled loop (RuntimeError): the eager passes instead
         _FUSED_CPU.append(module)
     return _FUSED_CPU[0]
+
+
+def load_syrk_cpu():
+    """``backends.syrk_cpu`` (a statistic's running average by BLAS's ``syrk`` with β, in a loop
+    numba compiles), imported at its first use; ``None`` where numba is not installed, does not
+    import, or SciPy's ``cython_blas`` does not give the routines."""
+    if not _SYRK_CPU:
+        module = None
+        if load_fused_cpu() is not None:  # numba imports and runs with this NumPy
+            try:
+                from . import syrk_cpu as module
+            except (ImportError, RuntimeError, AttributeError, ValueError):
+                module = None
+        _SYRK_CPU.append(module)
+    return _SYRK_CPU[0]

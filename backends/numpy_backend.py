@@ -23,11 +23,12 @@ import numpy as np
 from shampoo_core import _xp
 from shampoo_core.blocking import block_grids
 
-from . import load_fused_cpu, piecewise_norm_over_root_plus, precondition_rows, python_scalars
+from . import load_fused_cpu, load_syrk_cpu, piecewise_norm_over_root_plus, precondition_rows, python_scalars
 
 __all__ = ["ema", "plus_square", "over_root_plus", "norm_over_root_plus", "ema_plus_square_norm",
            "ema_plus_square_norm_split", "scaled_copy", "scaled_plus_product", "precondition_merged", "ema_",
-           "plus_square_", "ema_plus_square_norm_", "ema_plus_square_norm_split_", "scaled_plus_product_"]
+           "plus_square_", "ema_plus_square_norm_", "ema_plus_square_norm_split_", "scaled_plus_product_",
+           "gram_average", "gram_average_"]
 
 NAMESPACE = "array_api_compat.numpy"
 
@@ -238,6 +239,29 @@ def scaled_plus_product_(c, a, b, beta: float, alpha: float = 1.0):
         return NotImplemented
     _average_products(c, c, a, b, beta, alpha)
     return c
+
+
+def gram_average(c, a, beta: float, alpha: float = 1.0):
+    """β·C + α·A·Aᵀ of a symmetric C (``shampoo_core._xp.gram_average``) in a new array: each
+    block of C copied into it and updated there by BLAS's ``syrk`` with β, one call per block
+    (``backends.syrk_cpu``; numba and SciPy's BLAS). Entries may differ from the expression's
+    by an ulp (BLAS rounds α·P + β·C in its kernel). ``bench step``'s statistics at block 128:
+    docs/performance.md, "A statistic's running average in one BLAS call". Declines where numba
+    is not installed or BLAS cannot read the blocks where they lie."""
+    return _gram_average(c, a, beta, alpha, in_place=False)
+
+
+def gram_average_(c, a, beta: float, alpha: float = 1.0):
+    """:func:`gram_average` written into ``c``."""
+    return _gram_average(c, a, beta, alpha, in_place=True)
+
+
+def _gram_average(c, a, beta, alpha, in_place: bool):
+    kernels = load_syrk_cpu()
+    if kernels is None or not _arrays(c, a) or (in_place and not _writable(c)):
+        return NotImplemented
+    out = kernels.gram_average(c, a, beta, alpha, out=c if in_place else None)
+    return NotImplemented if out is None else out
 
 
 def _average_products(out, c, a, b, beta: float, alpha: float) -> None:

@@ -283,6 +283,20 @@ def scaled_plus_product(xp, c, a, b, beta: float, alpha: float = 1.0, donate: bo
     return (c if beta == 1.0 else beta * c) + (product if alpha == 1.0 else alpha * product)
 
 
+def gram_average(xp, c, a, beta: float, alpha: float = 1.0, donate: bool = False):
+    """``beta * c + alpha * (a @ a.mT)`` for a symmetric ``c``: a Shampoo statistic's running
+    average (arXiv 2002.09018, Sec. 3), with :func:`scaled_plus_product`'s shapes and ``donate``.
+
+    A library's fast path may read only one triangle of ``c`` and mirror the result (NumPy: BLAS's
+    ``syrk`` with β, ``backends.syrk_cpu``), so ``c`` must be symmetric; the result is. Where
+    none takes it, :func:`scaled_plus_product` of ``a`` and ``a.mT`` computes it.
+    """
+    out = fast_value("gram_average", c, a, beta, alpha, donate=donate)
+    if out is not NotImplemented:
+        return out
+    return scaled_plus_product(xp, c, a, a.mT, beta, alpha, donate)
+
+
 def product_takes_scale(xp) -> bool:
     """Whether :func:`scaled_plus_product` applies its ``alpha`` inside the matrix product
     (torch's ``addmm``/``baddbmm``), so that scaling the product costs no pass of its own: the

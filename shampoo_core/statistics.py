@@ -64,13 +64,14 @@ def accumulate_weighted(xp, stats, weighted, preconditioned: tuple[bool, ...], b
     it into blocks, one pass instead of one small operation per block; where the library scales a
     matrix product as it writes it (:func:`_xp.product_takes_scale`: torch), the 2-D blocks of G
     go unweighted with s = 1 - β₂, and that pass is saved too. Each product and its average are
-    one call where the library fuses them (:func:`_xp.scaled_plus_product`).
+    one call where the library fuses them (:func:`_xp.gram_average`: the statistics are
+    symmetric, and NumPy's fast path updates one triangle with BLAS's ``syrk``).
 
     ``donate``: the caller gives ``stats`` up, and a library's in-place fast path may write the
     new statistics into them (``donate_state`` of :func:`shampoo_core.shampoo`).
     """
-    return tuple(_xp.scaled_plus_product(xp, h, a, b, beta2, product_scale, donate)
-                 for h, (a, b) in zip(stats, _gram_operands(xp, weighted, preconditioned)))
+    return tuple(_xp.gram_average(xp, h, a, beta2, product_scale, donate)
+                 for h, (a, _) in zip(stats, _gram_operands(xp, weighted, preconditioned)))
 
 
 def accumulate_grid(xp, stats, grid, preconditioned: tuple[bool, ...], beta2: float, product_scale: float = 1.0,
@@ -91,9 +92,9 @@ def accumulate_grid(xp, stats, grid, preconditioned: tuple[bool, ...], beta2: fl
     """
     lead = tuple(grid.shape[:2])
     out = []
-    for h, (a, b) in zip(stats, _matrix_gram_operands(grid, preconditioned)):
+    for h, (a, _) in zip(stats, _matrix_gram_operands(grid, preconditioned)):
         on_grid = xp.reshape(h, lead + tuple(h.shape[1:]))
-        new = _xp.scaled_plus_product(xp, on_grid, a, b, beta2, product_scale, donate)
+        new = _xp.gram_average(xp, on_grid, a, beta2, product_scale, donate)
         # written in place: the state keeps its own array, not a view of it
         out.append(h if new is on_grid else xp.reshape(new, tuple(h.shape)))
     return tuple(out)

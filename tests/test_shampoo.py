@@ -396,6 +396,7 @@ def test_update_statistics_folds_the_decay_into_the_block(xp, beta2):
     rng = np.random.default_rng(5)
     # A stack of two blocks; each must get the statistics of its own block.
     g, h0, h1 = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 3, 3)), rng.standard_normal((2, 4, 4))
+    h0, h1 = h0 + np.swapaxes(h0, 1, 2), h1 + np.swapaxes(h1, 1, 2)  # statistics are symmetric
     gt = np.swapaxes(g, 1, 2)
     new = statistics.update_statistics(xp, (to_xp(xp, h0), to_xp(xp, h1)), to_xp(xp, g), (True, True), beta2)
     weight = 1.0 if beta2 == 1.0 else 1.0 - beta2  # beta2 = 1 sums (AdaGrad)
