@@ -79,32 +79,45 @@ _FUSED_CPU = []  # [module or None] once looked up
 _SYRK_CPU = []
 
 
+def _load_once(cache: list, load, errors=(ImportError, RuntimeError)):
+    """``load()`` the first time (``None`` where it raises one of ``errors``: a numba built for
+    another NumPy, no place to cache a compiled loop), the same module or ``None`` after."""
+    if not cache:
+        try:
+            module = load()
+        except errors:
+            module = None
+        cache.append(module)
+    return cache[0]
+
+
+def _import_fused_cpu():
+    import importlib.util
+
+    if importlib.util.find_spec("numba") is None:
+        return None
+    from . import fused_cpu
+
+    return fused_cpu
+
+
+def _import_syrk_cpu():
+    if load_fused_cpu() is None:  # numba imports and runs with this NumPy
+        return None
+    from . import syrk_cpu
+
+    return syrk_cpu
+
+
 def load_fused_cpu():
     """``backends.fused_cpu`` (numba's one-pass kernels for NumPy's and torch's CPU fast paths),
     imported at its first use; ``None`` where numba is not installed or does not import."""
-    if not _FUSED_CPU:
-        import importlib.util
-
-        module = None
-        if importlib.util.find_spec("numba") is not None:
-            try:
-                from . import fused_cpu as module
-            except (ImportError, RuntimeError):  # a numba built for another NumPy, or no place
-                module = None  # to cache the compiled loop (RuntimeError): the eager passes instead
-        _FUSED_CPU.append(module)
-    return _FUSED_CPU[0]
+    return _load_once(_FUSED_CPU, _import_fused_cpu)
 
 
 def load_syrk_cpu():
     """``backends.syrk_cpu`` (a statistic's running average by BLAS's ``syrk`` with β, in a loop
     numba compiles), imported at its first use; ``None`` where numba is not installed, does not
     import, or SciPy's ``cython_blas`` does not give the routines."""
-    if not _SYRK_CPU:
-        module = None
-        if load_fused_cpu() is not None:  # numba imports and runs with this NumPy
-            try:
-                from . import syrk_cpu as module
-            except (ImportError, RuntimeError, AttributeError, ValueError):
-                module = None
-        _SYRK_CPU.append(module)
-    return _SYRK_CPU[0]
+    # AttributeError, ValueError: SciPy's cython_blas without the routines
+    return _load_once(_SYRK_CPU, _import_syrk_cpu, (ImportError, RuntimeError, AttributeError, ValueError))

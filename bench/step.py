@@ -146,10 +146,15 @@ def pass_seconds(params, repeats: int, lib: Library | None = None) -> float:
     """Time of one elementwise pass over ``params`` (NumPy arrays) on ``lib``'s arrays: each read
     once and its product by a scalar written to a new array, as the step's passes write theirs
     (under JAX, all of them in one jitted call)."""
+    return _median(_unit_pass(params, lib), repeats)
+
+
+def _unit_pass(params, lib: Library | None):
+    """A call of :func:`one_pass` over ``params`` as ``lib``'s arrays (compiled under JAX)."""
     lib = lib or library("numpy", 1)
     arrays = [lib.asarray(p) for p in params.values()]
     run_all = lib.compile(one_pass)
-    return _median(lambda: run_all(arrays), repeats)
+    return lambda: run_all(arrays)
 
 
 EVICT_BYTES = 1 << 30  # above the last-level cache of any machine here (300 MiB the largest seen)
@@ -165,16 +170,14 @@ def cold_pass_seconds(params, repeats: int, lib: Library | None = None, evict_by
     buffer read between passes, larger than the last-level cache."""
     import numpy as np
 
-    lib = lib or library("numpy", 1)
-    arrays = [lib.asarray(p) for p in params.values()]
-    run_all = lib.compile(one_pass)
-    run_all(arrays)
+    run = _unit_pass(params, lib)
+    run()  # compiles under JAX
     buffer = np.ones(max(evict_bytes // 8, 1))
     times = []
     for _ in range(repeats):
         read_all(buffer)
         t0 = time.perf_counter()
-        run_all(arrays)
+        run()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
