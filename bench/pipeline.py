@@ -9,6 +9,11 @@ medians of the per-round ratios:
 * sync: roots computed inside ``update`` on their steps;
 * async: ``AsyncPreconditioners`` (one worker thread) computes them while steps go on.
 
+Each ``--every`` value (a comma-separated list) is one such set of rounds. With the roots' demand
+(the synchronous run's extra time over the no-root step) above 1, one worker cannot finish a
+period's roots within the period's steps, and the steps wait at the staleness bound: the report
+gives the worker's busy share of the asynchronous run and the steps' wait for it.
+
 Loss: the digits autoencoder of ``bench demo`` (core on NumPy) trained with synchronous roots and
 with asynchronous ones swapped in deterministically ``--staleness`` steps late.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 import json
 import pathlib
 import statistics
+from typing import NamedTuple
 
 from .timing import call_times
 
@@ -26,13 +32,26 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default="results/pipeline")
     parser.add_argument("--scale", type=int, default=4, help="divide bench step's dims by this")
     parser.add_argument("--block-size", type=int, default=256)
-    parser.add_argument("--every", type=int, default=10, help="preconditioning_compute_steps")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--every", default="10,20",
+                        help="preconditioning_compute_steps, comma-separated for several runs (e.g. 10,20,50)")
+    parser.add_argument("--steps", type=int, default=60, help="timed steps, rounded up to whole root periods")
     parser.add_argument("--staleness", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved repetitions of the three runs")
     parser.add_argument("--train-steps", type=int, default=2000, help="digits run length (0 skips it)")
     parser.add_argument("--threads", type=int, default=1, help="BLAS threads of the main thread")
     parser.set_defaults(func=run)
+
+
+class StepCosts(NamedTuple):
+    """What :func:`step_costs` measures, per timed step: ``mean`` and ``median`` ms, the minor
+    page faults of the whole process (``None`` where :mod:`resource` is missing), and with an
+    executor the ms its workers were busy and the ms the step waited for them (else ``None``)."""
+
+    mean: float
+    median: float
+    faults: float | None
+    busy: float | None = None
+    waited: float | None = None
 
 
 def mean_step(tx, params, grads, steps, warmup, sync=None):
@@ -43,20 +62,26 @@ def mean_step(tx, params, grads, steps, warmup, sync=None):
     return step_costs(tx, params, grads, steps, warmup, sync)[:2]
 
 
-def step_costs(tx, params, grads, steps, warmup, sync=None):
-    """:func:`mean_step`'s (mean, median) ms and the minor page faults per timed step of the whole
-    process, its worker threads included (``None`` where :mod:`resource` is missing)."""
+def step_costs(tx, params, grads, steps, warmup, sync=None, executor=None) -> StepCosts:
+    """:func:`mean_step`'s (mean, median) ms, the page faults per step and, with ``executor`` (the
+    :class:`shampoo_core.AsyncPreconditioners` of ``tx``), its workers' busy ms and the steps'
+    wait for them per timed step (:meth:`~shampoo_core.AsyncPreconditioners.times`)."""
     state = [tx.init(params)]
 
     def step():
         _, state[0] = tx.update(state[0], grads, params)
 
     call_times(step, 0, warmup=warmup, sync=sync)
-    before = minor_faults()
+    before, worker_before = minor_faults(), None if executor is None else executor.times()
     times, _ = call_times(step, steps, warmup=0, sync=sync)
-    after = minor_faults()
+    after, worker_after = minor_faults(), None if executor is None else executor.times()
     faults = None if before is None else (after - before) / len(times)
-    return 1e3 * statistics.fmean(times), 1e3 * statistics.median(times), faults
+    costs = StepCosts(1e3 * statistics.fmean(times), 1e3 * statistics.median(times), faults)
+    if executor is None:
+        return costs
+    per_step = 1e3 / len(times)
+    return costs._replace(busy=(worker_after.busy_seconds - worker_before.busy_seconds) * per_step,
+                          waited=(worker_after.waited_seconds - worker_before.waited_seconds) * per_step)
 
 
 def minor_faults() -> int | None:
@@ -98,10 +123,64 @@ def _digits(steps: int, executor, seed=0):
     return curve
 
 
+def _every(text: str) -> list:
+    try:
+        values = [int(v) for v in str(text).split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise SystemExit(f"--every: comma-separated integers >= 1 expected; got {text!r}")
+    return values
+
+
+def _rounds(sc, params, grads, common, every, steps, rounds):
+    """``rounds`` interleaved rounds of the three runs at ``preconditioning_compute_steps=every``,
+    each over ``steps`` rounded up to whole root periods: the roots of every period in the window are
+    then collected in it, and the workers' busy time per step is that of the same periods."""
+    warmup = every + 1
+    steps = every * -(-steps // every)
+    out = []
+    for _ in range(rounds):
+        result = {"none": step_costs(sc.shampoo(1e-3, preconditioning_compute_steps=10**9, **common),
+                                     params, grads, steps, warmup),
+                  "sync": step_costs(sc.shampoo(1e-3, preconditioning_compute_steps=every, **common),
+                                     params, grads, steps, warmup)}
+        with sc.AsyncPreconditioners(max_workers=1, max_staleness=every) as ex:
+            result["async"] = step_costs(
+                sc.shampoo(1e-3, preconditioning_compute_steps=every, async_preconditioners=ex, **common),
+                params, grads, steps, warmup, executor=ex)
+        out.append(result)
+    return out
+
+
+def _summary(every: int, rounds: list) -> dict:
+    """Medians over rounds; the worker's load is its busy time over the asynchronous step time
+    (1: never idle), the roots' demand the synchronous run's extra time over the no-root step
+    (above 1, one worker cannot keep up with the steps at this root period)."""
+    def median(f):
+        return statistics.median(f(r) for r in rounds)
+
+    modes = ("none", "sync", "async")
+    faults = {k: None if rounds[0][k].faults is None else median(lambda r: r[k].faults) for k in modes}
+    return dict(
+        every=every,
+        rounds=[{k: c._asdict() for k, c in r.items()} for r in rounds],
+        step_ms={k: dict(mean=median(lambda r: r[k].mean), median=median(lambda r: r[k].median)) for k in modes},
+        minor_faults_per_step=faults,
+        over_none={k: median(lambda r: r[k].mean / r["none"].mean) for k in modes},
+        spread={k: [min(r[k].mean / r["none"].mean for r in rounds), max(r[k].mean / r["none"].mean for r in rounds)]
+                for k in modes},
+        root_demand=median(lambda r: (r["sync"].mean - r["none"].mean) / r["none"].mean),
+        worker_load=median(lambda r: r["async"].busy / r["async"].mean),
+        waited_ms_per_step=median(lambda r: r["async"].waited),
+    )
+
+
 def run(args) -> int:
     from .timing import limit_threads
 
     threads = limit_threads(args.threads)
+    everies = _every(args.every)
     import shampoo_core as sc
 
     from .step import model_problem, scaled_shapes
@@ -109,36 +188,24 @@ def run(args) -> int:
     shapes = scaled_shapes(args.scale)
     params, grads = model_problem(shapes)
     common = dict(block_size=args.block_size, start_preconditioning_step=1)
-    warmup = args.every + 1
-    modes = ("none", "sync", "async")
-    rounds = []
-    for _ in range(args.rounds):
-        result = {"none": step_costs(sc.shampoo(1e-3, preconditioning_compute_steps=10**9, **common),
-                                      params, grads, args.steps, warmup),
-                  "sync": step_costs(sc.shampoo(1e-3, preconditioning_compute_steps=args.every, **common),
-                                      params, grads, args.steps, warmup)}
-        with sc.AsyncPreconditioners(max_workers=1, max_staleness=args.every) as ex:
-            result["async"] = step_costs(
-                sc.shampoo(1e-3, preconditioning_compute_steps=args.every, async_preconditioners=ex, **common),
-                params, grads, args.steps, warmup)
-        rounds.append(result)
-    step_ms = {k: dict(mean=statistics.median(r[k][0] for r in rounds),
-                       median=statistics.median(r[k][1] for r in rounds)) for k in modes}
-    faults = {k: None if rounds[0][k][2] is None else statistics.median(r[k][2] for r in rounds) for k in modes}
-    over_none = {k: statistics.median(r[k][0] / r["none"][0] for r in rounds) for k in modes}
-    print(f"{sum(p.size for p in params.values())} parameters, block_size {args.block_size}, roots every {args.every}, "
+    print(f"{sum(p.size for p in params.values())} parameters, block_size {args.block_size}, "
           f"{args.rounds} rounds (medians)")
-    for k in modes:
-        spread = [r[k][0] / r["none"][0] for r in rounds]
-        print(f"  {k:<6} mean {step_ms[k]['mean']:8.2f} ms/step  median {step_ms[k]['median']:8.2f}  "
-              f"({over_none[k]:.2f}x no-root; rounds {min(spread):.2f}-{max(spread):.2f})"
-              + ("" if faults[k] is None else f"  {faults[k]:7.1f} page faults/step"))
-    report = dict(threads=threads, shapes=shapes, block_size=args.block_size, every=args.every,
-                  steps=args.steps,
-                  rounds=[{k: dict(mean=m, median=md, minor_faults_per_step=f) for k, (m, md, f) in r.items()}
-                          for r in rounds],
-                  step_ms=step_ms, minor_faults_per_step=faults,
-                  async_over_none=over_none["async"], sync_over_none=over_none["sync"])
+    runs = []
+    for every in everies:
+        summary = _summary(every, _rounds(sc, params, grads, common, every, args.steps, args.rounds))
+        summary["steps"] = every * -(-args.steps // every)
+        runs.append(summary)
+        print(f"roots every {every} ({summary['steps']} steps): they need {summary['root_demand']:.2f} of the no-root step time "
+              f"(one worker: {summary['worker_load']:.2f} busy, steps waited "
+              f"{summary['waited_ms_per_step']:.2f} ms each)")
+        for k in ("none", "sync", "async"):
+            low, high = summary["spread"][k]
+            faults = summary["minor_faults_per_step"][k]
+            print(f"  {k:<6} mean {summary['step_ms'][k]['mean']:8.2f} ms/step  "
+                  f"median {summary['step_ms'][k]['median']:8.2f}  "
+                  f"({summary['over_none'][k]:.2f}x no-root; rounds {low:.2f}-{high:.2f})"
+                  + ("" if faults is None else f"  {faults:7.1f} page faults/step"))
+    report = dict(threads=threads, shapes=shapes, block_size=args.block_size, steps=args.steps, runs=runs)
     if args.train_steps:
         sync_curve = _digits(args.train_steps, None)
         with sc.AsyncPreconditioners(max_staleness=args.staleness, deterministic=True) as ex:

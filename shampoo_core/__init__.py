@@ -8,7 +8,7 @@ Functional API::
     params = shampoo_core.apply_updates(params, updates)
 """
 
-from .async_roots import AsyncPreconditioners
+from .async_roots import AsyncPreconditioners, WorkerTimes
 from .base import GradientTransformation, apply_updates
 from .checkpoint import CheckpointError, load_state, read_header, save_state
 from .cost_model import CostModel
@@ -47,6 +47,7 @@ __all__ = [
     "RootMethod",
     "CostModel",
     "AsyncPreconditioners",
+    "WorkerTimes",
     "eva",
     "eva_s",
     "EvaState",

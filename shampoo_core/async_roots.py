@@ -16,10 +16,30 @@ from __future__ import annotations
 import concurrent.futures
 import copy
 import threading
+import time
+from typing import NamedTuple
 
 from . import _xp
 
-__all__ = ["AsyncPreconditioners"]
+__all__ = ["AsyncPreconditioners", "WorkerTimes"]
+
+
+class WorkerTimes(NamedTuple):
+    """What the roots cost an :class:`AsyncPreconditioners`, summed since it was made.
+
+    Attributes:
+        jobs: jobs finished (one per block group and root step; failed ones included).
+        busy_seconds: wall-clock seconds the workers spent in those jobs.
+        waited_seconds: wall-clock seconds callers were blocked in :meth:`AsyncPreconditioners.collect`
+            for jobs not yet finished (the staleness bound, or ``deterministic``).
+
+    One worker whose ``busy_seconds`` per root period exceed the period's step time cannot keep
+    up: steps then wait at the staleness bound (docs/performance.md, asynchronous preconditioners).
+    """
+
+    jobs: int
+    busy_seconds: float
+    waited_seconds: float
 
 
 class AsyncPreconditioners:
@@ -55,6 +75,7 @@ class AsyncPreconditioners:
         self._pending: dict = {}
         self._lock = threading.Lock()
         self._scope: tuple = ()
+        self._times = [0, 0.0, 0.0]  # jobs, busy, waited: one list, shared by scoped views
 
     def settings(self) -> dict:
         """The constructor's arguments, as plain values (what a checkpoint can record)."""
@@ -101,7 +122,17 @@ class AsyncPreconditioners:
                 def job():
                     return fn(statistics)
 
-            self._pending[key] = (self._pool.submit(job), step)
+            self._pending[key] = (self._pool.submit(self._timed, job), step)
+
+    def _timed(self, job):
+        start = time.perf_counter()
+        try:
+            return job()
+        finally:
+            busy = time.perf_counter() - start
+            with self._lock:
+                self._times[0] += 1
+                self._times[1] += busy
 
     def collect(self, key, step: int, staleness: int):
         """The finished results for ``key`` if due at ``step``, else ``None``.
@@ -123,10 +154,22 @@ class AsyncPreconditioners:
             return None
         with self._lock:
             del self._pending[key]
+        if not future.done():
+            start = time.perf_counter()
+            concurrent.futures.wait([future])
+            with self._lock:
+                self._times[2] += time.perf_counter() - start
         try:
             return future.result()
         except Exception as err:
             raise RuntimeError(f"inverse root computation for block {key} (submitted at step {submitted}) failed") from err
+
+    def times(self) -> WorkerTimes:
+        """The jobs finished and the seconds the workers and callers spent on them so far (all
+        views of the pool together)."""
+        with self._lock:
+            jobs, busy, waited = self._times
+        return WorkerTimes(jobs, busy, waited)
 
     def export_pending(self) -> list:
         """Wait for every job and return ``[(key, submitted_step, results)]`` (they stay queued).

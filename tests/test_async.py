@@ -84,6 +84,35 @@ def test_staleness_bound_makes_the_step_wait(monkeypatch):
         assert time.perf_counter() - t0 < 1.0
 
 
+def test_times_count_the_workers_busy_seconds_and_the_callers_wait(monkeypatch):
+    real = roots_module.inverse_pth_root
+
+    def slow(a, p, **kw):
+        time.sleep(0.1)
+        return real(a, p, **kw)
+
+    monkeypatch.setattr(roots_module, "inverse_pth_root", slow)
+    with sc.AsyncPreconditioners(max_staleness=1) as ex:
+        assert ex.times() == sc.WorkerTimes(0, 0.0, 0.0)
+        tx = sc.shampoo(1.0, async_preconditioners=ex, **HP)
+        params = np.zeros((6, 5))
+        state = tx.init(params)
+        _, state = tx.update(state, grads(1)[0], params)  # one job: the two roots of one block
+        _, state = tx.update(state, grads(1)[0], params)  # age 1: waits for it
+        jobs, busy, waited = ex.times()
+        assert jobs == 1 and busy >= 0.2 and 0.0 < waited <= busy
+        view = ex.scoped("other")  # views share the pool and its counts
+        assert view.times() == ex.times()
+        ex.wait()
+    with sc.AsyncPreconditioners(max_staleness=100) as ex:
+        tx = sc.shampoo(1.0, async_preconditioners=ex, **HP)
+        state = tx.init(params)
+        _, state = tx.update(state, grads(1)[0], params)
+        ex.wait()
+        _, state = tx.update(state, grads(1)[0], params)  # finished before it was due: no wait
+        assert ex.times().jobs == 1 and ex.times().waited_seconds == 0.0
+
+
 def test_finished_roots_swap_in_at_next_step():
     gs = grads(3)
     with sc.AsyncPreconditioners(max_staleness=100) as ex:
