@@ -65,6 +65,21 @@ def test_float32_input_computed_in_float64(xp, method):
     assert np.abs(to_np(out.root) - exact).max() <= 20 * eps(np.float32) * np.abs(exact).max()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numpy_eigh_root_is_an_exactly_symmetric_gram_product(dtype):
+    # B·Bᵀ with B = Q·diag(λ^(-1/2p)): NumPy's matmul takes it as BLAS's syrk, which computes one
+    # triangle and mirrors it; Q·diag(λ^(-1/p))·Qᵀ by gemm rounds the two triangles apart
+    rng = np.random.default_rng(3)
+    a, _ = spd_with_spectrum(rng, 96, 1e6, dtype=dtype)
+    out = sc.inverse_pth_root(a, 4, epsilon=1e-12, relative_epsilon=False, method="eigh")
+    root = np.asarray(out.root)
+    np.testing.assert_array_equal(root, root.T)
+    # the same eigenpairs formed as Q·diag·Qᵀ: they differ by the products' rounding alone
+    w, q = np.linalg.eigh((a + a.T) * dtype(0.5))
+    expected = (q * (np.clip(w, 0.0, None) + 1e-12) ** -0.25) @ q.T
+    assert np.abs(root - expected).max() <= 4 * 96 * eps(dtype) * np.abs(expected).max()
+
+
 def spd_power(a, e):
     w, q = np.linalg.eigh(a)
     return (q * w**e) @ q.T
