@@ -133,12 +133,15 @@ def _every(text: str) -> list:
     return values
 
 
+def _whole_periods(steps: int, every: int) -> int:
+    """``steps`` rounded up to whole root periods: the roots of every period in the timed window
+    are then collected in it, and the worker's busy time per step is that of the same periods."""
+    return every * -(-steps // every)
+
+
 def _rounds(sc, params, grads, common, every, steps, rounds):
-    """``rounds`` interleaved rounds of the three runs at ``preconditioning_compute_steps=every``,
-    each over ``steps`` rounded up to whole root periods: the roots of every period in the window are
-    then collected in it, and the workers' busy time per step is that of the same periods."""
+    """``rounds`` interleaved rounds of the three runs at ``preconditioning_compute_steps=every``."""
     warmup = every + 1
-    steps = every * -(-steps // every)
     out = []
     for _ in range(rounds):
         result = {"none": step_costs(sc.shampoo(1e-3, preconditioning_compute_steps=10**9, **common),
@@ -192,11 +195,11 @@ def run(args) -> int:
           f"{args.rounds} rounds (medians)")
     runs = []
     for every in everies:
-        summary = _summary(every, _rounds(sc, params, grads, common, every, args.steps, args.rounds))
-        summary["steps"] = every * -(-args.steps // every)
+        steps = _whole_periods(args.steps, every)
+        summary = dict(_summary(every, _rounds(sc, params, grads, common, every, steps, args.rounds)), steps=steps)
         runs.append(summary)
-        print(f"roots every {every} ({summary['steps']} steps): they need {summary['root_demand']:.2f} of the no-root step time "
-              f"(one worker: {summary['worker_load']:.2f} busy, steps waited "
+        print(f"roots every {every} ({steps} steps): they need {summary['root_demand']:.2f} of the no-root "
+              f"step time (one worker: {summary['worker_load']:.2f} busy, steps waited "
               f"{summary['waited_ms_per_step']:.2f} ms each)")
         for k in ("none", "sync", "async"):
             low, high = summary["spread"][k]

@@ -3,7 +3,8 @@
 Two methods, written once against the array API:
 
 * ``"eigh"``: symmetrize (A + Aᵀ)/2, eigendecompose, add the ridge, floor the eigenvalues at the
-  ridge and form Q diag(λ^(-1/p)) Qᵀ as B·Bᵀ, B = Q diag(λ^(-1/2p)). A float32 solve that fails is retried in float64.
+  ridge and form Q diag(λ^(-1/p)) Qᵀ as B·Bᵀ, B = Q diag(λ^(-1/2p)). A float32 solve that fails
+  is retried in float64.
 * ``"newton"``: the coupled Newton iteration of Iannazzo (Higham, *Functions of Matrices*,
   eq. 7.18) with alpha = -1/p, as used in arXiv 2002.09018, Sec. 4 ("Inverse p-th roots"):
   z = (1+p)/(2‖A‖_F), M₀ = zA, X₀ = z^(1/p) I; T = ((p+1)I - M)/p; X ← X T; M ← Tᵖ M, until
