@@ -168,30 +168,39 @@ def batched_vs_loop(backend: Backend, count: int, n: int, repeats: int, budget: 
 
 
 def step_times(backend: Backend, shapes: dict, block_size: int, every: int, steps: int, host_workers: int = 1) -> dict:
-    """Mean and median ms per Shampoo step on ``backend``: no root work, device roots, host roots."""
+    """Mean and median ms per Shampoo step on ``backend``: no root work, device roots, host roots;
+    for host roots also the workers' busy ms per step, their load (busy share of each worker over
+    the run) and the ms each step waited for them (``AsyncPreconditioners.times``)."""
     import shampoo_core as sc
 
-    from .pipeline import mean_step
+    from .pipeline import step_costs
     from .step import model_problem
 
     params, grads = ({k: backend.asarray(v) for k, v in tree.items()} for tree in model_problem(shapes))
     common = dict(block_size=block_size, start_preconditioning_step=1)
+    steps = every * -(-steps // every)  # whole root periods: their jobs are collected within the timed steps
 
-    def measure(tx):
+    def measure(tx, executor=None):
         # Warm-up: the first root step and a full root period, so no cold start is timed.
-        mean, median = mean_step(tx, params, grads, steps, every + 1, sync=backend.sync)
-        return dict(mean_ms=mean, median_ms=median)
+        costs = step_costs(tx, params, grads, steps, every + 1, sync=backend.sync, executor=executor)
+        row = dict(mean_ms=costs.mean, median_ms=costs.median)
+        if executor is not None:
+            row.update(worker_busy_ms=costs.busy, worker_load=costs.busy / (executor.max_workers * costs.mean),
+                       waited_ms=costs.waited)
+        return row
 
     out = {"none": measure(sc.shampoo(1e-3, preconditioning_compute_steps=10**9, **common)),
            "device_roots": measure(sc.shampoo(1e-3, preconditioning_compute_steps=every, **common))}
     with sc.AsyncPreconditioners(max_workers=host_workers, max_staleness=every, host=True) as ex:
         out["host_roots_async"] = measure(
-            sc.shampoo(1e-3, preconditioning_compute_steps=every, async_preconditioners=ex, **common))
+            sc.shampoo(1e-3, preconditioning_compute_steps=every, async_preconditioners=ex, **common), ex)
     none = out["none"]["mean_ms"]
     for mode, r in out.items():
         r["over_none"] = r["mean_ms"] / none
         print(f"{backend.name:<10} step {mode:<17} mean {r['mean_ms']:9.2f} ms  median {r['median_ms']:9.2f}"
-              f"  ({r['over_none']:.2f}x no root work)", flush=True)
+              f"  ({r['over_none']:.2f}x no root work)"
+              + (f"  workers {r['worker_load']:.2f} busy, steps waited {r['waited_ms']:.2f} ms"
+                 if "worker_load" in r else ""), flush=True)
     return out
 
 

@@ -284,6 +284,9 @@ def test_gpu_benchmark_harness_on_the_cpu(tmp_path):
     for r in report["batched"]:
         assert r["max_relative_eigenvalue_difference"] < 1e-12  # same eigenvalues either way
     assert set(report["step"]["numpy"]) == {"none", "device_roots", "host_roots_async"}
+    host = report["step"]["numpy"]["host_roots_async"]
+    assert host["worker_busy_ms"] > 0 and 0 < host["worker_load"] and host["waited_ms"] >= 0
+    assert "worker_load" not in report["step"]["numpy"]["device_roots"]
     assert [r["block_size"] for r in report["step_floor"]["numpy"]] == [8, 16]
     for r in report["step_floor"]["numpy"]:
         assert r["floor_ms"] == min(r["floor_loop_ms"], r["floor_batched_ms"]) > 0
