@@ -98,9 +98,10 @@ def test_times_count_the_workers_busy_seconds_and_the_callers_wait(monkeypatch):
         params = np.zeros((6, 5))
         state = tx.init(params)
         _, state = tx.update(state, grads(1)[0], params)  # one job: the two roots of one block
+        time.sleep(0.1)  # the job runs on meanwhile: the wait below is the rest of it
         _, state = tx.update(state, grads(1)[0], params)  # age 1: waits for it
         jobs, busy, waited = ex.times()
-        assert jobs == 1 and busy >= 0.2 and 0.0 < waited <= busy
+        assert jobs == 1 and busy >= 0.2 and 0.0 < waited < busy
         view = ex.scoped("other")  # views share the pool and its counts
         assert view.times() == ex.times()
         ex.wait()
