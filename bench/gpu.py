@@ -173,12 +173,12 @@ def step_times(backend: Backend, shapes: dict, block_size: int, every: int, step
     the run) and the ms each step waited for them (``AsyncPreconditioners.times``)."""
     import shampoo_core as sc
 
-    from .pipeline import step_costs
+    from .pipeline import _whole_periods, step_costs
     from .step import model_problem
 
     params, grads = ({k: backend.asarray(v) for k, v in tree.items()} for tree in model_problem(shapes))
     common = dict(block_size=block_size, start_preconditioning_step=1)
-    steps = every * -(-steps // every)  # whole root periods: their jobs are collected within the timed steps
+    steps = _whole_periods(steps, every)
 
     def measure(tx, executor=None):
         # Warm-up: the first root step and a full root period, so no cold start is timed.

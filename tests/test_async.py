@@ -60,14 +60,19 @@ def test_deterministic_runs_are_reproducible():
         np.testing.assert_array_equal(a, b)
 
 
-def test_staleness_bound_makes_the_step_wait(monkeypatch):
+def slow_roots(monkeypatch, seconds: float) -> None:
+    """Every inverse root takes ``seconds`` longer (a sleep before the real one)."""
     real = roots_module.inverse_pth_root
 
     def slow(a, p, **kw):
-        time.sleep(0.2)
+        time.sleep(seconds)
         return real(a, p, **kw)
 
     monkeypatch.setattr(roots_module, "inverse_pth_root", slow)
+
+
+def test_staleness_bound_makes_the_step_wait(monkeypatch):
+    slow_roots(monkeypatch, 0.2)
     gs = grads(4)
     with sc.AsyncPreconditioners(max_staleness=2) as ex:
         tx = sc.shampoo(1.0, async_preconditioners=ex, **HP)
@@ -85,13 +90,7 @@ def test_staleness_bound_makes_the_step_wait(monkeypatch):
 
 
 def test_times_count_the_workers_busy_seconds_and_the_callers_wait(monkeypatch):
-    real = roots_module.inverse_pth_root
-
-    def slow(a, p, **kw):
-        time.sleep(0.1)
-        return real(a, p, **kw)
-
-    monkeypatch.setattr(roots_module, "inverse_pth_root", slow)
+    slow_roots(monkeypatch, 0.1)
     with sc.AsyncPreconditioners(max_staleness=1) as ex:
         assert ex.times() == sc.WorkerTimes(0, 0.0, 0.0)
         tx = sc.shampoo(1.0, async_preconditioners=ex, **HP)
