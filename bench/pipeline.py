@@ -7,12 +7,14 @@ medians of the per-round ratios:
 
 * none: roots only once, before timing (the cost of a step without root computation);
 * sync: roots computed inside ``update`` on their steps;
-* async: ``AsyncPreconditioners`` (one worker thread) computes them while steps go on.
+* async: ``AsyncPreconditioners`` (``--workers`` threads, default one) computes them while steps
+  go on.
 
 Each ``--every`` value (a comma-separated list) is one such set of rounds. With the roots' demand
 (the synchronous run's extra time over the no-root step) above 1, one worker cannot finish a
 period's roots within the period's steps, and the steps wait at the staleness bound: the report
-gives the worker's busy share of the asynchronous run and the steps' wait for it.
+gives the workers' busy share of the asynchronous run (summed over workers) and the steps' wait
+for them. More workers help only where there are cores for them beside the step's.
 
 Loss: the digits autoencoder of ``bench demo`` (core on NumPy) trained with synchronous roots and
 with asynchronous ones swapped in deterministically ``--staleness`` steps late.
@@ -20,6 +22,7 @@ with asynchronous ones swapped in deterministically ``--staleness`` steps late.
 
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 import statistics
@@ -39,6 +42,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved repetitions of the three runs")
     parser.add_argument("--train-steps", type=int, default=2000, help="digits run length (0 skips it)")
     parser.add_argument("--threads", type=int, default=1, help="BLAS threads of the main thread")
+    parser.add_argument("--workers", type=_at_least_one, default=1, help="worker threads of the asynchronous run")
     parser.set_defaults(func=run)
 
 
@@ -123,6 +127,16 @@ def _digits(steps: int, executor, seed=0):
     return curve
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"an integer >= 1 expected; got {text!r}")
+    return value
+
+
 def _every(text: str) -> list:
     try:
         values = [int(v) for v in str(text).split(",")]
@@ -133,13 +147,17 @@ def _every(text: str) -> list:
     return values
 
 
+def _workers_text(workers: int) -> str:
+    return "one worker" if workers == 1 else f"{workers} workers"
+
+
 def _whole_periods(steps: int, every: int) -> int:
     """``steps`` rounded up to whole root periods: the roots of every period in the timed window
     are then collected in it, and the worker's busy time per step is that of the same periods."""
     return every * -(-steps // every)
 
 
-def _rounds(sc, params, grads, common, every, steps, rounds):
+def _rounds(sc, params, grads, common, every, steps, rounds, workers=1):
     """``rounds`` interleaved rounds of the three runs at ``preconditioning_compute_steps=every``."""
     warmup = every + 1
     out = []
@@ -148,7 +166,7 @@ def _rounds(sc, params, grads, common, every, steps, rounds):
                                      params, grads, steps, warmup),
                   "sync": step_costs(sc.shampoo(1e-3, preconditioning_compute_steps=every, **common),
                                      params, grads, steps, warmup)}
-        with sc.AsyncPreconditioners(max_workers=1, max_staleness=every) as ex:
+        with sc.AsyncPreconditioners(max_workers=workers, max_staleness=every) as ex:
             result["async"] = step_costs(
                 sc.shampoo(1e-3, preconditioning_compute_steps=every, async_preconditioners=ex, **common),
                 params, grads, steps, warmup, executor=ex)
@@ -196,10 +214,10 @@ def run(args) -> int:
     runs = []
     for every in everies:
         steps = _whole_periods(args.steps, every)
-        summary = dict(_summary(every, _rounds(sc, params, grads, common, every, steps, args.rounds)), steps=steps)
+        summary = dict(_summary(every, _rounds(sc, params, grads, common, every, steps, args.rounds, args.workers)), steps=steps)
         runs.append(summary)
         print(f"roots every {every} ({steps} steps): they need {summary['root_demand']:.2f} of the no-root "
-              f"step time (one worker: {summary['worker_load']:.2f} busy, steps waited "
+              f"step time ({_workers_text(args.workers)}: {summary['worker_load']:.2f} busy, steps waited "
               f"{summary['waited_ms_per_step']:.2f} ms each)")
         for k in ("none", "sync", "async"):
             low, high = summary["spread"][k]
@@ -208,7 +226,7 @@ def run(args) -> int:
                   f"median {summary['step_ms'][k]['median']:8.2f}  "
                   f"({summary['over_none'][k]:.2f}x no-root; rounds {low:.2f}-{high:.2f})"
                   + ("" if faults is None else f"  {faults:7.1f} page faults/step"))
-    report = dict(threads=threads, shapes=shapes, block_size=args.block_size, steps=args.steps, runs=runs)
+    report = dict(threads=threads, workers=args.workers, shapes=shapes, block_size=args.block_size, steps=args.steps, runs=runs)
     if args.train_steps:
         sync_curve = _digits(args.train_steps, None)
         with sc.AsyncPreconditioners(max_staleness=args.staleness, deterministic=True) as ex:

@@ -237,6 +237,19 @@ def test_pipeline_every_must_be_positive_integers(tmp_path):
         main(["pipeline", "--out", str(tmp_path), "--every", "0"])
 
 
+def test_pipeline_workers(tmp_path, capsys):
+    pytest.importorskip("torch")
+    assert main(["pipeline", "--out", str(tmp_path), "--scale", "32", "--block-size", "16", "--every", "3",
+                 "--steps", "6", "--train-steps", "0", "--rounds", "1", "--workers", "2"]) == 0
+    report = json.loads((tmp_path / "pipeline.json").read_text())
+    assert report["workers"] == 2 and "digits" not in report
+    assert "2 workers:" in capsys.readouterr().out
+    for bad in ("0", "x"):
+        with pytest.raises(SystemExit):
+            main(["pipeline", "--out", str(tmp_path), "--workers", bad])
+        assert f"--workers: an integer >= 1 expected; got '{bad}'" in capsys.readouterr().err
+
+
 def test_minor_faults_count_fresh_pages():
     from bench.pipeline import minor_faults
 
