@@ -1,5 +1,6 @@
 """Asynchronous preconditioners: swap timing, staleness bound, determinism, errors, host copies."""
 
+import threading
 import time
 
 import numpy as np
@@ -50,6 +51,25 @@ def test_deterministic_swap_uses_roots_of_the_submitting_step(xp, staleness):
     np.testing.assert_allclose(updates[0], -gs[0], rtol=1e-15)
 
 
+def test_groups_of_several_blocks_are_joined_in_block_order(xp):
+    rng = np.random.default_rng(1)
+    gs = [rng.standard_normal((20, 12)) for _ in range(3)]  # blocks 8x8, 8x8, 8x4, 8x4, 4x8, 4x4
+    params = to_xp(xp, np.zeros((20, 12)))
+    with sc.AsyncPreconditioners(max_workers=2, max_staleness=2, deterministic=True) as ex:
+        tx = sc.shampoo(1.0, async_preconditioners=ex, **HP)
+        state, states = tx.init(params), []
+        for g in gs:
+            _, state = tx.update(state, to_xp(xp, g), params)
+            states.append(state)
+    submitted, swapped = states[0].params[0].blocks, states[2].params[0].blocks
+    assert max(b.statistics[0].shape[0] for b in swapped) > 1
+    for old, new in zip(submitted, swapped):
+        for h, x in zip(old.statistics, new.preconditioners):
+            for b in range(h.shape[0]):
+                expected = sc.inverse_pth_root(to_np(h)[b], 4, epsilon=1e-3, relative_epsilon=False).root
+                np.testing.assert_allclose(to_np(x)[b], expected, rtol=1e-10, atol=1e-12)
+
+
 def test_deterministic_runs_are_reproducible():
     gs = grads(12)
     outs = []
@@ -92,15 +112,15 @@ def test_staleness_bound_makes_the_step_wait(monkeypatch):
 def test_times_count_the_workers_busy_seconds_and_the_callers_wait(monkeypatch):
     slow_roots(monkeypatch, 0.1)
     with sc.AsyncPreconditioners(max_staleness=1) as ex:
-        assert ex.times() == sc.WorkerTimes(0, 0.0, 0.0)
+        assert ex.times() == sc.WorkerTimes(0, 0.0, 0.0, 0)
         tx = sc.shampoo(1.0, async_preconditioners=ex, **HP)
         params = np.zeros((6, 5))
         state = tx.init(params)
-        _, state = tx.update(state, grads(1)[0], params)  # one job: the two roots of one block
-        time.sleep(0.1)  # the job runs on meanwhile: the wait below is the rest of it
-        _, state = tx.update(state, grads(1)[0], params)  # age 1: waits for it
-        jobs, busy, waited = ex.times()
-        assert jobs == 1 and busy >= 0.2 and 0.0 < waited < busy
+        _, state = tx.update(state, grads(1)[0], params)  # two jobs: the two roots of one block
+        time.sleep(0.05)  # the worker is in the first one; the second is queued
+        _, state = tx.update(state, grads(1)[0], params)  # age 1: waits, running the second itself
+        jobs, busy, waited, caller_jobs = ex.times()
+        assert jobs == 2 and caller_jobs >= 1 and busy >= 0.1 * (2 - caller_jobs) and waited >= 0.1 * caller_jobs
         view = ex.scoped("other")  # views share the pool and its counts
         assert view.times() == ex.times()
         ex.wait()
@@ -110,7 +130,47 @@ def test_times_count_the_workers_busy_seconds_and_the_callers_wait(monkeypatch):
         _, state = tx.update(state, grads(1)[0], params)
         ex.wait()
         _, state = tx.update(state, grads(1)[0], params)  # finished before it was due: no wait
-        assert ex.times().jobs == 1 and ex.times().waited_seconds == 0.0
+        assert ex.times()[::2] == (2, 0.0) and ex.times().caller_jobs == 0
+
+
+def test_waiting_caller_runs_due_jobs_no_worker_started(monkeypatch):
+    slow_roots(monkeypatch, 0.2)
+    gs = [[g, 2.0 * g, -g] for g in grads(2)]  # three leaves: three jobs per root step
+    with sc.AsyncPreconditioners(max_workers=1, max_staleness=1) as ex:
+        tx = sc.shampoo(1.0, async_preconditioners=ex, **HP)
+        params = [np.zeros((6, 5)) for _ in range(3)]
+        state = tx.init(params)
+        _, first = tx.update(state, gs[0], params)  # six jobs (two roots each); the worker takes one
+        _, state = tx.update(first, gs[1], params)  # all due: the caller runs queued ones meanwhile
+        jobs, busy, waited, caller_jobs = ex.times()
+        assert ex.pending == 0 and jobs == 6 and 2 <= caller_jobs <= 4
+        assert busy >= 0.2 * (6 - caller_jobs) and waited >= 0.2 * caller_jobs
+    # Whoever ran them, the roots are those of the step-1 statistics.
+    for leaf, old in zip(state.params, first.params):
+        for h, x in zip(old.blocks[0].statistics, leaf.blocks[0].preconditioners):
+            expected = sc.inverse_pth_root(h[0], 4, epsilon=1e-3, relative_epsilon=False).root
+            np.testing.assert_allclose(x[0], expected, rtol=1e-12, atol=1e-14)
+
+
+def test_error_in_a_job_the_caller_ran_surfaces_as_a_worker_s(monkeypatch):
+    real = roots_module.inverse_pth_root
+
+    def fails_in_the_caller(a, p, **kw):
+        time.sleep(0.2)
+        if threading.current_thread() is threading.main_thread():
+            raise MemoryError("caller ran out")
+        return real(a, p, **kw)
+
+    monkeypatch.setattr(roots_module, "inverse_pth_root", fails_in_the_caller)
+    with sc.AsyncPreconditioners(max_workers=1, max_staleness=1) as ex:
+        params = [np.zeros((6, 5)) for _ in range(2)]
+        tx = sc.shampoo(1.0, async_preconditioners=ex, **HP)
+        state = tx.init(params)
+        _, state = tx.update(state, grads(2), params)  # the worker takes leaf 0's first root
+        with pytest.raises(RuntimeError, match=r"block \(0, 0\) \(submitted at step 1\)") as info:
+            tx.update(state, grads(2), params)  # the caller runs leaf 0's second, which fails
+        assert isinstance(info.value.__cause__, MemoryError)
+        assert ex.times().caller_jobs >= 1
 
 
 def test_finished_roots_swap_in_at_next_step():
