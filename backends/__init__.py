@@ -32,39 +32,54 @@ def piecewise_norm_over_root_plus(lib, flat_f, flat_acc, epsilon: float, scratch
     return math.sqrt(total)
 
 
-def precondition_rows(grids, preconditioners, preconditioned, targets, matmul, empty, squares) -> float:
+def precondition_rows(grids, preconditioners, plan, out, targets, matmul, empty, squares) -> float:
     """The rows of ``shampoo_core.preconditioner.precondition_merged`` that NumPy's and torch's CPU
-    fast paths share: each block row of each grid multiplied by its preconditioners into scratch
-    buffers (X_L F, then that times X_R: ``preconditioner._matrix_products``' order), its squares
-    summed while it is in cache, and copied into its place in the merged result.
+    fast paths share: each block row of each grid multiplied by its preconditioners (X_L F, then
+    that times X_R: ``preconditioner._matrix_products``' order), its squares summed while it is
+    in cache, and put in its place in the merged result.
+
+    Where a group spans every column of the merged result, a row's last product is written
+    straight into its place (``matmul(out=)`` of a strided view) and its squares summed over
+    that contiguous slab: no copy from a scratch buffer. Other groups' rows go through scratch
+    buffers and are copied (their place is not contiguous). P has the same bits either way.
 
     Args:
-        grids: per group, its ``(c_0, c_1, s_0, s_1)`` grid of blocks.
+        grids: per group of ``plan``, its ``(c_0, c_1, s_0, s_1)`` grid of blocks.
         preconditioners: per group, its ``(c_0·c_1, d, d)`` preconditioners, one per
             preconditioned dim (at least one).
-        preconditioned: the plan's two flags.
-        targets: per group, the grid of the merged result the rows go into.
+        plan: the parameter's ``shampoo_core.blocking.BlockPlan`` (2-D merged shape).
+        out: the merged result, a C-contiguous ``plan.merged_shape`` array of the grids' dtype.
+        targets: per group, the grid of ``out`` the rows go into.
         matmul: ``matmul(a, b, out=)`` of the library (a stack of products into ``out``).
         empty: ``empty(shape)``, a scratch array of the grids' dtype and device.
-        squares: the sum of squares of a contiguous row, a Python float.
+        squares: the sum of squares of a contiguous array, a Python float.
 
     Returns:
         The sum of squares of every preconditioned block, a Python float.
     """
     total = 0.0
-    for grid, factors, target in zip(grids, preconditioners, targets):
+    width = plan.merged_shape[1]
+    for grid, factors, target, group in zip(grids, preconditioners, targets, plan.groups):
         rows, cols = grid.shape[:2]
+        height = group.block_shape[0]
+        top, span = group.region[0].start, group.region[1]
+        in_place = span.start == 0 and span.stop == width
         factors = [f.reshape((rows, cols) + tuple(f.shape[1:])) for f in factors]
-        scratch = [empty((cols,) + tuple(grid.shape[2:])) for _ in factors]
+        # the last product of a row spanning every column goes straight into ``out``
+        scratch = [empty((cols,) + tuple(grid.shape[2:])) for _ in factors[:-1 if in_place else None]]
         for i in range(rows):
             piece = grid[i]
-            for k, (f, buffer) in enumerate(zip(factors, scratch)):
-                if k == 0 and preconditioned[0]:  # X_L is symmetric: the mode-0 product
+            buffers = scratch + [target[i]] if in_place else scratch
+            for k, (f, buffer) in enumerate(zip(factors, buffers)):
+                if k == 0 and plan.preconditioned[0]:  # X_L is symmetric: the mode-0 product
                     piece = matmul(f[i], piece, out=buffer)
                 else:
                     piece = matmul(piece, f[i], out=buffer)
-            total += squares(piece)
-            target[i] = piece
+            if in_place:
+                total += squares(out[top + i * height:top + (i + 1) * height])
+            else:
+                total += squares(piece)
+                target[i] = piece
     return total
 
 

@@ -176,9 +176,10 @@ def scaled_plus_product(c, a, b, beta: float, alpha: float = 1.0):
 def precondition_merged(grids, preconditioners, plan, scale):
     """``shampoo_core.preconditioner.precondition_merged`` a block row at a time: each row's
     products (one batched call per preconditioned dim over the row's blocks, read where they lie)
-    go into scratch buffers, their squares are summed (in float64) while they are in cache,
-    and they are copied into their place in the new merged array, which is then scaled in
-    place (the row loop is ``backends.precondition_rows``, torch's too). The separate steps
+    go into scratch buffers, the last straight into its place in the new merged array where the
+    row's group spans every column (else it is copied there), its squares are summed (in
+    float64) while it is in cache, and the merged array is then scaled in place (the row loop
+    is ``backends.precondition_rows``, torch's too). The separate steps
     write every product, read them again for the norm, and read them a third time to merge
     them (the 4-D products alike, so P has the same bits). ``bench step``'s
     donated step at block 128: 119.5 against 125.1 ms (89.5 against 91.4 ms with OpenBLAS's
@@ -188,7 +189,7 @@ def precondition_merged(grids, preconditioners, plan, scale):
             and grids[0].dtype in (np.float32, np.float64)):
         return NotImplemented
     out = np.empty(plan.merged_shape, dtype=grids[0].dtype)
-    total = precondition_rows(grids, preconditioners, plan.preconditioned, block_grids(np_compat, out, plan),
+    total = precondition_rows(grids, preconditioners, plan, out, block_grids(np_compat, out, plan),
                               np.matmul, lambda shape: np.empty(shape, dtype=out.dtype),
                               lambda row: float(np.vdot(row, row)))
     factor = scale(np.asarray(math.sqrt(total), dtype=out.dtype)) if callable(scale) else scale

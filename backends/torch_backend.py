@@ -196,10 +196,11 @@ def scaled_plus_product(c, a, b, beta: float, alpha: float = 1.0):
 
 def precondition_merged(grids, preconditioners, plan, scale):
     """``shampoo_core.preconditioner.precondition_merged`` a block row at a time on the CPU, as
-    NumPy's fast path runs it (``backends.precondition_rows``): each row's products go into
-    scratch tensors by ``matmul(out=)`` (batched, ``bmm``), their squares are summed (dots of
-    pieces, in float64, as :func:`norm`) while they are in cache, and they are copied into their
-    place in the new merged tensor, which is then scaled in place.
+    NumPy's fast path runs it (``backends.precondition_rows``): each row's products go by
+    ``matmul(out=)`` (batched, ``bmm``) into scratch tensors, the last straight into its place in
+    the new merged tensor where the row's group spans every column (else it is copied there),
+    its squares are summed (dots of pieces, in float64, as :func:`norm`) while it is in cache,
+    and the merged tensor is then scaled in place.
     The separate steps write every product, read them again for the norm and a third time to
     merge them; P has the same bits. Declines all but CPU grids and preconditioners of one real
     floating dtype that autograd does not record."""
@@ -210,7 +211,7 @@ def precondition_merged(grids, preconditioners, plan, scale):
         return NotImplemented
     dtype, device = tensors[0].dtype, tensors[0].device  # not the default device a context may set
     out = torch.empty(plan.merged_shape, dtype=dtype, device=device)
-    total = precondition_rows(grids, preconditioners, plan.preconditioned, block_grids(torch_compat, out, plan),
+    total = precondition_rows(grids, preconditioners, plan, out, block_grids(torch_compat, out, plan),
                               torch.matmul, lambda shape: torch.empty(shape, dtype=dtype, device=device),
                               _squares)
     factor = scale(torch.tensor(math.sqrt(total), dtype=dtype, device=device)) if callable(scale) else scale

@@ -236,6 +236,58 @@ def test_torchs_merged_preconditioning_declines_what_it_cannot_take():
     assert tb.precondition_merged(grids, recorded, plan, 1.0) is NotImplemented
 
 
+def _row_functions(library: str):
+    """``(namespace, matmul, empty_like_of(dtype), squares)`` of a CPU fast path's row loop."""
+    if library == "numpy":
+        return np, np.matmul, lambda dt: (lambda shape: np.empty(shape, dtype=dt)), lambda r: float(np.vdot(r, r))
+    torch = pytest.importorskip("torch")
+    import backends.torch_backend as tb
+
+    return torch, torch.matmul, lambda dt: (lambda shape: torch.empty(shape, dtype=dt)), tb._squares
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+@pytest.mark.parametrize("shape, block_size, skip, in_place", [
+    ((13, 8), 4, None, 2),     # two groups, both spanning every column
+    ((13, 10), 4, None, 0),    # four groups, none spanning every column
+    ((12, 10), 4, None, 0),
+    ((6, 30), 4, 20, 2),       # one-sided, rows blocked: no scratch at all
+    ((30, 6), 4, 20, 0),       # one-sided, columns blocked
+])
+def test_rows_of_groups_spanning_every_column_are_written_in_place(library, shape, block_size, skip, in_place):
+    """The shared row loop writes a row's last product straight into the merged result where its
+    group spans every column (one scratch buffer fewer per such group), and through scratch
+    elsewhere: P has the bits of the separate steps either way, and the returned sum of squares
+    is that of P."""
+    lib, matmul, empty_of, squares = _row_functions(library)
+    import backends
+
+    rng = np.random.default_rng(sum(shape))
+    plan = blocking.make_plan(shape, block_size, skip_preconditioning_dim_size_gt=skip)
+    assert len(plan.merged_shape) == 2
+    f = lib.asarray(rng.standard_normal(shape).astype(np.float32))
+    factors = [[lib.asarray(rng.standard_normal((g.num_blocks, d, d)).astype(np.float32))
+                for d, pre in zip(g.block_shape, plan.preconditioned) if pre] for g in plan.groups]
+    ns = _xp.namespace(f)
+    out = lib.empty(plan.merged_shape, dtype=f.dtype)
+    allocated = []
+    empty = empty_of(f.dtype)
+
+    def counted(shape_):
+        allocated.append(tuple(shape_))
+        return empty(shape_)
+
+    total = backends.precondition_rows(blocking.block_grids(ns, f, plan), factors, plan, out,
+                                       blocking.block_grids(ns, out, plan), matmul, counted, squares)
+    per_group = [len(fs) for fs in factors]
+    assert len(allocated) == sum(per_group) - in_place
+    separate = [preconditioner.precondition_grid(ns, grid, fs, plan.preconditioned)
+                for grid, fs in zip(blocking.block_grids(ns, f, plan), factors)]
+    want = to_np(blocking.merge_groups(ns, separate, plan))
+    np.testing.assert_array_equal(to_np(out), want)
+    assert total == pytest.approx(float(np.sum(want.astype(np.float64) ** 2)), rel=64 * eps("float32"))
+
+
 @pytest.mark.parametrize("donate", [False, True])
 @pytest.mark.parametrize("beta1, graft_type", [(0.9, "adagrad"), (0.9, "none"), (0.0, "adam")])
 def test_torch_steps_precondition_a_block_row_at_a_time(monkeypatch, donate, beta1, graft_type):
