@@ -32,7 +32,7 @@ def piecewise_norm_over_root_plus(lib, flat_f, flat_acc, epsilon: float, scratch
     return math.sqrt(total)
 
 
-def precondition_rows(grids, preconditioners, plan, out, targets, matmul, empty, squares) -> float:
+def precondition_rows(grids, preconditioners, plan, out, matmul, empty, squares) -> float:
     """The rows of ``shampoo_core.preconditioner.precondition_merged`` that NumPy's and torch's CPU
     fast paths share: each block row of each grid multiplied by its preconditioners (X_L F, then
     that times X_R: ``preconditioner._matrix_products``' order), its squares summed while it is
@@ -49,7 +49,6 @@ def precondition_rows(grids, preconditioners, plan, out, targets, matmul, empty,
             preconditioned dim (at least one).
         plan: the parameter's ``shampoo_core.blocking.BlockPlan`` (2-D merged shape).
         out: the merged result, a C-contiguous ``plan.merged_shape`` array of the grids' dtype.
-        targets: per group, the grid of ``out`` the rows go into.
         matmul: ``matmul(a, b, out=)`` of the library (a stack of products into ``out``).
         empty: ``empty(shape)``, a scratch array of the grids' dtype and device.
         squares: the sum of squares of a contiguous array, a Python float.
@@ -58,28 +57,28 @@ def precondition_rows(grids, preconditioners, plan, out, targets, matmul, empty,
         The sum of squares of every preconditioned block, a Python float.
     """
     total = 0.0
-    width = plan.merged_shape[1]
-    for grid, factors, target, group in zip(grids, preconditioners, targets, plan.groups):
+    for grid, factors, group in zip(grids, preconditioners, plan.groups):
         rows, cols = grid.shape[:2]
-        height = group.block_shape[0]
-        top, span = group.region[0].start, group.region[1]
-        in_place = span.start == 0 and span.stop == width
+        (first, span), (height, width) = group.region, group.block_shape
+        whole = span.start == 0 and span.stop == out.shape[1]  # a row's place in ``out`` is contiguous
         factors = [f.reshape((rows, cols) + tuple(f.shape[1:])) for f in factors]
-        # the last product of a row spanning every column goes straight into ``out``
-        scratch = [empty((cols,) + tuple(grid.shape[2:])) for _ in factors[:-1 if in_place else None]]
+        # the last product of a whole row goes straight into ``out``
+        scratch = [empty((cols, height, width)) for _ in factors[:-1 if whole else None]]
         for i in range(rows):
+            top = first.start + i * height
+            place = out[top:top + height, span]
+            target = place.reshape(height, cols, width).swapaxes(0, 1)  # the row's blocks where they lie
             piece = grid[i]
-            buffers = scratch + [target[i]] if in_place else scratch
-            for k, (f, buffer) in enumerate(zip(factors, buffers)):
+            for k, (f, buffer) in enumerate(zip(factors, scratch + [target] if whole else scratch)):
                 if k == 0 and plan.preconditioned[0]:  # X_L is symmetric: the mode-0 product
                     piece = matmul(f[i], piece, out=buffer)
                 else:
                     piece = matmul(piece, f[i], out=buffer)
-            if in_place:
-                total += squares(out[top + i * height:top + (i + 1) * height])
+            if whole:
+                total += squares(place)
             else:
                 total += squares(piece)
-                target[i] = piece
+                target[...] = piece
     return total
 
 

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import math
 
-import array_api_compat.numpy as np_compat
 import numpy as np
 
 from shampoo_core import _xp
-from shampoo_core.blocking import block_grids
 
 from . import load_fused_cpu, load_syrk_cpu, piecewise_norm_over_root_plus, precondition_rows, python_scalars
 
@@ -189,9 +187,8 @@ def precondition_merged(grids, preconditioners, plan, scale):
             and grids[0].dtype in (np.float32, np.float64)):
         return NotImplemented
     out = np.empty(plan.merged_shape, dtype=grids[0].dtype)
-    total = precondition_rows(grids, preconditioners, plan, out, block_grids(np_compat, out, plan),
-                              np.matmul, lambda shape: np.empty(shape, dtype=out.dtype),
-                              lambda row: float(np.vdot(row, row)))
+    total = precondition_rows(grids, preconditioners, plan, out, np.matmul,
+                              lambda shape: np.empty(shape, dtype=out.dtype), lambda row: float(np.vdot(row, row)))
     factor = scale(np.asarray(math.sqrt(total), dtype=out.dtype)) if callable(scale) else scale
     if np.result_type(out, factor) != out.dtype:  # a wider scale promotes, as the merge copy would
         return (out * factor).reshape(plan.shape)

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import math
 
-import array_api_compat.torch as torch_compat
 import torch
 
 from shampoo_core import _xp
-from shampoo_core.blocking import block_grids
 
 from . import load_fused_cpu, piecewise_norm_over_root_plus, precondition_rows, python_scalars
 
@@ -211,9 +209,8 @@ def precondition_merged(grids, preconditioners, plan, scale):
         return NotImplemented
     dtype, device = tensors[0].dtype, tensors[0].device  # not the default device a context may set
     out = torch.empty(plan.merged_shape, dtype=dtype, device=device)
-    total = precondition_rows(grids, preconditioners, plan, out, block_grids(torch_compat, out, plan),
-                              torch.matmul, lambda shape: torch.empty(shape, dtype=dtype, device=device),
-                              _squares)
+    total = precondition_rows(grids, preconditioners, plan, out, torch.matmul,
+                              lambda shape: torch.empty(shape, dtype=dtype, device=device), _squares)
     factor = scale(torch.tensor(math.sqrt(total), dtype=dtype, device=device)) if callable(scale) else scale
     if torch.result_type(out, factor) != dtype:  # a wider scale promotes, as the merge copy would
         return (out * factor).reshape(plan.shape)

@@ -277,8 +277,8 @@ def test_rows_of_groups_spanning_every_column_are_written_in_place(library, shap
         allocated.append(tuple(shape_))
         return empty(shape_)
 
-    total = backends.precondition_rows(blocking.block_grids(ns, f, plan), factors, plan, out,
-                                       blocking.block_grids(ns, out, plan), matmul, counted, squares)
+    total = backends.precondition_rows(blocking.block_grids(ns, f, plan), factors, plan, out, matmul, counted,
+                                       squares)
     per_group = [len(fs) for fs in factors]
     assert len(allocated) == sum(per_group) - in_place
     separate = [preconditioner.precondition_grid(ns, grid, fs, plan.preconditioned)
