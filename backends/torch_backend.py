@@ -3,7 +3,8 @@
 Imported by ``shampoo_core`` the first time it meets a torch tensor. Each function returns a new
 tensor and leaves its inputs as they were, in fewer passes than the expression: the fused
 kernels of ``torch.optim``'s own optimizers (``lerp``, ``addcmul``), ``out=`` into the one new
-tensor, and matrix products that add β·C and scale by α as they write (``addmm``/``baddbmm``).
+tensor, matrix products that add β·C and scale by α as they write (``addmm``/``baddbmm``), and on
+the CPU the statistics' averages by BLAS's symmetric ``syrk`` (``backends.syrk_cpu``).
 Where autograd records the inputs, the functions that would write into a tensor autograd
 needs decline (``NotImplemented``) and the core computes the expression.
 
@@ -20,11 +21,12 @@ import torch
 
 from shampoo_core import _xp
 
-from . import load_fused_cpu, piecewise_norm_over_root_plus, precondition_rows, python_scalars
+from . import load_fused_cpu, load_syrk_cpu, piecewise_norm_over_root_plus, precondition_rows, python_scalars
 
 __all__ = ["ema", "plus_square", "over_root_plus", "norm_over_root_plus", "ema_plus_square_norm",
            "ema_plus_square_norm_split", "norm", "scaled_copy", "scaled_plus_product", "precondition_merged",
-           "ema_", "plus_square_", "ema_plus_square_norm_", "ema_plus_square_norm_split_", "scaled_plus_product_"]
+           "gram_average", "ema_", "plus_square_", "ema_plus_square_norm_", "ema_plus_square_norm_split_",
+           "scaled_plus_product_", "gram_average_"]
 
 NAMESPACE = "array_api_compat.torch"
 
@@ -190,6 +192,51 @@ def scaled_plus_product(c, a, b, beta: float, alpha: float = 1.0):
         piece.copy_(c[i:i + step])
         piece.baddbmm_(a[i:i + step], b[i:i + step], beta=beta, alpha=alpha)
     return out
+
+
+# The least m²·k of an (m, k) block for which ``syrk`` pays, and then only for k >= m: below it,
+# or with fewer columns than rows, one block's ``syrk`` and mirror took 1.05-1.6x ``baddbmm``'s
+# time on an AMD EPYC (OpenBLAS, Haswell kernels); above it 0.66-0.97x (docs/performance.md,
+# "torch: the statistics by ``syrk``").
+SYRK_MIN_WORK = 1 << 22
+
+
+def syrk_pays(m: int, k: int) -> bool:
+    """Whether the statistic of an (m, k) block (m×m, from A·Aᵀ) goes to BLAS's ``syrk`` rather
+    than to ``baddbmm``: k >= m and m²·k >= :data:`SYRK_MIN_WORK` (from 128×256 and 192×192
+    blocks up; not at ``block_size`` 128's 128×128)."""
+    return k >= m and m * m * k >= SYRK_MIN_WORK
+
+
+def gram_average(c, a, beta: float, alpha: float = 1.0):
+    """β·C + α·A·Aᵀ of a symmetric C (``shampoo_core._xp.gram_average``) in a new tensor, by
+    BLAS's ``syrk`` with β on zero-copy NumPy views (``backends.syrk_cpu``, NumPy's path): one
+    triangle of each block computed and mirrored, where ``baddbmm`` forms the whole product.
+    Where the blocks are large enough for that to pay (:func:`syrk_pays`): at ``bench step``'s
+    block sizes 512 and 1024, not 128 (docs/performance.md, "torch: the statistics by
+    ``syrk``"). Entries may differ from ``baddbmm``'s by an ulp. Declines smaller blocks, all but
+    CPU float32/float64 tensors of one dtype that autograd does not record, Python β and α, and
+    the cases :func:`backends.syrk_cpu.gram_average` declines (where numba is not installed,
+    β = 0, or BLAS cannot read the blocks where they lie)."""
+    return _gram_average(c, a, beta, alpha, in_place=False)
+
+
+def gram_average_(c, a, beta: float, alpha: float = 1.0):
+    """:func:`gram_average` written into ``c``, with the same bits."""
+    return _gram_average(c, a, beta, alpha, in_place=True)
+
+
+def _gram_average(c, a, beta, alpha, in_place: bool):
+    if not (_tensors(c, a) and a.ndim >= 2 and syrk_pays(*a.shape[-2:]) and c.dtype in _REAL and a.dtype == c.dtype
+            and all(x.device.type == "cpu" and not x.requires_grad and not x.is_conj() and not x.is_neg()
+                    for x in (c, a))
+            and (not in_place or _writable(c)) and load_syrk_cpu() is not None):
+        return NotImplemented
+    cn = c.numpy()
+    out = load_syrk_cpu().gram_average(cn, a.numpy(), beta, alpha, out=cn if in_place else None)
+    if out is None:
+        return NotImplemented
+    return c if in_place else torch.from_numpy(out)
 
 
 def precondition_merged(grids, preconditioners, plan, scale):

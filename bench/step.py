@@ -247,17 +247,40 @@ def _operands(rng, shape, preconditioned) -> list:
     return out
 
 
-def _products(mats):
+def _products(mats, gram=None):
     # the statistic (NumPy uses a symmetric rank-k product) and the mode product
-    return [(m @ m.T, h @ m) for m, h in mats]
+    gram = gram or (lambda m: m @ m.T)
+    return [(gram(m), h @ m) for m, h in mats]
+
+
+def gram_product(lib: Library) -> Callable:
+    """M·Mᵀ as ``lib``'s step forms a statistic's product, for the floor: NumPy's ``@`` (it
+    dispatches ``a @ a.T`` to BLAS's symmetric rank-k update, ``syrk``); for torch's CPU tensors
+    the same on zero-copy NumPy views for the blocks whose statistics its step gives to ``syrk``
+    (``backends.torch_backend.syrk_pays``, where numba and SciPy are installed), else torch's
+    ``@``, a full product, which is faster on small blocks; JAX's ``@``."""
+    if lib.name == "torch":
+        import torch
+
+        from backends import load_syrk_cpu, torch_backend
+
+        if load_syrk_cpu() is not None:
+            def gram(m):
+                if not torch_backend.syrk_pays(*m.shape):
+                    return m @ m.T
+                view = m.numpy()
+                return torch.from_numpy(view @ view.T)
+
+            return gram
+    return lambda m: m @ m.T
 
 
 def floor_seconds(block_size: int, params, repeats: int, lib: Library | None = None) -> float:
     """Time of the Gram and mode-product matmuls of every block of ``params``, each block with
     operands of its own (as a step meets them: 11.6M parameters do not stay in cache), on
-    ``lib``'s arrays (NumPy by default). NumPy and torch: one matmul call after another, results
-    dropped; JAX: all of them in one jitted call, so that no per-call dispatch is counted (a step
-    is one call too).
+    ``lib``'s arrays (NumPy by default), each Gram product as :func:`gram_product` forms it.
+    NumPy and torch: one matmul call after another, results dropped; JAX: all of them in one
+    jitted call, so that no per-call dispatch is counted (a step is one call too).
     """
     import numpy as np
 
@@ -272,10 +295,11 @@ def floor_seconds(block_size: int, params, repeats: int, lib: Library | None = N
         def run():
             run_all(mats)
     else:
+        gram = gram_product(lib)
 
         def run():
             for m, h in mats:
-                m @ m.T
+                gram(m)
                 h @ m
     return _median(run, repeats)
 
@@ -292,7 +316,7 @@ def hot_floor_seconds(block_size: int, params, repeats: int, lib: Library | None
     rng = np.random.default_rng(0)
     for (shape, pre), count in _block_counts(block_size, params).items():
         mats = [(lib.asarray(m), lib.asarray(h)) for m, h in _operands(rng, shape, pre)]
-        total += count * _median(lambda: _products(mats), repeats)
+        total += count * _median(lambda: _products(mats, gram_product(lib)), repeats)
     return total
 
 

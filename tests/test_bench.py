@@ -204,6 +204,27 @@ def test_step_floor_gives_every_block_operands_of_its_own(monkeypatch):
     assert len(made) == len(set(made)) < 57  # one per distinct shape
 
 
+def test_torch_floor_forms_gram_products_as_its_step_does():
+    # Where torch's step takes its statistics by BLAS's syrk (backends.torch_backend.gram_average),
+    # its floor's Gram products are syrk's too, not torch's full product, which takes longer;
+    # where its step keeps baddbmm (small blocks), the floor keeps torch's product.
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("numba")
+    import numpy as np
+
+    from bench import step
+
+    gram = step.gram_product(step.Library("torch", torch.from_numpy, lambda fn: fn))
+    for shape, by_syrk in [((128, 300), True), ((128, 128), False)]:
+        m = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
+        out = gram(torch.from_numpy(m))
+        assert isinstance(out, torch.Tensor)
+        expected = torch.from_numpy(m @ m.T) if by_syrk else torch.from_numpy(m) @ torch.from_numpy(m).T
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert step.floor_seconds(32, step.model_problem(step.SMALL_SHAPES)[0], 1,
+                              step.Library("torch", torch.from_numpy, lambda fn: fn)) > 0
+
+
 def test_adapters_benchmark(tmp_path):
     pytest.importorskip("torch")
     assert main(["adapters", "--out", str(tmp_path), "--steps", "3", "--warmup", "1"]) == 0

@@ -243,6 +243,37 @@ def test_in_place_kernels_decline_what_they_cannot_write(backend):
         np.testing.assert_array_equal(to_np(target), kept)
 
 
+def test_torch_statistics_of_large_blocks_by_syrk_keep_the_bits_when_donated(monkeypatch):
+    """torch's statistics of blocks large enough for BLAS's ``syrk`` (a 256×384 matrix in blocks of
+    256: three of its four statistics) go to it, with a new state and donated alike, and the two
+    runs have the same bits, root steps included."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("numba")
+    from backends import load_syrk_cpu
+
+    kernels = load_syrk_cpu()
+    calls = []
+    real = kernels.gram_average
+    monkeypatch.setattr(kernels, "gram_average", lambda c, a, *args, **kw: calls.append(a.shape) or real(c, a, *args, **kw))
+    rng = np.random.default_rng(4)
+    params = {"w": torch.from_numpy(rng.standard_normal((256, 384)).astype(np.float32))}
+    grads = [{"w": torch.from_numpy(rng.standard_normal((256, 384)).astype(np.float32))} for _ in range(4)]
+    runs = []
+    for donate in (False, True):
+        calls.clear()
+        tx = sc.shampoo(1e-2, block_size=256, start_preconditioning_step=2, preconditioning_compute_steps=2,
+                        donate_state=donate)
+        state, updates = tx.init(params), []
+        for g in grads:
+            u, state = tx.update(state, g, params)
+            updates.append(to_np(u["w"]).copy())
+        assert sorted(calls) == sorted([(1, 256, 256), (1, 256, 256), (1, 128, 256)] * len(grads))
+        runs.append((updates, snapshot(state)))
+    for a, b in zip(runs[0][0], runs[1][0]):
+        np.testing.assert_array_equal(a, b)
+    assert_same_leaves(runs[0][1], runs[1][1])
+
+
 def test_donate_state_is_checked_and_not_a_checkpointed_hyperparameter(tmp_path):
     with pytest.raises(TypeError, match="donate_state"):
         sc.shampoo(donate_state="yes")

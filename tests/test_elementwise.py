@@ -258,25 +258,49 @@ def _gram_operands_of_every_layout(rng, dtype):
             ("outer products", _symmetric(rng, (5, 7, 7), dtype), vectors[:, :, None])]
 
 
+def _large_gram_operands(rng, dtype):
+    """``(name, c, a)``: blocks whose statistics torch's step gives to ``syrk``
+    (``backends.torch_backend.syrk_pays``)."""
+    x = rng.standard_normal((2 * 256, 3 * 256)).astype(dtype)
+    grid = x.reshape(2, 256, 3, 256).transpose(0, 2, 1, 3)
+    wide = rng.standard_normal((3, 128, 300)).astype(dtype)
+    tall = rng.standard_normal((3, 200, 160)).astype(dtype)
+    return [("grid, G Gᵀ", _symmetric(rng, (2, 3, 256, 256), dtype), grid),
+            ("grid, Gᵀ G", _symmetric(rng, (2, 3, 256, 256), dtype), grid.swapaxes(-1, -2)),
+            ("stack, G Gᵀ", _symmetric(rng, (3, 128, 128), dtype), wide),
+            ("stack, Gᵀ G", _symmetric(rng, (3, 160, 160), dtype), tall.swapaxes(-1, -2))]
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("beta, alpha", [(0.999, 1e-3), (1.0, 1.0), (0.5, 2.0)])
 @pytest.mark.parametrize("donate", [False, True])
-def test_numpy_gram_average_by_blas_syrk(dtype, beta, alpha, donate):
-    """NumPy's statistic update by BLAS's ``syrk`` with β (``backends.syrk_cpu``), on every
-    layout a step gives it: β·C + α·A·Aᵀ to within the roundings of the average, exactly
-    symmetric, as a new array (C untouched) or written into C."""
+def test_gram_average_by_blas_syrk(library, dtype, beta, alpha, donate):
+    """NumPy's and torch's CPU statistic update by BLAS's ``syrk`` with β
+    (``backends.syrk_cpu``; torch's tensors as zero-copy NumPy views), on every layout a step
+    gives it (torch: of blocks large enough for ``syrk`` to pay): β·C + α·A·Aᵀ to within the roundings of the average, exactly symmetric, as a new
+    array (C untouched) or written into C; both libraries with the same bits."""
     pytest.importorskip("numba")
-    from backends import numpy_backend
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        from backends import torch_backend as backend
 
+        wrap, unwrap = torch.from_numpy, lambda x: x.numpy()
+    else:
+        from backends import numpy_backend as backend
+
+        wrap = unwrap = lambda x: x
     rng = np.random.default_rng(11)
-    for name, c, a in _gram_operands_of_every_layout(rng, dtype):
-        given = c.copy()
-        fn = numpy_backend.gram_average_ if donate else numpy_backend.gram_average
-        out = fn(given, a, beta, alpha)
+    layouts = _large_gram_operands if library == "torch" else _gram_operands_of_every_layout
+    for name, c, a in layouts(rng, dtype):
+        given = wrap(c.copy())
+        fn = backend.gram_average_ if donate else backend.gram_average
+        out = fn(given, wrap(a), beta, alpha)
         assert out is not NotImplemented, name
         assert (out is given) == donate, name
+        out = unwrap(out)
         if not donate:
-            np.testing.assert_array_equal(given, c)
+            np.testing.assert_array_equal(unwrap(given), c)
             assert out.flags.c_contiguous and out.shape == c.shape
         np.testing.assert_array_equal(out, np.swapaxes(out, -1, -2))
         a64 = a.astype(np.float64)
@@ -285,8 +309,14 @@ def test_numpy_gram_average_by_blas_syrk(dtype, beta, alpha, donate):
         k = a.shape[-1]
         assert np.all(np.abs(out - exact) <= (k + 3) * eps(dtype) * scale), name
         # the core's dispatch takes it (the state written in place where it is given up)
-        via_core = _xp.gram_average(_xp.namespace(c), c.copy(), a, beta, alpha, donate)
-        np.testing.assert_array_equal(via_core, out)
+        state = wrap(c.copy())
+        via_core = _xp.gram_average(_xp.namespace(state), state, wrap(a), beta, alpha, donate)
+        assert (via_core is state) == donate, name
+        np.testing.assert_array_equal(unwrap(via_core), out)
+        if library == "torch":
+            from backends import numpy_backend
+
+            np.testing.assert_array_equal(numpy_backend.gram_average(c, a, beta, alpha), out)
 
 
 def test_numpy_gram_average_declines_what_blas_cannot_take():
@@ -307,6 +337,44 @@ def test_numpy_gram_average_declines_what_blas_cannot_take():
     np.testing.assert_array_equal(out, np.float32(0.0) * nan + a @ np.swapaxes(a, -1, -2))
     out = _xp.gram_average(_xp.namespace(c), c, strided, 0.5, 1.0)
     np.testing.assert_array_equal(out, np.float32(0.5) * c + strided @ np.swapaxes(strided, -1, -2))
+
+
+def test_torch_gram_average_declines_what_blas_cannot_take():
+    """torch's ``syrk`` path leaves to ``baddbmm`` (its bits, its errors) blocks too small for
+    ``syrk`` to pay (``block_size`` 128's 128×128, and fewer columns than rows), a C or A that
+    autograd records, mixed dtypes, integer scalars, β = 0 and blocks with no axis of unit
+    stride; a C it may not write (a broadcast) is given a new tensor, not written."""
+    pytest.importorskip("numba")
+    torch = pytest.importorskip("torch")
+    from backends import torch_backend
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn((4, 128, 128), generator=gen, dtype=torch.float64)
+    c = x + x.mT
+    a = torch.randn((4, 128, 300), generator=gen, dtype=torch.float64)
+    assert torch_backend.gram_average(c, a, 0.5, 1.0) is not NotImplemented
+    small, tall = a[:, :, :128], torch.randn((4, 128, 100), generator=gen, dtype=torch.float64)
+    strided = torch.randn((4, 256, 600), generator=gen, dtype=torch.float64)[:, ::2, ::2]
+    grad = a.clone().requires_grad_(True)
+    for args in [(c, small, 0.5, 1.0), (c, tall, 0.5, 1.0), (c, grad, 0.5, 1.0), (c, a.float(), 0.5, 1.0),
+                 (c, a, 1, 1.0), (c, a, 0.0, 1.0), (c, strided, 0.5, 1.0)]:
+        assert torch_backend.gram_average(*args) is NotImplemented
+        assert torch_backend.gram_average_(c.clone(), *args[1:]) is NotImplemented
+    ns = _xp.namespace(c)
+    for operand in (small, strided):
+        out = _xp.gram_average(ns, c, operand, 0.5, 1.0)
+        torch.testing.assert_close(out, torch.baddbmm(c, operand, operand.mT, beta=0.5, alpha=1.0), rtol=0, atol=0)
+    out = _xp.gram_average(ns, c, grad, 0.5, 2.0)
+    out.sum().backward()  # autograd recorded it
+    assert grad.grad is not None
+    with pytest.raises(RuntimeError):
+        _xp.gram_average(ns, c, a.float(), 0.5, 1.0)
+    broadcast = c[:1].expand(4, 128, 128)
+    assert torch_backend.gram_average_(broadcast, a, 0.5, 1.0) is NotImplemented
+    before = broadcast.clone()
+    out = _xp.gram_average(ns, broadcast, a, 0.5, 1.0, donate=True)
+    torch.testing.assert_close(broadcast, before, rtol=0, atol=0)
+    torch.testing.assert_close(out, torch.baddbmm(before, a, a.mT, beta=0.5, alpha=1.0))
 
 
 @pytest.mark.parametrize("n, d", [(9, 128), (3, 300), (5, 8)])
