@@ -287,8 +287,9 @@ def gram_average(xp, c, a, beta: float, alpha: float = 1.0, donate: bool = False
     """``beta * c + alpha * (a @ a.mT)`` for a symmetric ``c``: a Shampoo statistic's running
     average (arXiv 2002.09018, Sec. 3), with :func:`scaled_plus_product`'s shapes and ``donate``.
 
-    A library's fast path may read only one triangle of ``c`` and mirror the result (NumPy: BLAS's
-    ``syrk`` with β, ``backends.syrk_cpu``), so ``c`` must be symmetric; the result is. Where
+    A library's fast path may read only one triangle of ``c`` and mirror the result (NumPy, and
+    torch's CPU tensors of large enough blocks: BLAS's ``syrk`` with β, ``backends.syrk_cpu``), so
+    ``c`` must be symmetric; the result is. Where
     none takes it, :func:`scaled_plus_product` of ``a`` and ``a.mT`` computes it.
     """
     out = fast_value("gram_average", c, a, beta, alpha, donate=donate)

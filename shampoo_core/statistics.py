@@ -65,7 +65,7 @@ def accumulate_weighted(xp, stats, weighted, preconditioned: tuple[bool, ...], b
     matrix product as it writes it (:func:`_xp.product_takes_scale`: torch), the 2-D blocks of G
     go unweighted with s = 1 - β₂, and that pass is saved too. Each product and its average are
     one call where the library fuses them (:func:`_xp.gram_average`: the statistics are
-    symmetric, and NumPy's fast path updates one triangle with BLAS's ``syrk``).
+    symmetric, and NumPy's and torch's CPU fast paths update one triangle with BLAS's ``syrk``).
 
     ``donate``: the caller gives ``stats`` up, and a library's in-place fast path may write the
     new statistics into them (``donate_state`` of :func:`shampoo_core.shampoo`).
