@@ -314,9 +314,10 @@ def hot_floor_seconds(block_size: int, params, repeats: int, lib: Library | None
     lib = lib or library("numpy", 1)
     total = 0.0
     rng = np.random.default_rng(0)
+    gram = gram_product(lib)
     for (shape, pre), count in _block_counts(block_size, params).items():
         mats = [(lib.asarray(m), lib.asarray(h)) for m, h in _operands(rng, shape, pre)]
-        total += count * _median(lambda: _products(mats, gram_product(lib)), repeats)
+        total += count * _median(lambda: _products(mats, gram), repeats)
     return total
 
 
