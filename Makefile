@@ -42,7 +42,8 @@ GPU_SITE ?= .gpu-site
 GPU_PYTHON ?= 3.12
 GPU_TEST_WORKERS ?= 8
 GPU_DEPS := "array-api-compat>=1.9" "optree>=0.13" "array-api-strict>=2.2"
-GPU_RUN = $(if $(wildcard $(GPU_WHEELS)/*.whl),PYTHONPATH=$(abspath $(GPU_SITE))$(if $(PYTHONPATH),:$(PYTHONPATH)) )$(PYTHON)
+GPU_WHEEL_FILES = $(wildcard $(GPU_WHEELS)/*.whl)
+GPU_RUN = $(if $(GPU_WHEEL_FILES),PYTHONPATH=$(abspath $(GPU_SITE))$(if $(PYTHONPATH),:$(PYTHONPATH)) )$(PYTHON)
 
 gpu-wheels:
 	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) \
@@ -50,8 +51,8 @@ gpu-wheels:
 		--platform manylinux2014_x86_64 -d $(GPU_WHEELS) $(GPU_DEPS)
 
 gpu-site:
-	$(if $(wildcard $(GPU_WHEELS)/*.whl),$(PYTHON) -m pip install -q --no-index --no-deps --no-compile \
-		--upgrade --target $(GPU_SITE) $(GPU_WHEELS)/*.whl,@true)
+	$(if $(GPU_WHEEL_FILES),$(PYTHON) -m pip install -q --no-index --no-deps --no-compile \
+		--upgrade --target $(GPU_SITE) $(GPU_WHEEL_FILES))
 	mkdir -p $(GPU_OUT)
 
 # the test suite on the cupy and torch:cuda backends, and the CUDA tests of the adapters and demo

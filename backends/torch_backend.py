@@ -227,13 +227,14 @@ def gram_average_(c, a, beta: float, alpha: float = 1.0):
 
 
 def _gram_average(c, a, beta, alpha, in_place: bool):
+    # syrk_cpu loaded last: blocks too small for it never import numba's loop
     if not (_tensors(c, a) and a.ndim >= 2 and syrk_pays(*a.shape[-2:]) and c.dtype in _REAL and a.dtype == c.dtype
             and all(x.device.type == "cpu" and not x.requires_grad and not x.is_conj() and not x.is_neg()
                     for x in (c, a))
-            and (not in_place or _writable(c)) and load_syrk_cpu() is not None):
+            and (not in_place or _writable(c)) and (syrk_cpu := load_syrk_cpu()) is not None):
         return NotImplemented
     cn = c.numpy()
-    out = load_syrk_cpu().gram_average(cn, a.numpy(), beta, alpha, out=cn if in_place else None)
+    out = syrk_cpu.gram_average(cn, a.numpy(), beta, alpha, out=cn if in_place else None)
     if out is None:
         return NotImplemented
     return c if in_place else torch.from_numpy(out)

@@ -247,9 +247,8 @@ def _operands(rng, shape, preconditioned) -> list:
     return out
 
 
-def _products(mats, gram=None):
-    # the statistic (NumPy uses a symmetric rank-k product) and the mode product
-    gram = gram or (lambda m: m @ m.T)
+def _products(mats, gram):
+    # the statistic (as `gram_product` forms it) and the mode product
     return [(gram(m), h @ m) for m, h in mats]
 
 
@@ -288,14 +287,14 @@ def floor_seconds(block_size: int, params, repeats: int, lib: Library | None = N
     rng = np.random.default_rng(0)
     mats = [(lib.asarray(m), lib.asarray(h)) for (shape, pre), count in _block_counts(block_size, params).items()
             for _ in range(count) for m, h in _operands(rng, shape, pre)]
+    gram = gram_product(lib)
     if lib.name == "jax":
-        run_all = lib.compile(_products)
+        run_all = lib.compile(lambda mats: _products(mats, gram))
         run_all(mats)  # compiles
 
         def run():
             run_all(mats)
     else:
-        gram = gram_product(lib)
 
         def run():
             for m, h in mats:
